@@ -1,0 +1,98 @@
+"""Typed configs: a frozen dataclass per job, filled from a YAML file and `key=value` overrides.
+
+Unknown keys, wrong types and values the dataclass rejects in `__post_init__` all raise
+`ConfigError` with a message meant for the user; entry points print it instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override."""
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{name} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [arg for arg in args if arg is not type(None)]
+        if len(options) == 1:
+            return _coerce(name, value, options[0])
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        item_hints = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
+        if len(item_hints) != len(value):
+            raise ConfigError(f"{name} must have {len(item_hints)} items, got {len(value)}")
+        return tuple(_coerce(f"{name}[{i}]", v, h) for i, (v, h) in enumerate(zip(value, item_hints)))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # PyYAML reads 1e-3 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if hint in (int, float, str, bool) and type(value) is not hint:
+        raise ConfigError(f"{name} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """['width=128', 'atoms=[-1, 1]'] -> {'width': 128, 'atoms': [-1, 1]} (values parsed as YAML)."""
+    parsed = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        parsed[key.strip()] = yaml.safe_load(text)
+    return parsed
+
+
+def build_config(cls: type[C], values: dict[str, Any]) -> C:
+    """Instantiate the dataclass `cls` from plain values, checking keys and types."""
+    hints = typing.get_type_hints(cls)
+    fields = {field.name for field in dataclasses.fields(cls)}
+    for key in values:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown config key {key!r}{hint}; known keys: {sorted(fields)}")
+    kwargs = {key: _coerce(key, value, hints[key]) for key, value in values.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(str(error)) from error
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] = ()) -> C:
+    """Defaults of `cls`, then the YAML mapping at `path`, then `key=value` overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML: {error}") from error
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of config keys, got {type(loaded).__name__}")
+        values.update(loaded or {})
+    values.update(parse_overrides(list(overrides)))
+    return build_config(cls, values)
