@@ -43,11 +43,11 @@ SUBINTERVAL_OBJECTIVES = OBJECTIVES[1:]
 class ToyConfig:
     atoms: tuple[float, ...] = (-1.0, 0.0, 1.0, 2.0)
     subinterval_start: float = 0.5  # s: subinterval models train on (s, 1)
-    width: int = 256
-    depth: int = 4  # linear layers per MLP
+    width: int = 128
+    depth: int = 6  # linear layers per MLP
     train_steps: int = 2000
     batch_size: int = 2048
-    lr: float = 1e-3  # peak of a one-cycle schedule (5% warm-up, cosine decay)
+    lr: float = 3e-3  # peak of a one-cycle schedule (5% warm-up, cosine decay)
     max_weight: float = DEFAULT_MAX_WEIGHT  # clamp of 1 / sigma_{t|s}^2 in Eq. 13
     eval_trajectories: int = 4096  # trajectories the metrics average over
     plot_trajectories: int = 200  # of which the figure draws the first (the paper draws 200)
