@@ -36,7 +36,9 @@ def _step(loss_fn):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", nargs="+", default=["8x65536", "8x1048576"], help="BxD per sample")
+    parser.add_argument(
+        "--sizes", nargs="+", default=["8x65536", "8x1048576"], help="BxD per sample"
+    )
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per measurement")
     args = parser.parse_args()
@@ -44,7 +46,9 @@ def main() -> None:
     variants = {"eager": _step(subinterval_flow_loss), "fused": _step(fused_subinterval_loss)}
     if not args.no_compile:
         variants["compile"] = _step(torch.compile(subinterval_flow_loss, dynamic=False))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, float32, forward+backward")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, float32, forward+backward"
+    )
     print("| B x D | variant | median (ms) | speed vs eager |")
     print("|---|---|---|---|")
     for size in args.sizes:
@@ -53,9 +57,14 @@ def main() -> None:
         reference = variants["eager"](*inputs)
         medians = {}
         for name, fn in variants.items():
-            torch.testing.assert_close(fn(*inputs), reference, rtol=1e-4, atol=1e-6)  # also warms up
-            timer = Timer("fn(*inputs)", globals={"fn": fn, "inputs": inputs},
-                          num_threads=torch.get_num_threads())
+            torch.testing.assert_close(
+                fn(*inputs), reference, rtol=1e-4, atol=1e-6
+            )  # also warms up
+            timer = Timer(
+                "fn(*inputs)",
+                globals={"fn": fn, "inputs": inputs},
+                num_threads=torch.get_num_threads(),
+            )
             medians[name] = timer.blocked_autorange(min_run_time=args.min_run_time).median
         for name, median in medians.items():
             print(f"| {size} | {name} | {median * 1e3:.3f} | {medians['eager'] / median:.2f}x |")

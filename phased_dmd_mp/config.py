@@ -40,7 +40,9 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         item_hints = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
         if len(item_hints) != len(value):
             raise ConfigError(f"{name} must have {len(item_hints)} items, got {len(value)}")
-        return tuple(_coerce(f"{name}[{i}]", v, h) for i, (v, h) in enumerate(zip(value, item_hints)))
+        return tuple(
+            _coerce(f"{name}[{i}]", v, h) for i, (v, h) in enumerate(zip(value, item_hints))
+        )
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):
@@ -92,7 +94,9 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
         except yaml.YAMLError as error:
             raise ConfigError(f"{path} is not valid YAML: {error}") from error
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path} must hold a mapping of config keys, got {type(loaded).__name__}")
+            raise ConfigError(
+                f"{path} must hold a mapping of config keys, got {type(loaded).__name__}"
+            )
         values.update(loaded or {})
     values.update(parse_overrides(list(overrides)))
     return build_config(cls, values)

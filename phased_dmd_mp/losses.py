@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from torch import Tensor
 
 from phased_dmd_mp.schedule import (
@@ -97,7 +96,12 @@ def subinterval_coefficients(
 
 
 def _subinterval_target(
-    x_s: Tensor, eps: Tensor, t: TimeLike, s: TimeLike, schedule: NoiseSchedule, prediction: Prediction
+    x_s: Tensor,
+    eps: Tensor,
+    t: TimeLike,
+    s: TimeLike,
+    schedule: NoiseSchedule,
+    prediction: Prediction,
 ) -> Tensor:
     sigma_ts, a, b = subinterval_coefficients(t, s, schedule, prediction)
     dtype = compute_dtype(x_s)
@@ -196,9 +200,7 @@ def subinterval_x0_loss(
     reduction: Reduction = "mean",
 ) -> Tensor:
     """The clamped x-prediction form of Eq. 35, built like `subinterval_flow_loss`."""
-    return _clamped_subinterval_loss(
-        x0_pred, x_s, eps, t, s, schedule, "x0", max_weight, reduction
-    )
+    return _clamped_subinterval_loss(x0_pred, x_s, eps, t, s, schedule, "x0", max_weight, reduction)
 
 
 # --- generator update ----------------------------------------------------------------------

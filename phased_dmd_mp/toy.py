@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import sys
@@ -136,7 +137,9 @@ def train(objective: str, config: ToyConfig, progress: bool = True) -> tuple[nn.
         optimizer, max_lr=config.lr, total_steps=config.train_steps, pct_start=0.05
     )
     start, recent = time.perf_counter(), []
-    bar = tqdm(range(config.train_steps), desc=f"train {objective}", disable=not progress, mininterval=0.5)
+    bar = tqdm(
+        range(config.train_steps), desc=f"train {objective}", disable=not progress, mininterval=0.5
+    )
     for step in bar:
         loss = training_loss(objective, model, config, atoms, generator)
         optimizer.zero_grad(set_to_none=True)
@@ -168,9 +171,11 @@ def time_grid(config: ToyConfig) -> Tensor:
 def integrate(velocity, x1: Tensor, times: Tensor) -> Tensor:
     """Probability-flow ODE from x_1 along `times` (decreasing); returns (n, len(times))."""
     x, path = x1, [x1]
-    for t, t_next in zip(times[:-1], times[1:]):
+    for t, t_next in itertools.pairwise(times):
         t_batch = torch.full((x.shape[0],), float(t))
-        x = FLOW_MATCHING.denoise_step(x, velocity(x, t_batch), t, t_next)  # Euler for flow matching
+        x = FLOW_MATCHING.denoise_step(
+            x, velocity(x, t_batch), t, t_next
+        )  # Euler for flow matching
         path.append(x)
     return torch.cat(path, dim=1)
 
@@ -185,11 +190,15 @@ def _deviation(paths: Tensor, reference: Tensor) -> dict:
 def run(config: ToyConfig, out_dir: Path, progress: bool = True) -> dict:
     """Train the three models, integrate their ODEs, write metrics.json and trajectories.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    (out_dir / "config.yaml").write_text(
+        yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+    )
     atoms = torch.tensor(config.atoms)
     times = time_grid(config)
     cut = int((times >= config.subinterval_start).sum())  # points on [s, 1]
-    x1 = torch.randn(config.eval_trajectories, 1, generator=torch.Generator().manual_seed(config.seed + 1))
+    x1 = torch.randn(
+        config.eval_trajectories, 1, generator=torch.Generator().manual_seed(config.seed + 1)
+    )
 
     paths, train_stats = {}, {}
     for objective in OBJECTIVES:
@@ -200,9 +209,7 @@ def run(config: ToyConfig, out_dir: Path, progress: bool = True) -> dict:
 
     full_on_interval = paths["full_interval"][:, :cut]
     from_full = {name: _deviation(paths[name], full_on_interval) for name in SUBINTERVAL_OBJECTIVES}
-    from_exact = {
-        name: _deviation(path, exact[:, : path.shape[1]]) for name, path in paths.items()
-    }
+    from_exact = {name: _deviation(path, exact[:, : path.shape[1]]) for name, path in paths.items()}
     from_exact["full_interval_on_subinterval"] = _deviation(full_on_interval, exact[:, :cut])
     metrics = {
         "subinterval": [config.subinterval_start, 1.0],
@@ -247,27 +254,46 @@ def plot_trajectories(paths, times, atoms, config, metrics, path: Path) -> None:
         if name != "full_interval":
             # (a)'s trajectories from the same noise: dashed on top where this model was trained,
             # grey beyond it, where it was not.
-            ax.plot(t[:cut], full[:, :cut].T, color="black", lw=0.4, ls=(0, (2, 2)), alpha=0.6, zorder=3)
+            ax.plot(
+                t[:cut], full[:, :cut].T, color="black", lw=0.4, ls=(0, (2, 2)), alpha=0.6, zorder=3
+            )
             ax.plot(t[cut - 1 :], full[:, cut - 1 :].T, color="0.85", lw=0.5, zorder=1)
             ax.axvspan(0.0, config.subinterval_start, color="0.96", zorder=0)
-            ax.text(config.subinterval_start / 2, 0.02, "not trained here:\n(a) continued, grey",
-                    transform=ax.get_xaxis_transform(), ha="center", fontsize=8, color="0.4")
+            ax.text(
+                config.subinterval_start / 2,
+                0.02,
+                "not trained here:\n(a) continued, grey",
+                transform=ax.get_xaxis_transform(),
+                ha="center",
+                fontsize=8,
+                color="0.4",
+            )
         ax.set_xlim(1.0, 0.0)
         ax.set_xlabel("t (sampling runs 1 -> 0)")
         ax.set_title(titles[name], fontsize=10)
     axes[0].set_ylabel("x_t")
-    fig.suptitle(f"1D toy, x_0 in {list(config.atoms)}, {n} trajectories from shared noise", fontsize=11)
+    fig.suptitle(
+        f"1D toy, x_0 in {list(config.atoms)}, {n} trajectories from shared noise", fontsize=11
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m phased_dmd_mp.toy", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m phased_dmd_mp.toy", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--config", type=Path, help="YAML file with ToyConfig keys")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config key (repeatable), e.g. --set train_steps=500")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key (repeatable), e.g. --set train_steps=500",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     args = parser.parse_args(argv)
     try:

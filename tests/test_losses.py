@@ -150,8 +150,10 @@ def test_clamped_loss_is_finite_with_correct_gradient_as_t_approaches_s(dtype, r
     per_sample = subinterval_flow_loss(pred, x_s, eps, t, s, reduction="none")
     c0 = 0.625 * 1.0 / 0.375  # sigma_s (alpha_s + sigma_s) / alpha_s at t = s
     torch.testing.assert_close(
-        per_sample[0].double(), DEFAULT_MAX_WEIGHT * c0**2 * (eps[0].double() ** 2).mean(),
-        rtol=1e-5, atol=0.0,
+        per_sample[0].double(),
+        DEFAULT_MAX_WEIGHT * c0**2 * (eps[0].double() ** 2).mean(),
+        rtol=1e-5,
+        atol=0.0,
     )
 
 
@@ -186,7 +188,9 @@ def test_dmd2_normalisation_matches_dmd2_at_s_zero_and_keeps_the_direction():
     generator = torch.Generator().manual_seed(4)
     t = torch.rand(6, generator=generator, dtype=torch.float64) * 0.9 + 0.05
     zero = torch.zeros(6, dtype=torch.float64)
-    x_t = FLOW_MATCHING.add_noise(x0, torch.randn(x0.shape, generator=generator, dtype=torch.float64), t)
+    x_t = FLOW_MATCHING.add_noise(
+        x0, torch.randn(x0.shape, generator=generator, dtype=torch.float64), t
+    )
     # DMD2 (Yin et al. 2024): (x0_fake - x0_real) / mean|x0 - x0_real|, x0_pred = x_t - t v.
     tt = t[:, None, None]
     real, fake = x_t - tt * v_teacher, x_t - tt * v_fake

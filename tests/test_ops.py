@@ -27,7 +27,9 @@ def test_fused_matches_reference_value_and_gradient(prediction, dtype, tol, shap
     pred_ref = pred.clone().requires_grad_(True)
     pred_fused = pred.clone().requires_grad_(True)
     reference = REFERENCE[prediction](pred_ref, x_s, eps, t, s, reduction="none")
-    fused = fused_subinterval_loss(pred_fused, x_s, eps, t, s, prediction=prediction, reduction="none")
+    fused = fused_subinterval_loss(
+        pred_fused, x_s, eps, t, s, prediction=prediction, reduction="none"
+    )
     torch.testing.assert_close(fused, reference.to(dtype), rtol=tol, atol=tol)
     weights = torch.rand(shape[0], dtype=dtype)  # non-uniform upstream gradient
     (grad_ref,) = torch.autograd.grad((reference * weights).sum(), pred_ref)

@@ -21,7 +21,9 @@ def test_exact_velocity_limits():
     # Near t = 0 the posterior is one-hot: at x_t = (1 - t) a the velocity points back to a.
     t = torch.full((4,), 1e-3)
     x_t = ((1 - t) * atoms)[:, None]
-    torch.testing.assert_close(toy.exact_velocity(x_t, t, atoms), -atoms[:, None], atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        toy.exact_velocity(x_t, t, atoms), -atoms[:, None], atol=1e-4, rtol=0
+    )
 
 
 def test_correct_objective_tracks_full_interval_and_naive_does_not(tmp_path):

@@ -42,8 +42,12 @@ class _SubintervalLoss(torch.autograd.Function):
         batch = pred.shape[0]
         loss = torch.empty(batch, dtype=pred.dtype)
         _extension().subinterval_loss_forward_cpu(
-            _DTYPE_NAMES[pred.dtype], *map(_pointer, (pred, x_s, eps, scale, xs_coef, eps_coef)),
-            _pointer(weight), _pointer(loss), batch, pred[0].numel(),
+            _DTYPE_NAMES[pred.dtype],
+            *map(_pointer, (pred, x_s, eps, scale, xs_coef, eps_coef)),
+            _pointer(weight),
+            _pointer(loss),
+            batch,
+            pred[0].numel(),
         )
         ctx.save_for_backward(pred, x_s, eps, scale, xs_coef, eps_coef, weight)
         return loss
@@ -54,9 +58,12 @@ class _SubintervalLoss(torch.autograd.Function):
         grad_loss = grad_loss.contiguous()
         grad_pred = torch.empty_like(pred)
         _extension().subinterval_loss_backward_cpu(
-            _DTYPE_NAMES[pred.dtype], _pointer(grad_loss),
+            _DTYPE_NAMES[pred.dtype],
+            _pointer(grad_loss),
             *map(_pointer, (pred, x_s, eps, scale, xs_coef, eps_coef, weight)),
-            _pointer(grad_pred), pred.shape[0], pred[0].numel(),
+            _pointer(grad_pred),
+            pred.shape[0],
+            pred[0].numel(),
         )
         return grad_pred, None, None, None, None, None, None
 
