@@ -43,9 +43,7 @@ class _SubintervalLoss(torch.autograd.Function):
         loss = torch.empty(batch, dtype=pred.dtype)
         _extension().subinterval_loss_forward_cpu(
             _DTYPE_NAMES[pred.dtype],
-            *map(_pointer, (pred, x_s, eps, scale, xs_coef, eps_coef)),
-            _pointer(weight),
-            _pointer(loss),
+            *map(_pointer, (pred, x_s, eps, scale, xs_coef, eps_coef, weight, loss)),
             batch,
             pred[0].numel(),
         )

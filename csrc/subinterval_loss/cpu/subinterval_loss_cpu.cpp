@@ -1,6 +1,16 @@
 #include "../subinterval_loss.h"
 
 namespace phased_dmd {
+namespace {
+
+template <typename T>
+inline double residual(const T* pred, const T* x_s, const T* eps, double scale, double xs_coef,
+                       double eps_coef, int64_t i) {
+  return scale * static_cast<double>(pred[i]) - xs_coef * static_cast<double>(x_s[i]) -
+         eps_coef * static_cast<double>(eps[i]);
+}
+
+}  // namespace
 
 template <typename T>
 void subinterval_loss_forward_cpu(const T* pred, const T* x_s, const T* eps, const double* scale,
@@ -11,9 +21,7 @@ void subinterval_loss_forward_cpu(const T* pred, const T* x_s, const T* eps, con
     const int64_t offset = b * per_sample;
     double sum = 0.0;
     for (int64_t d = 0; d < per_sample; ++d) {
-      const double r = scale[b] * static_cast<double>(pred[offset + d]) -
-                       xs_coef[b] * static_cast<double>(x_s[offset + d]) -
-                       eps_coef[b] * static_cast<double>(eps[offset + d]);
+      const double r = residual(pred, x_s, eps, scale[b], xs_coef[b], eps_coef[b], offset + d);
       sum += r * r;
     }
     loss[b] = static_cast<T>(weight[b] * sum);
@@ -29,9 +37,7 @@ void subinterval_loss_backward_cpu(const T* grad_loss, const T* pred, const T* x
     const int64_t offset = b * per_sample;
     const double g = 2.0 * static_cast<double>(grad_loss[b]) * weight[b] * scale[b];
     for (int64_t d = 0; d < per_sample; ++d) {
-      const double r = scale[b] * static_cast<double>(pred[offset + d]) -
-                       xs_coef[b] * static_cast<double>(x_s[offset + d]) -
-                       eps_coef[b] * static_cast<double>(eps[offset + d]);
+      const double r = residual(pred, x_s, eps, scale[b], xs_coef[b], eps_coef[b], offset + d);
       grad_pred[offset + d] = static_cast<T>(g * r);
     }
   }
