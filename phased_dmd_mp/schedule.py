@@ -11,7 +11,7 @@ is a difference of nearly equal terms as t -> s, accurate down to t - s ~ 1e-12.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -19,12 +19,12 @@ from torch import Tensor
 TimeLike = Tensor | float
 
 IntervalKind = Literal["nested", "disjoint"]
-INTERVAL_KINDS: tuple[str, ...] = ("nested", "disjoint")
+INTERVAL_KINDS: tuple[str, ...] = get_args(IntervalKind)
 
 
-def as_time(t: TimeLike, device: torch.device | None = None) -> Tensor:
+def as_time(t: TimeLike) -> Tensor:
     """A timestep (python float or tensor of any float dtype) as a float64 tensor."""
-    return torch.as_tensor(t, dtype=torch.float64, device=device)
+    return torch.as_tensor(t, dtype=torch.float64)
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -58,10 +58,6 @@ class NoiseSchedule(ABC):
     def coefficients(self, t: TimeLike) -> tuple[Tensor, Tensor]:
         t = as_time(t)
         return self.alpha(t), self.sigma(t)
-
-    def snr(self, t: TimeLike) -> Tensor:
-        alpha, sigma = self.coefficients(t)
-        return alpha**2 / sigma**2
 
     def conditional(self, t: TimeLike, s: TimeLike) -> tuple[Tensor, Tensor]:
         """(alpha_{t|s}, sigma_{t|s}) of p(x_t | x_s) = N(alpha_{t|s} x_s, sigma_{t|s}^2), s <= t.
