@@ -1,0 +1,110 @@
+"""What the Wan and Qwen-Image DiTs share: a pipeline stage built on megatron's TransformerBlock.
+
+Pipeline stages exchange one [rows, batch, hidden] tensor (megatron's schedules send exactly
+one). A DiT layer reads more than the tokens it updates: the adaLN modulation and the text
+(and image) context, computed once by the first stage's embedders. So the first stage appends
+those rows after the tokens and every stage passes them on unchanged; their gradients flow back
+through the same sends to the embedders, which therefore live on the first stage only. The
+rotary tables and masks are recomputed from the call's arguments on each stage (every stage's
+forward receives the microbatch; non-first stages read only its shapes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+from megatron.core.utils import get_pg_rank, get_pg_size
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from phased_dmd_mp.parallel.state import ensure_initialized
+
+
+class DiTBlock(TransformerBlock):
+    """This stage's layers, built from a layer spec by megatron's TransformerBlock.
+
+    megatron's forward hands every layer a fixed argument list (attention mask, context, ...);
+    a DiT layer takes its conditioning as one object instead, so the loop is our own.
+    """
+
+    def forward(self, hidden_states: Tensor, conditioning) -> Tensor:
+        recompute = self.config.recompute_granularity == "full" and torch.is_grad_enabled()
+        for layer in self.layers:
+            if recompute:
+                hidden_states = checkpoint(layer, hidden_states, conditioning, use_reentrant=False)
+            else:
+                hidden_states = layer(hidden_states, conditioning)
+        return hidden_states
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Row counts of the tensor a pipeline stage sends: the tokens the layers update, then
+    the conditioning rows they read."""
+
+    tokens: int
+    conditioning: tuple[int, ...]
+
+    @property
+    def total(self) -> int:
+        return self.tokens + sum(self.conditioning)
+
+    def split(self, carried: Tensor) -> tuple[Tensor, list[Tensor]]:
+        tokens, *conditioning = carried.split([self.tokens, *self.conditioning], dim=0)
+        return tokens, conditioning
+
+
+class DiTStage(MegatronModule):
+    """Base of the DiT models: process groups, stage position, the decoder block, and the
+    megatron pipeline hook `set_input_tensor`."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_spec: ModuleSpec,
+        pg_collection: ProcessGroupCollection | None,
+    ):
+        super().__init__(config)
+        self.pg_collection = pg_collection or ensure_initialized()
+        pp = self.pg_collection.pp
+        self.pre_process = get_pg_rank(pp) == 0
+        self.post_process = get_pg_rank(pp) == get_pg_size(pp) - 1
+        self.input_tensor: Tensor | None = None
+        self.decoder = DiTBlock(
+            config,
+            layer_spec,
+            post_layer_norm=False,
+            pre_process=self.pre_process,
+            post_process=self.post_process,
+            pg_collection=self.pg_collection,
+        )
+
+    @property
+    def layer_offset(self) -> int:
+        """Global index of this stage's first layer."""
+        return get_transformer_layer_offset(self.config, pp_rank=get_pg_rank(self.pg_collection.pp))
+
+    def set_input_tensor(self, input_tensor: Tensor | list[Tensor] | None) -> None:
+        """Called by megatron's schedules with the tensor received from the previous stage."""
+        if isinstance(input_tensor, list):
+            (input_tensor,) = input_tensor
+        self.input_tensor = input_tensor
+
+    def stage_input(self) -> Tensor:
+        if self.input_tensor is None:
+            raise RuntimeError(
+                "this pipeline stage has no input: run it through megatron's schedules "
+                "(phased_dmd_mp.parallel.pipeline) or call set_input_tensor first"
+            )
+        return self.input_tensor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.config.params_dtype

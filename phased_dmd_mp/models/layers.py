@@ -1,0 +1,186 @@
+"""Building blocks shared by the Wan and Qwen-Image DiTs.
+
+Activations follow megatron-core's layout, [sequence, batch, hidden]; attention heads are
+[sequence, batch, heads, head_dim]. Under tensor parallelism each rank holds whole heads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.utils import get_pg_size
+from torch import Tensor, nn
+
+try:
+    from flash_attn import flash_attn_func
+except (ImportError, RuntimeError, OSError):
+    flash_attn_func = None
+
+
+class SDPAttention(nn.Module):
+    """Core attention through torch's scaled_dot_product_attention (flash/efficient kernels)."""
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None = None):
+        """query [sq, b, h, d], key/value [sk, b, h, d], mask broadcastable to [b, h, sq, sk]
+        (True = attend) -> [sq, b, h * d]."""
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return out.permute(2, 0, 1, 3).flatten(2)
+
+
+class FlashAttention(SDPAttention):
+    """flash-attn's kernel where it applies (CUDA, half precision, no mask), SDPA elsewhere."""
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None = None):
+        if (
+            mask is not None
+            or not query.is_cuda
+            or query.dtype not in (torch.float16, torch.bfloat16)
+        ):
+            return super().forward(query, key, value, mask)
+        q, k, v = (x.transpose(0, 1) for x in (query, key, value))
+        return flash_attn_func(q, k, v).transpose(0, 1).flatten(2)
+
+
+def default_core_attention() -> type[nn.Module]:
+    return SDPAttention if flash_attn_func is None else FlashAttention
+
+
+@dataclass
+class LinearSubmodules:
+    """The classes a layer spec plugs in: tensor-parallel linears and the core attention."""
+
+    column_linear: type = ColumnParallelLinear
+    row_linear: type = RowParallelLinear
+    core_attention: type = SDPAttention
+
+
+def column_linear(submodules, config, tp_group, in_features, out_features, gather_output=False):
+    """Output features split over the TP group: returns y_local (bias added)."""
+    return submodules.column_linear(
+        in_features,
+        out_features,
+        config=config,
+        init_method=config.init_method,
+        bias=True,
+        gather_output=gather_output,
+        skip_bias_add=False,
+        tp_group=tp_group,
+    )
+
+
+def row_linear(submodules, config, tp_group, in_features, out_features):
+    """Input features split over the TP group: all-reduces the partial products, then adds bias."""
+    return submodules.row_linear(
+        in_features,
+        out_features,
+        config=config,
+        init_method=config.output_layer_init_method,
+        bias=True,
+        input_is_parallel=True,
+        skip_bias_add=False,
+        tp_group=tp_group,
+    )
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over a group in forward and backward: each rank's shard feeds every rank's output."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class ShardedRMSNorm(nn.Module):
+    """RMSNorm over a hidden dimension that tensor parallelism splits between ranks.
+
+    Wan normalises q and k across all heads, so under TP the mean square is all-reduced.
+    Computed in float32, cast back to the input dtype.
+    """
+
+    def __init__(self, hidden_size: int, eps: float, tp_group=None):
+        super().__init__()
+        self.hidden_size, self.eps, self.tp_group = hidden_size, eps, tp_group
+        self.weight = nn.Parameter(torch.ones(hidden_size // get_pg_size(tp_group)))
+        set_tensor_model_parallel_attributes(self.weight, True, 0, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        square_sum = x32.square().sum(-1, keepdim=True)
+        if get_pg_size(self.tp_group) > 1:
+            square_sum = _AllReduceSum.apply(square_sum, self.tp_group)
+        x32 = x32 * torch.rsqrt(square_sum / self.hidden_size + self.eps)
+        return (x32 * self.weight.float()).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dimension (per head in Qwen-Image, text features before txt_in)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)
+        return (x32 * self.weight.float()).to(x.dtype)
+
+
+def layer_norm_fp32(
+    x: Tensor, eps: float, weight: Tensor | None = None, bias: Tensor | None = None
+):
+    """LayerNorm computed in float32 (the output stays float32; callers cast after modulating)."""
+    weight = None if weight is None else weight.float()
+    bias = None if bias is None else bias.float()
+    return F.layer_norm(x.float(), x.shape[-1:], weight, bias, eps)
+
+
+class LayerNormFP32(nn.Module):
+    """Affine LayerNorm computed in float32, output in the input dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return layer_norm_fp32(x, self.eps, self.weight, self.bias).to(x.dtype)
+
+
+def timestep_embedding(t: Tensor, dim: int, scale: float = 1.0) -> Tensor:
+    """Sinusoidal embedding [cos | sin] of a 1D tensor of timesteps, in float32 (the diffusers
+    `Timesteps(flip_sin_to_cos=True, downscale_freq_shift=0)` both models use)."""
+    half = dim // 2
+    exponent = -math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    angles = scale * (t[:, None].float() * torch.exp(exponent)[None, :])
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [s, b, h, d] by angles with cos/sin
+    [s, 1, 1, d/2]; computed in float32, returned in x's dtype."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
+
+
+def split_heads(x: Tensor, head_dim: int) -> Tensor:
+    """[s, b, h * d] -> [s, b, h, d]."""
+    return x.unflatten(-1, (-1, head_dim))

@@ -1,0 +1,68 @@
+"""Build our DiTs and fill them from diffusers modules or checkpoints."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.utils import get_pg_rank, get_pg_size
+from torch import Tensor, nn
+
+from phased_dmd_mp.config import ConfigError
+from phased_dmd_mp.models import convert
+from phased_dmd_mp.models.config import DTYPES, ExecutionConfig, QwenImageConfig, WanConfig
+from phased_dmd_mp.models.dit import DiTStage
+from phased_dmd_mp.parallel.state import ensure_initialized
+
+
+def build(
+    arch: WanConfig | QwenImageConfig,
+    execution: ExecutionConfig | None = None,
+    pg_collection: ProcessGroupCollection | None = None,
+    *,
+    init_weights: bool = True,
+) -> DiTStage:
+    """This rank's stage of the DiT `arch` on the current process groups."""
+    from phased_dmd_mp.models.qwen_image import QwenImageDiT
+    from phased_dmd_mp.models.wan import WanDiT
+
+    cls = WanDiT if isinstance(arch, WanConfig) else QwenImageDiT
+    return cls(arch, execution, pg_collection, init_weights=init_weights)
+
+
+def load_whole_state_dict(model: DiTStage, whole: dict[str, Tensor]) -> None:
+    """Load this rank's shard of a whole-model state dict (names of a TP = PP = 1 model)."""
+    groups = model.pg_collection
+    tp, pp = get_pg_size(groups.tp), get_pg_size(groups.pp)
+    rank = (get_pg_rank(groups.tp), get_pg_rank(groups.pp))
+    own = convert.shard(whole, model.arch, tp, pp)[rank]
+    model.load_state_dict(own, strict=True)
+
+
+def from_diffusers(
+    module: nn.Module,
+    execution: ExecutionConfig | None = None,
+    pg_collection: ProcessGroupCollection | None = None,
+) -> DiTStage:
+    """Our model with the weights of a diffusers `WanTransformer3DModel` or
+    `QwenImageTransformer2DModel`; under tensor/pipeline parallelism, this rank's shard.
+
+    The execution config defaults to the module's dtype, no recompute, no FP8.
+    """
+    kinds = {v: k for k, v in convert.DIFFUSERS_CLASSES.items()}
+    kind = kinds.get(type(module).__name__)
+    if kind is None:
+        raise ConfigError(
+            f"from_diffusers takes one of {sorted(kinds)}, got {type(module).__name__}"
+        )
+    arch = convert.MODEL_KINDS[kind].from_diffusers(module.config)
+    if execution is None:
+        dtype = next(module.parameters()).dtype
+        names = {v: k for k, v in DTYPES.items()}
+        if dtype not in names:
+            raise ConfigError(f"unsupported parameter dtype {dtype}")
+        execution = ExecutionConfig(dtype=names[dtype])
+    model = build(arch, execution, pg_collection or ensure_initialized(), init_weights=False)
+    whole = convert.diffusers_to_ours(module.state_dict(), arch)
+    with torch.no_grad():
+        load_whole_state_dict(model, whole)
+    return model
