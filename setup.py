@@ -33,7 +33,11 @@ class CMakeBuild(build_ext):
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             "-DCMAKE_BUILD_TYPE=Release",
+            # AUTO: CUDA kernels wherever nvcc is found; ON: fail without it; OFF: CPU only.
+            f"-DPHASED_DMD_CUDA={os.environ.get('PHASED_DMD_CUDA', 'AUTO')}",
         ]
+        if "PHASED_DMD_CUDA_ARCHS" in os.environ:  # e.g. "90" to build for Hopper only
+            configure.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ['PHASED_DMD_CUDA_ARCHS']}")
         subprocess.run(configure, cwd=build_dir, check=True)
         jobs = str(os.cpu_count() or 1)
         subprocess.run([cmake, "--build", ".", "--parallel", jobs], cwd=build_dir, check=True)

@@ -1,85 +1,131 @@
 // pybind11 bindings for phased_dmd_mp._C.
 //
-// Kernels take raw data pointers (Python passes tensor.data_ptr()) so the extension needs no
-// libtorch headers and builds against any torch. The Python wrappers in phased_dmd_mp/ops
-// validate devices, dtypes, shapes and contiguity before calling in.
+// Kernels take raw data pointers (Python passes tensor.data_ptr()) and, on CUDA, the device
+// index and the raw stream, so the extension needs no libtorch headers: the same sources build
+// against a CPU-only torch (and compile their CUDA part wherever nvcc exists). The wrappers in
+// phased_dmd_mp/ops/kernels.py validate devices, dtypes, shapes and contiguity first.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
-#include <stdexcept>
-#include <string>
 
+#include "dmd/dmd.h"
 #include "subinterval_loss/subinterval_loss.h"
 
 namespace py = pybind11;
 
 namespace {
 
-template <typename T>
-const T* as_ptr(std::uintptr_t address) {
-  return reinterpret_cast<const T*>(address);
-}
+using phased_dmd::DType;
+using Ptr = std::uintptr_t;
 
-template <typename T>
-T* as_mut_ptr(std::uintptr_t address) {
-  return reinterpret_cast<T*>(address);
-}
-
-void subinterval_loss_forward(const std::string& dtype, std::uintptr_t pred, std::uintptr_t x_s,
-                              std::uintptr_t eps, std::uintptr_t scale, std::uintptr_t xs_coef,
-                              std::uintptr_t eps_coef, std::uintptr_t weight, std::uintptr_t loss,
-                              int64_t batch, int64_t per_sample) {
-  const auto* s = as_ptr<double>(scale);
-  const auto* a = as_ptr<double>(xs_coef);
-  const auto* e = as_ptr<double>(eps_coef);
-  const auto* w = as_ptr<double>(weight);
-  if (dtype == "float32") {
-    phased_dmd::subinterval_loss_forward_cpu<float>(as_ptr<float>(pred), as_ptr<float>(x_s),
-                                                    as_ptr<float>(eps), s, a, e, w,
-                                                    as_mut_ptr<float>(loss), batch, per_sample);
-  } else if (dtype == "float64") {
-    phased_dmd::subinterval_loss_forward_cpu<double>(as_ptr<double>(pred), as_ptr<double>(x_s),
-                                                     as_ptr<double>(eps), s, a, e, w,
-                                                     as_mut_ptr<double>(loss), batch, per_sample);
-  } else {
-    throw std::invalid_argument("subinterval_loss_forward: unsupported dtype " + dtype);
-  }
-}
-
-void subinterval_loss_backward(const std::string& dtype, std::uintptr_t grad_loss,
-                               std::uintptr_t pred, std::uintptr_t x_s, std::uintptr_t eps,
-                               std::uintptr_t scale, std::uintptr_t xs_coef,
-                               std::uintptr_t eps_coef, std::uintptr_t weight,
-                               std::uintptr_t grad_pred, int64_t batch, int64_t per_sample) {
-  const auto* s = as_ptr<double>(scale);
-  const auto* a = as_ptr<double>(xs_coef);
-  const auto* e = as_ptr<double>(eps_coef);
-  const auto* w = as_ptr<double>(weight);
-  if (dtype == "float32") {
-    phased_dmd::subinterval_loss_backward_cpu<float>(
-        as_ptr<float>(grad_loss), as_ptr<float>(pred), as_ptr<float>(x_s), as_ptr<float>(eps), s,
-        a, e, w, as_mut_ptr<float>(grad_pred), batch, per_sample);
-  } else if (dtype == "float64") {
-    phased_dmd::subinterval_loss_backward_cpu<double>(
-        as_ptr<double>(grad_loss), as_ptr<double>(pred), as_ptr<double>(x_s),
-        as_ptr<double>(eps), s, a, e, w, as_mut_ptr<double>(grad_pred), batch, per_sample);
-  } else {
-    throw std::invalid_argument("subinterval_loss_backward: unsupported dtype " + dtype);
-  }
+const void* in(Ptr p) { return reinterpret_cast<const void*>(p); }
+void* out(Ptr p) { return reinterpret_cast<void*>(p); }
+DType dtype_of(int code) {
+  if (code < 0 || code > 3) throw std::invalid_argument("unknown dtype code");
+  return static_cast<DType>(code);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "phased_dmd_mp compiled kernels (see csrc/*/ *.h for their reference semantics)";
-  m.def("subinterval_loss_forward_cpu", &subinterval_loss_forward,
-        py::call_guard<py::gil_scoped_release>(), py::arg("dtype"), py::arg("pred"),
-        py::arg("x_s"), py::arg("eps"), py::arg("scale"), py::arg("xs_coef"),
-        py::arg("eps_coef"), py::arg("weight"), py::arg("loss"), py::arg("batch"),
-        py::arg("per_sample"));
-  m.def("subinterval_loss_backward_cpu", &subinterval_loss_backward,
-        py::call_guard<py::gil_scoped_release>(), py::arg("dtype"), py::arg("grad_loss"),
-        py::arg("pred"), py::arg("x_s"), py::arg("eps"), py::arg("scale"), py::arg("xs_coef"),
-        py::arg("eps_coef"), py::arg("weight"), py::arg("grad_pred"), py::arg("batch"),
-        py::arg("per_sample"));
+  m.doc() = "phased_dmd_mp fused kernels; csrc/*/*.h document each op's reference semantics";
+  const auto release = py::call_guard<py::gil_scoped_release>();
+  m.attr("max_cuda_parts") = phased_dmd::kMaxCudaParts;
+
+  m.def(
+      "residual_sq_sums_cpu",
+      [](int dtype, Ptr pred, Ptr x_s, Ptr eps, Ptr scale, Ptr xs_coef, Ptr eps_coef, Ptr sums,
+         int64_t batch, int64_t per_sample, int threads) {
+        phased_dmd::residual_sq_sums_cpu(dtype_of(dtype), in(pred), in(x_s), in(eps), in(scale),
+                                         in(xs_coef), in(eps_coef), out(sums), batch, per_sample,
+                                         threads);
+      },
+      release);
+  m.def(
+      "residual_grad_cpu",
+      [](int dtype, Ptr gscale, Ptr pred, Ptr x_s, Ptr eps, Ptr scale, Ptr xs_coef, Ptr eps_coef,
+         Ptr grad, int64_t batch, int64_t per_sample, int threads) {
+        phased_dmd::residual_grad_cpu(dtype_of(dtype), in(gscale), in(pred), in(x_s), in(eps),
+                                      in(scale), in(xs_coef), in(eps_coef), out(grad), batch,
+                                      per_sample, threads);
+      },
+      release);
+  m.def(
+      "axpby_cpu",
+      [](int dtype, Ptr x, Ptr y, Ptr a, Ptr c, Ptr result, int64_t batch, int64_t per_sample,
+         int threads) {
+        phased_dmd::axpby_cpu(dtype_of(dtype), in(x), in(y), in(a), in(c), out(result), batch,
+                              per_sample, threads);
+      },
+      release);
+  m.def(
+      "dmd_direction_cpu",
+      [](int dtype, Ptr cond, Ptr uncond, double guidance, Ptr fake, Ptr weight, Ptr g,
+         Ptr sq_sums, int64_t batch, int64_t per_sample, int threads) {
+        phased_dmd::dmd_direction_cpu(dtype_of(dtype), in(cond), in(uncond), guidance, in(fake),
+                                      in(weight), out(g), out(sq_sums), batch, per_sample,
+                                      threads);
+      },
+      release);
+  m.def(
+      "dmd_normalizer_sums_cpu",
+      [](int dtype, Ptr x_s, Ptr x_t, Ptr cond, Ptr uncond, double guidance, Ptr jump_x,
+         Ptr jump_v, Ptr sums, int64_t batch, int64_t per_sample, int threads) {
+        phased_dmd::dmd_normalizer_sums_cpu(dtype_of(dtype), in(x_s), in(x_t), in(cond),
+                                            in(uncond), guidance, in(jump_x), in(jump_v),
+                                            out(sums), batch, per_sample, threads);
+      },
+      release);
+
+#ifdef PHASED_DMD_WITH_CUDA
+  m.attr("built_with_cuda") = true;
+  m.def(
+      "residual_sq_sums_cuda",
+      [](int dtype, Ptr pred, Ptr x_s, Ptr eps, Ptr scale, Ptr xs_coef, Ptr eps_coef, Ptr sums,
+         Ptr workspace, int64_t batch, int64_t per_sample, int device, Ptr stream) {
+        phased_dmd::residual_sq_sums_cuda(dtype_of(dtype), in(pred), in(x_s), in(eps),
+                                          in(scale), in(xs_coef), in(eps_coef), out(sums),
+                                          out(workspace), batch, per_sample, device, stream);
+      },
+      release);
+  m.def(
+      "residual_grad_cuda",
+      [](int dtype, Ptr gscale, Ptr pred, Ptr x_s, Ptr eps, Ptr scale, Ptr xs_coef, Ptr eps_coef,
+         Ptr grad, int64_t batch, int64_t per_sample, int device, Ptr stream) {
+        phased_dmd::residual_grad_cuda(dtype_of(dtype), in(gscale), in(pred), in(x_s), in(eps),
+                                       in(scale), in(xs_coef), in(eps_coef), out(grad), batch,
+                                       per_sample, device, stream);
+      },
+      release);
+  m.def(
+      "axpby_cuda",
+      [](int dtype, Ptr x, Ptr y, Ptr a, Ptr c, Ptr result, int64_t batch, int64_t per_sample,
+         int device, Ptr stream) {
+        phased_dmd::axpby_cuda(dtype_of(dtype), in(x), in(y), in(a), in(c), out(result), batch,
+                               per_sample, device, stream);
+      },
+      release);
+  m.def(
+      "dmd_direction_cuda",
+      [](int dtype, Ptr cond, Ptr uncond, double guidance, Ptr fake, Ptr weight, Ptr g,
+         Ptr sq_sums, Ptr workspace, int64_t batch, int64_t per_sample, int device, Ptr stream) {
+        phased_dmd::dmd_direction_cuda(dtype_of(dtype), in(cond), in(uncond), guidance, in(fake),
+                                       in(weight), out(g), out(sq_sums), out(workspace), batch,
+                                       per_sample, device, stream);
+      },
+      release);
+  m.def(
+      "dmd_normalizer_sums_cuda",
+      [](int dtype, Ptr x_s, Ptr x_t, Ptr cond, Ptr uncond, double guidance, Ptr jump_x,
+         Ptr jump_v, Ptr sums, Ptr workspace, int64_t batch, int64_t per_sample, int device,
+         Ptr stream) {
+        phased_dmd::dmd_normalizer_sums_cuda(dtype_of(dtype), in(x_s), in(x_t), in(cond),
+                                             in(uncond), guidance, in(jump_x), in(jump_v),
+                                             out(sums), out(workspace), batch, per_sample,
+                                             device, stream);
+      },
+      release);
+#else
+  m.attr("built_with_cuda") = false;
+#endif
 }

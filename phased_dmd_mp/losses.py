@@ -7,6 +7,10 @@ Conventions
   `phased_dmd_mp.schedule` in float64.
 - A loss is the mean over a sample's elements (the usual MSE), then over the batch
   (reduction="mean"), or one value per sample (reduction="none").
+- The losses with a `backend` argument run their element-wise part either here, in pure torch
+  (the reference every fused kernel is tested against), or through the fused kernels of
+  `phased_dmd_mp.ops`; see `phased_dmd_mp.ops.backend` for how the choice is made. Both share
+  every schedule coefficient, computed once below.
 
 Derivation of the clamped subinterval loss (paper Eq. 12/13, notation of METHOD.md)
   Score matching on (s, 1) with only x_s ~ p(x_s): the velocity target is
@@ -29,6 +33,8 @@ from typing import Literal
 
 from torch import Tensor
 
+from phased_dmd_mp import ops
+from phased_dmd_mp.ops import Backend
 from phased_dmd_mp.schedule import (
     FLOW_MATCHING,
     NoiseSchedule,
@@ -46,6 +52,9 @@ Reduction = Literal["mean", "none"]
 # target's variance ~ 1 / sigma_{t|s}^2 would dominate the gradient noise; above it the loss is
 # exactly Eq. 12. (1 / sigma^2 >= 1 whenever sigma <= 1, so no lower clamp is needed.)
 DEFAULT_MAX_WEIGHT = 100.0
+
+# Floor of DMD2's per-sample normaliser mean |x_s - x^_s[teacher]|, against division by zero.
+DEFAULT_MIN_NORMALIZER = 1e-6
 
 
 def _reduce(per_sample_loss: Tensor, reduction: Reduction) -> Tensor:
@@ -134,7 +143,6 @@ def clamped_subinterval_terms(
         weight * mean ||scale * pred - xs_coef * x_s - eps_coef * eps||^2,
 
     with scale = sigma_{t|s}, xs_coef = sigma_{t|s} a, eps_coef = b, weight = min(1/sigma^2, max).
-    Shared by the reference below and the fused kernels (csrc/subinterval_loss).
     """
     if not max_weight > 0:
         raise ValueError(f"max_weight must be > 0, got {max_weight}")
@@ -153,18 +161,23 @@ def _clamped_subinterval_loss(
     prediction: Prediction,
     max_weight: float,
     reduction: Reduction,
+    backend: Backend | None,
 ) -> Tensor:
     scale, xs_coef, eps_coef, weight = clamped_subinterval_terms(
         t, s, schedule, prediction, max_weight
     )
     dtype = compute_dtype(pred)
-    residual = (
-        per_sample(scale, pred) * pred.to(dtype)
-        - per_sample(xs_coef, pred) * x_s.to(dtype)
-        - per_sample(eps_coef, pred) * eps.to(dtype)
-    )
-    loss = weight.to(device=pred.device, dtype=dtype) * _sample_mean(residual.square())
-    return _reduce(loss, reduction)
+    if ops.use_fused(backend, (pred, x_s, eps), constants=(x_s, eps)):
+        sums = ops.residual_sq_sums(pred, x_s, eps, scale, xs_coef, eps_coef)
+        sample_loss = sums.to(dtype) / pred[0].numel()
+    else:
+        residual = (
+            per_sample(scale, pred) * pred.to(dtype)
+            - per_sample(xs_coef, pred) * x_s.to(dtype)
+            - per_sample(eps_coef, pred) * eps.to(dtype)
+        )
+        sample_loss = _sample_mean(residual.square())
+    return _reduce(weight.to(device=pred.device, dtype=dtype) * sample_loss, reduction)
 
 
 def subinterval_flow_loss(
@@ -177,14 +190,16 @@ def subinterval_flow_loss(
     schedule: NoiseSchedule = FLOW_MATCHING,
     max_weight: float = DEFAULT_MAX_WEIGHT,
     reduction: Reduction = "mean",
+    backend: Backend | None = None,
 ) -> Tensor:
     """Eq. 13 (corrected): clamp(1/sigma_{t|s}^2) ||sigma_{t|s} v - (c eps - (sigma_{t|s}/alpha_s) x_s)||^2.
 
     v_pred is the fake model's velocity at x_t = alpha_{t|s} x_s + sigma_{t|s} eps. Finite for
     every t >= s, including t = s; equal to ||v - psi*||^2 (Eq. 12) wherever 1/sigma^2 <= max_weight.
+    The fused kernel differentiates v_pred only (x_s and eps are data).
     """
     return _clamped_subinterval_loss(
-        v_pred, x_s, eps, t, s, schedule, "velocity", max_weight, reduction
+        v_pred, x_s, eps, t, s, schedule, "velocity", max_weight, reduction, backend
     )
 
 
@@ -198,9 +213,12 @@ def subinterval_x0_loss(
     schedule: NoiseSchedule = FLOW_MATCHING,
     max_weight: float = DEFAULT_MAX_WEIGHT,
     reduction: Reduction = "mean",
+    backend: Backend | None = None,
 ) -> Tensor:
     """The clamped x-prediction form of Eq. 35, built like `subinterval_flow_loss`."""
-    return _clamped_subinterval_loss(x0_pred, x_s, eps, t, s, schedule, "x0", max_weight, reduction)
+    return _clamped_subinterval_loss(
+        x0_pred, x_s, eps, t, s, schedule, "x0", max_weight, reduction, backend
+    )
 
 
 # --- generator update ----------------------------------------------------------------------
@@ -223,6 +241,15 @@ def dmd_gradient(
     return per_sample(weight, v_teacher) * (v_teacher.to(dtype) - v_fake.to(dtype))
 
 
+def classifier_free_guidance(v_cond: Tensor, v_uncond: Tensor, guidance_scale: float) -> Tensor:
+    """uncond + scale (cond - uncond): scale 1 is the conditional velocity, 0 the unconditional.
+
+    (The other common convention, cond + scale' (cond - uncond), is this with scale = scale' + 1.)
+    """
+    dtype = compute_dtype(v_cond)
+    return v_uncond.to(dtype) + guidance_scale * (v_cond.to(dtype) - v_uncond.to(dtype))
+
+
 def dmd2_normalized_gradient(
     v_teacher: Tensor,
     v_fake: Tensor,
@@ -231,30 +258,28 @@ def dmd2_normalized_gradient(
     t: TimeLike,
     s: TimeLike,
     schedule: NoiseSchedule = FLOW_MATCHING,
-    min_normalizer: float = 1e-6,
+    min_normalizer: float = DEFAULT_MIN_NORMALIZER,
 ) -> Tensor:
     """DMD2's per-sample normalised gradient, carried from x_0 to the phase output x_s.
 
-    Each model's velocity gives a jump from x_t back to s, x^_s = alpha_s x^_0 + sigma_s eps^
-    (for flow matching x_t - (t - s) v). The gradient is
-        (x^_s[fake] - x^_s[teacher]) / mean |x_s - x^_s[teacher]|   (mean over each sample),
-    which with s = 0 is exactly DMD2's (x^_0[fake] - x^_0[real]) / mean |x_0 - x^_0[real]|.
-    Its direction equals `dmd_gradient`'s; the normaliser replaces the weight w_{t|s}.
+    Each model's velocity gives a jump from x_t back to s, x^_s = A x_t + C v
+    (`NoiseSchedule.jump_coefficients`; for flow matching x_t - (t - s) v). The gradient is
+        (x^_s[fake] - x^_s[teacher]) / max(mean |x_s - x^_s[teacher]|, min_normalizer),
+    the mean taken over each sample; with s = 0 it is exactly DMD2's
+    (x^_0[fake] - x^_0[real]) / mean |x_0 - x^_0[real]|. Its direction equals `dmd_gradient`'s
+    (x^_s[fake] - x^_s[teacher] = -C (T - F), and -C > 0); the normaliser replaces w_{t|s}.
     """
     dtype = compute_dtype(v_teacher)
-    teacher_x0 = schedule.x0_from_velocity(x_t.to(dtype), v_teacher.to(dtype), t)
-    teacher_eps = schedule.eps_from_velocity(x_t.to(dtype), v_teacher.to(dtype), t)
-    teacher_xs = schedule.add_noise(teacher_x0, teacher_eps, s)
+    jump_x, jump_v = schedule.jump_coefficients(t, s)
+    teacher_xs = per_sample(jump_x, x_t) * x_t.to(dtype) + per_sample(jump_v, x_t) * v_teacher.to(
+        dtype
+    )
     normalizer = _sample_mean((x_s.to(dtype) - teacher_xs).abs()).clamp_min(min_normalizer)
-    # x^_s[fake] - x^_s[teacher] = k (T - F), k = (alpha_s sigma_t - sigma_s alpha_t) / (alpha_t + sigma_t)
-    alpha_t, sigma_t = schedule.coefficients(t)
-    alpha_s, sigma_s = schedule.coefficients(s)
-    k = (alpha_s * sigma_t - sigma_s * alpha_t) / (alpha_t + sigma_t)
-    difference = per_sample(k, v_teacher) * (v_teacher.to(dtype) - v_fake.to(dtype))
+    difference = per_sample(-jump_v, v_teacher) * (v_teacher.to(dtype) - v_fake.to(dtype))
     return difference / per_sample(normalizer, difference)
 
 
-def dmd_generator_loss(x_s: Tensor, gradient: Tensor) -> Tensor:
+def dmd_surrogate_loss(x_s: Tensor, gradient: Tensor) -> Tensor:
     """0.5 * mean ||x_s - stopgrad(x_s - g)||^2, whose gradient w.r.t. x_s is g / x_s.numel().
 
     The value is 0.5 mean(g^2), a diagnostic only; training follows the gradient.
@@ -262,3 +287,57 @@ def dmd_generator_loss(x_s: Tensor, gradient: Tensor) -> Tensor:
     dtype = compute_dtype(x_s)
     x = x_s.to(dtype)
     return 0.5 * (x - (x - gradient.to(dtype)).detach()).square().mean()
+
+
+def dmd_generator_loss(
+    x_s: Tensor,
+    v_teacher: Tensor,
+    v_fake: Tensor,
+    t: TimeLike,
+    s: TimeLike,
+    *,
+    v_teacher_uncond: Tensor | None = None,
+    guidance_scale: float = 1.0,
+    normalize: bool = False,
+    x_t: Tensor | None = None,
+    schedule: NoiseSchedule = FLOW_MATCHING,
+    min_normalizer: float = DEFAULT_MIN_NORMALIZER,
+    backend: Backend | None = None,
+) -> Tensor:
+    """The phased DMD generator loss: value 0.5 mean(g^2), gradient g / x_s.numel() w.r.t. x_s.
+
+    g = w_{t|s} (T - F) (Eq. 11; `dmd_gradient`), or DMD2's normalised form with `normalize=True`
+    (`dmd2_normalized_gradient`, which needs x_t). T is v_teacher, or with `v_teacher_uncond`
+    the guided `classifier_free_guidance(v_teacher, v_teacher_uncond, guidance_scale)`.
+    x_s is the generator output (differentiable); the velocities and x_t are data.
+    """
+    if normalize and x_t is None:
+        raise ValueError("normalize=True needs x_t, the noised sample the velocities were taken at")
+    if v_teacher_uncond is None and guidance_scale != 1.0:
+        raise ValueError("guidance_scale needs v_teacher_uncond")
+    data = tuple(x for x in (x_s, v_teacher, v_teacher_uncond, v_fake, x_t) if x is not None)
+    if ops.use_fused(backend, data, constants=data[1:]):
+        if normalize:
+            jump_x, jump_v = schedule.jump_coefficients(t, s)
+            sums = ops.dmd_normalizer_sums(
+                x_s.detach(), x_t, v_teacher, v_teacher_uncond, guidance_scale, jump_x, jump_v
+            )
+            normalizer = (sums / x_s[0].numel()).clamp_min(min_normalizer)
+            weight = -jump_v.to(normalizer) / normalizer
+        else:
+            weight = schedule.dmd_weight(t, s)
+        g, sq_sums = ops.dmd_direction(v_teacher, v_teacher_uncond, guidance_scale, v_fake, weight)
+        value = 0.5 * sq_sums.sum().to(compute_dtype(x_s)) / x_s.numel()
+        return ops.dmd_surrogate_loss(x_s, g, value)
+    teacher = (
+        v_teacher
+        if v_teacher_uncond is None
+        else classifier_free_guidance(v_teacher, v_teacher_uncond, guidance_scale)
+    )
+    if normalize:
+        g = dmd2_normalized_gradient(
+            teacher, v_fake, x_t, x_s.detach(), t, s, schedule, min_normalizer
+        )
+    else:
+        g = dmd_gradient(teacher, v_fake, t, s, schedule)
+    return dmd_surrogate_loss(x_s, g)

@@ -84,6 +84,16 @@ class NoiseSchedule(ABC):
         alpha_ts, _ = self.conditional(t, s)
         return self.velocity_to_score_scale(t) * alpha_ts
 
+    def jump_coefficients(self, t: TimeLike, s: TimeLike) -> tuple[Tensor, Tensor]:
+        """(A, C) with A x_t + C v = alpha_s x^_0 + sigma_s eps^: the deterministic jump from t
+        back to s that a velocity v implies (for flow matching A = 1, C = -(t - s))."""
+        alpha_t, sigma_t = self.coefficients(t)
+        alpha_s, sigma_s = self.coefficients(s)
+        return (
+            (alpha_s + sigma_s) / (alpha_t + sigma_t),
+            (sigma_s * alpha_t - alpha_s * sigma_t) / (alpha_t + sigma_t),
+        )
+
     def add_noise(self, x0: Tensor, eps: Tensor, t: TimeLike) -> Tensor:
         alpha, sigma = self.coefficients(t)
         return (per_sample(alpha, x0) * x0 + per_sample(sigma, x0) * eps).to(x0.dtype)

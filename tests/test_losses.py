@@ -4,9 +4,11 @@ from oracles import CosineSchedule, gaussian_posterior, gaussian_velocity
 
 from phased_dmd_mp.losses import (
     DEFAULT_MAX_WEIGHT,
+    classifier_free_guidance,
     dmd2_normalized_gradient,
     dmd_generator_loss,
     dmd_gradient,
+    dmd_surrogate_loss,
     flow_matching_loss,
     subinterval_flow_loss,
     subinterval_velocity_target,
@@ -17,6 +19,8 @@ from phased_dmd_mp.schedule import FLOW_MATCHING
 
 SCHEDULES = [FLOW_MATCHING, CosineSchedule()]
 SCHEDULE_IDS = ["flow", "cosine"]
+# Every loss runs both ways: pure torch and the fused kernels (tests/test_kernels.py has parity).
+BACKENDS = pytest.mark.parametrize("backend", ["reference", "fused"])
 
 
 def _data(shape=(6, 3, 4), seed=0, dtype=torch.float64):
@@ -33,8 +37,9 @@ def test_flow_matching_loss_is_eq4():
         flow_matching_loss(v, x0, eps, reduction="sum")
 
 
+@BACKENDS
 @pytest.mark.parametrize("schedule", SCHEDULES, ids=SCHEDULE_IDS)
-def test_s_zero_reduces_to_the_plain_targets(schedule):
+def test_s_zero_reduces_to_the_plain_targets(schedule, backend):
     v, x0, eps = _data()
     t = torch.tensor([0.15, 0.3, 0.5, 0.7, 0.9, 0.99], dtype=torch.float64)
     zero = torch.zeros(6, dtype=torch.float64)
@@ -44,10 +49,11 @@ def test_s_zero_reduces_to_the_plain_targets(schedule):
         schedule.add_noise_from(x0, eps, t, zero), schedule.add_noise(x0, eps, t)
     )
     # With the weight unclamped (1/sigma_t^2 <= max_weight), Eq. 13 at s = 0 is Eq. 4.
-    loss = subinterval_flow_loss(v, x0, eps, t, zero, schedule=schedule)
+    loss = subinterval_flow_loss(v, x0, eps, t, zero, schedule=schedule, backend=backend)
     torch.testing.assert_close(loss, flow_matching_loss(v, x0, eps))
     torch.testing.assert_close(
-        subinterval_x0_loss(v, x0, eps, t, zero, schedule=schedule), ((v - x0) ** 2).mean()
+        subinterval_x0_loss(v, x0, eps, t, zero, schedule=schedule, backend=backend),
+        ((v - x0) ** 2).mean(),
     )
 
 
@@ -88,9 +94,10 @@ def test_subinterval_target_is_unbiased_on_gaussian_data(schedule, kind, s, t):
     assert (_regress_on_x_t(naive, x_t) - expected).abs().max() > 0.1
 
 
+@BACKENDS
 @pytest.mark.parametrize("schedule", SCHEDULES, ids=SCHEDULE_IDS)
 @pytest.mark.parametrize("kind", ["velocity", "x0"])
-def test_clamped_loss_equals_eq12_where_the_clamp_is_inactive(schedule, kind):
+def test_clamped_loss_equals_eq12_where_the_clamp_is_inactive(schedule, kind, backend):
     pred, x_s, eps = _data()
     s = torch.full((6,), 0.4, dtype=torch.float64)
     t = torch.tensor([0.5, 0.6, 0.7, 0.8, 0.9, 1.0], dtype=torch.float64)
@@ -99,7 +106,7 @@ def test_clamped_loss_equals_eq12_where_the_clamp_is_inactive(schedule, kind):
     target_fn = subinterval_velocity_target if kind == "velocity" else subinterval_x0_target
     loss_fn = subinterval_flow_loss if kind == "velocity" else subinterval_x0_loss
     expected = ((pred - target_fn(x_s, eps, t, s, schedule)) ** 2).flatten(1).mean(1)
-    loss = loss_fn(pred, x_s, eps, t, s, schedule=schedule, reduction="none")
+    loss = loss_fn(pred, x_s, eps, t, s, schedule=schedule, reduction="none", backend=backend)
     torch.testing.assert_close(loss, expected)
 
 
@@ -132,14 +139,15 @@ def _analytic_grad(pred, x_s, eps, t, s, max_weight):
     return 2 * weight[:, None] * sigma_ts[:, None] * residual / n
 
 
+@BACKENDS
 @pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_clamped_loss_is_finite_with_correct_gradient_as_t_approaches_s(dtype, rtol):
+def test_clamped_loss_is_finite_with_correct_gradient_as_t_approaches_s(dtype, rtol, backend):
     s = torch.full((5,), 0.625)
     t = s + torch.tensor([0.0, 1e-7, 1e-5, 1e-3, 0.1])  # t = s exactly, then ever further
     generator = torch.Generator().manual_seed(0)
     pred, x_s, eps = (torch.randn(5, 32, generator=generator).to(dtype) for _ in range(3))
     pred.requires_grad_(True)
-    loss = subinterval_flow_loss(pred, x_s, eps, t, s)
+    loss = subinterval_flow_loss(pred, x_s, eps, t, s, backend=backend)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     (grad,) = torch.autograd.grad(loss, pred)
     assert grad.dtype == dtype and bool(torch.isfinite(grad).all())
@@ -147,7 +155,7 @@ def test_clamped_loss_is_finite_with_correct_gradient_as_t_approaches_s(dtype, r
     torch.testing.assert_close(grad.double(), expected, rtol=rtol, atol=1e-12)
     assert bool((grad[0] == 0).all())  # sigma_{t|s} = 0 at t = s: no gradient, no nan
     # At t = s the weight is the clamp, so the per-sample loss is max_weight * mean(c eps)^2.
-    per_sample = subinterval_flow_loss(pred, x_s, eps, t, s, reduction="none")
+    per_sample = subinterval_flow_loss(pred, x_s, eps, t, s, reduction="none", backend=backend)
     c0 = 0.625 * 1.0 / 0.375  # sigma_s (alpha_s + sigma_s) / alpha_s at t = s
     torch.testing.assert_close(
         per_sample[0].double(),
@@ -204,10 +212,51 @@ def test_dmd2_normalisation_matches_dmd2_at_s_zero_and_keeps_the_direction():
     torch.testing.assert_close(ratio, ratio[:, :1, :1].expand_as(ratio))
 
 
-def test_generator_loss_gradient_is_g():
+def test_surrogate_loss_gradient_is_g():
     x_s, g, _ = _data(seed=5)
     x_s.requires_grad_(True)
-    loss = dmd_generator_loss(x_s, g)
+    loss = dmd_surrogate_loss(x_s, g)
     (grad,) = torch.autograd.grad(loss, x_s)
     torch.testing.assert_close(grad, g / x_s.numel())
     torch.testing.assert_close(loss, 0.5 * (g**2).mean())
+
+
+@BACKENDS
+@pytest.mark.parametrize("normalize", [False, True])
+def test_generator_loss_follows_the_guided_dmd_gradient(backend, normalize):
+    x_s, cond, uncond = _data(seed=6)
+    fake, x_t, _ = _data(seed=7)
+    t, s = (
+        torch.linspace(0.5, 0.95, 6, dtype=torch.float64),
+        torch.full((6,), 0.3, dtype=torch.float64),
+    )
+    x = x_s.clone().requires_grad_(True)
+    loss = dmd_generator_loss(
+        x,
+        cond,
+        fake,
+        t,
+        s,
+        v_teacher_uncond=uncond,
+        guidance_scale=4.0,
+        normalize=normalize,
+        x_t=x_t,
+        backend=backend,
+    )
+    (grad,) = torch.autograd.grad(loss, x)
+    teacher = uncond + 4.0 * (cond - uncond)  # the documented CFG convention
+    torch.testing.assert_close(classifier_free_guidance(cond, uncond, 4.0), teacher)
+    if normalize:
+        g = dmd2_normalized_gradient(teacher, fake, x_t, x_s, t, s)
+    else:
+        g = dmd_gradient(teacher, fake, t, s)
+    torch.testing.assert_close(grad, g / x.numel())
+    torch.testing.assert_close(loss, 0.5 * (g**2).mean())
+
+
+def test_generator_loss_rejects_inconsistent_arguments():
+    x_s, v, _ = _data(seed=8)
+    with pytest.raises(ValueError, match="needs x_t"):
+        dmd_generator_loss(x_s, v, v, 0.9, 0.5, normalize=True)
+    with pytest.raises(ValueError, match="needs v_teacher_uncond"):
+        dmd_generator_loss(x_s, v, v, 0.9, 0.5, guidance_scale=3.0)

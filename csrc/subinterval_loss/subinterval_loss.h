@@ -1,35 +1,54 @@
-// Clamped subinterval score-matching loss (paper Eq. 13, x-prediction form Eq. 35).
+// Clamped subinterval score-matching loss (paper Eq. 13; x-prediction form Eq. 35) and the
+// conditional noising that feeds it.
 //
-// Reference semantics (the oracle is phased_dmd_mp.losses, pure torch):
-//   for each sample b and element d of that sample (D elements per sample)
-//     r[b,d]  = scale[b] * pred[b,d] - xs_coef[b] * x_s[b,d] - eps_coef[b] * eps[b,d]
-//     loss[b] = weight[b] * sum_d r[b,d]^2
-//   backward:
-//     grad_pred[b,d] = grad_loss[b] * 2 * weight[b] * scale[b] * r[b,d]
+// Reference semantics: phased_dmd_mp/losses.py (pure torch, the test oracle). Python folds the
+// schedule into per-sample coefficients, so these kernels know nothing of alpha or sigma:
 //
-// Python computes the per-sample coefficients once (float64), so one kernel serves both
-// parameterisations:
-//   scale = sigma_{t|s},  xs_coef = sigma_{t|s} * a,  eps_coef = b,
-//   weight = clamp(1 / sigma_{t|s}^2, max) / D
-// with a = -1/alpha_s, b = c   (velocity, Eq. 12/13) or
-//      a =  1/alpha_s, b = -alpha_t sigma_s^2 / alpha_s^2   (x-prediction, Eq. 35).
-// Data may be float32 or float64; coefficients are float64; sums accumulate in float64.
+//   residual_sq_sums:  r[b,d] = scale[b] pred[b,d] - xs_coef[b] x_s[b,d] - eps_coef[b] eps[b,d]
+//                      sums[b] = sum_d r[b,d]^2                  (x_t, target, r never stored)
+//   residual_grad:     grad[b,d] = gscale[b] * r[b,d]            (gscale = 2 dL/dsums[b] scale[b])
+//   axpby:             out[b,d] = a[b] x[b,d] + c[b] y[b,d]      (x_t = alpha_{t|s} x_s + sigma_{t|s} eps)
+//
+// with scale = sigma_{t|s}, xs_coef = sigma_{t|s} a, eps_coef = b as in losses.py, and the loss
+// weight * sums / per_sample applied by the caller.
+//
+// Layout: data (batch, per_sample) contiguous, one dtype (float32, float64, bfloat16, float16);
+// per-sample coefficients and sums in the accumulation type (float64 for float64 data, float32
+// otherwise). CUDA entry points also take the device, the stream and a workspace of
+// batch * kMaxCudaParts accumulation-type values.
 #pragma once
 
 #include <cstdint>
 
+#include "../common/element.h"
+
 namespace phased_dmd {
 
-template <typename T>
-void subinterval_loss_forward_cpu(const T* pred, const T* x_s, const T* eps, const double* scale,
-                                  const double* xs_coef, const double* eps_coef,
-                                  const double* weight, T* loss, int64_t batch,
-                                  int64_t per_sample);
+void residual_sq_sums_cpu(DType dtype, const void* pred, const void* x_s, const void* eps,
+                          const void* scale, const void* xs_coef, const void* eps_coef,
+                          void* sums, int64_t batch, int64_t per_sample, int num_threads);
 
-template <typename T>
-void subinterval_loss_backward_cpu(const T* grad_loss, const T* pred, const T* x_s, const T* eps,
-                                   const double* scale, const double* xs_coef,
-                                   const double* eps_coef, const double* weight, T* grad_pred,
-                                   int64_t batch, int64_t per_sample);
+void residual_grad_cpu(DType dtype, const void* gscale, const void* pred, const void* x_s,
+                       const void* eps, const void* scale, const void* xs_coef,
+                       const void* eps_coef, void* grad, int64_t batch, int64_t per_sample,
+                       int num_threads);
+
+void axpby_cpu(DType dtype, const void* x, const void* y, const void* a, const void* c, void* out,
+               int64_t batch, int64_t per_sample, int num_threads);
+
+#ifdef PHASED_DMD_WITH_CUDA
+void residual_sq_sums_cuda(DType dtype, const void* pred, const void* x_s, const void* eps,
+                           const void* scale, const void* xs_coef, const void* eps_coef,
+                           void* sums, void* workspace, int64_t batch, int64_t per_sample,
+                           int device, uintptr_t stream);
+
+void residual_grad_cuda(DType dtype, const void* gscale, const void* pred, const void* x_s,
+                        const void* eps, const void* scale, const void* xs_coef,
+                        const void* eps_coef, void* grad, int64_t batch, int64_t per_sample,
+                        int device, uintptr_t stream);
+
+void axpby_cuda(DType dtype, const void* x, const void* y, const void* a, const void* c, void* out,
+                int64_t batch, int64_t per_sample, int device, uintptr_t stream);
+#endif
 
 }  // namespace phased_dmd

@@ -1,57 +1,124 @@
 #include "../subinterval_loss.h"
 
+#include "../../common/cpu.h"
+
 namespace phased_dmd {
-namespace {
+namespace cpu {
 
 template <typename T>
-inline double residual(const T* pred, const T* x_s, const T* eps, double scale, double xs_coef,
-                       double eps_coef, int64_t i) {
-  return scale * static_cast<double>(pred[i]) - xs_coef * static_cast<double>(x_s[i]) -
-         eps_coef * static_cast<double>(eps[i]);
+PHASED_DMD_ALWAYS_INLINE Acc<T> residual_at(const T* pred, const T* x_s, const T* eps,
+                                            Acc<T> scale, Acc<T> xs_coef, Acc<T> eps_coef,
+                                            int64_t i) {
+  return subinterval_residual<Acc<T>>(Io<T>::load(pred[i]), Io<T>::load(x_s[i]),
+                                      Io<T>::load(eps[i]), scale, xs_coef, eps_coef);
 }
 
-}  // namespace
+template <typename T>
+PHASED_DMD_ALWAYS_INLINE double residual_sq_chunk_impl(const T* pred, const T* x_s, const T* eps,
+                                                       Acc<T> scale, Acc<T> xs_coef,
+                                                       Acc<T> eps_coef, int64_t n) {
+  return blocked_sum<Acc<T>>(n, [&](int64_t i) {
+    const Acc<T> r = residual_at(pred, x_s, eps, scale, xs_coef, eps_coef, i);
+    return r * r;
+  });
+}
 
 template <typename T>
-void subinterval_loss_forward_cpu(const T* pred, const T* x_s, const T* eps, const double* scale,
-                                  const double* xs_coef, const double* eps_coef,
-                                  const double* weight, T* loss, int64_t batch,
-                                  int64_t per_sample) {
-  for (int64_t b = 0; b < batch; ++b) {
-    const int64_t offset = b * per_sample;
-    double sum = 0.0;
-    for (int64_t d = 0; d < per_sample; ++d) {
-      const double r = residual(pred, x_s, eps, scale[b], xs_coef[b], eps_coef[b], offset + d);
-      sum += r * r;
-    }
-    loss[b] = static_cast<T>(weight[b] * sum);
+PHASED_DMD_ALWAYS_INLINE void residual_grad_chunk_impl(Acc<T> gscale, const T* pred,
+                                                       const T* x_s, const T* eps, Acc<T> scale,
+                                                       Acc<T> xs_coef, Acc<T> eps_coef,
+                                                       T* grad, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    grad[i] = Io<T>::store(gscale * residual_at(pred, x_s, eps, scale, xs_coef, eps_coef, i));
   }
 }
 
 template <typename T>
-void subinterval_loss_backward_cpu(const T* grad_loss, const T* pred, const T* x_s, const T* eps,
-                                   const double* scale, const double* xs_coef,
-                                   const double* eps_coef, const double* weight, T* grad_pred,
-                                   int64_t batch, int64_t per_sample) {
-  for (int64_t b = 0; b < batch; ++b) {
-    const int64_t offset = b * per_sample;
-    const double g = 2.0 * static_cast<double>(grad_loss[b]) * weight[b] * scale[b];
-    for (int64_t d = 0; d < per_sample; ++d) {
-      const double r = residual(pred, x_s, eps, scale[b], xs_coef[b], eps_coef[b], offset + d);
-      grad_pred[offset + d] = static_cast<T>(g * r);
-    }
+PHASED_DMD_ALWAYS_INLINE void axpby_chunk_impl(const T* x, const T* y, Acc<T> a, Acc<T> c,
+                                               T* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = Io<T>::store(a * Io<T>::load(x[i]) + c * Io<T>::load(y[i]));
   }
 }
 
-#define PHASED_DMD_INSTANTIATE(T)                                                               \
-  template void subinterval_loss_forward_cpu<T>(const T*, const T*, const T*, const double*,    \
-                                                const double*, const double*, const double*, T*, \
-                                                int64_t, int64_t);                              \
-  template void subinterval_loss_backward_cpu<T>(const T*, const T*, const T*, const T*,        \
-                                                 const double*, const double*, const double*,   \
-                                                 const double*, T*, int64_t, int64_t);
+// One ISA-dispatched function per storage type (target_clones needs concrete functions).
+#define PHASED_DMD_SUBINTERVAL_CHUNKS(T)                                                       \
+  PHASED_DMD_CPU_CLONES double residual_sq_chunk(const T* pred, const T* x_s, const T* eps,  \
+                                                 Acc<T> scale, Acc<T> xs_coef,               \
+                                                 Acc<T> eps_coef, int64_t n) {               \
+    return residual_sq_chunk_impl(pred, x_s, eps, scale, xs_coef, eps_coef, n);              \
+  }                                                                                            \
+  PHASED_DMD_CPU_CLONES void residual_grad_chunk(Acc<T> gscale, const T* pred, const T* x_s, \
+                                                 const T* eps, Acc<T> scale, Acc<T> xs_coef, \
+                                                 Acc<T> eps_coef, T* grad, int64_t n) {      \
+    residual_grad_chunk_impl(gscale, pred, x_s, eps, scale, xs_coef, eps_coef, grad, n);     \
+  }                                                                                            \
+  PHASED_DMD_CPU_CLONES void axpby_chunk(const T* x, const T* y, Acc<T> a, Acc<T> c, T* out, \
+                                         int64_t n) {                                         \
+    axpby_chunk_impl(x, y, a, c, out, n);                                                     \
+  }
 
-PHASED_DMD_INSTANTIATE(float)
-PHASED_DMD_INSTANTIATE(double)
+PHASED_DMD_SUBINTERVAL_CHUNKS(float)
+PHASED_DMD_SUBINTERVAL_CHUNKS(double)
+PHASED_DMD_SUBINTERVAL_CHUNKS(bfloat16)
+PHASED_DMD_SUBINTERVAL_CHUNKS(float16)
+#undef PHASED_DMD_SUBINTERVAL_CHUNKS
+
+}  // namespace cpu
+
+void residual_sq_sums_cpu(DType dtype, const void* pred, const void* x_s, const void* eps,
+                          const void* scale, const void* xs_coef, const void* eps_coef,
+                          void* sums, int64_t batch, int64_t per_sample, int num_threads) {
+  cpu::dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = cpu::Acc<T>;
+    const auto *p = static_cast<const T*>(pred), *x = static_cast<const T*>(x_s),
+               *e = static_cast<const T*>(eps);
+    const auto *sc = static_cast<const A*>(scale), *xc = static_cast<const A*>(xs_coef),
+               *ec = static_cast<const A*>(eps_coef);
+    cpu::per_sample_sums<A>(batch, per_sample, num_threads, static_cast<A*>(sums),
+                            [&](int64_t b, int64_t begin, int64_t end) {
+                              return cpu::residual_sq_chunk(p + begin, x + begin, e + begin,
+                                                            sc[b], xc[b], ec[b], end - begin);
+                            });
+  });
+}
+
+void residual_grad_cpu(DType dtype, const void* gscale, const void* pred, const void* x_s,
+                       const void* eps, const void* scale, const void* xs_coef,
+                       const void* eps_coef, void* grad, int64_t batch, int64_t per_sample,
+                       int num_threads) {
+  cpu::dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = cpu::Acc<T>;
+    const auto *p = static_cast<const T*>(pred), *x = static_cast<const T*>(x_s),
+               *e = static_cast<const T*>(eps);
+    const auto *g = static_cast<const A*>(gscale), *sc = static_cast<const A*>(scale),
+               *xc = static_cast<const A*>(xs_coef), *ec = static_cast<const A*>(eps_coef);
+    auto* out = static_cast<T*>(grad);
+    cpu::per_sample_chunks(batch, per_sample, num_threads,
+                           [&](int64_t b, int64_t begin, int64_t end) {
+                             cpu::residual_grad_chunk(g[b], p + begin, x + begin, e + begin,
+                                                      sc[b], xc[b], ec[b], out + begin,
+                                                      end - begin);
+                           });
+  });
+}
+
+void axpby_cpu(DType dtype, const void* x, const void* y, const void* a, const void* c, void* out,
+               int64_t batch, int64_t per_sample, int num_threads) {
+  cpu::dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = cpu::Acc<T>;
+    const auto *xp = static_cast<const T*>(x), *yp = static_cast<const T*>(y);
+    const auto *ap = static_cast<const A*>(a), *cp = static_cast<const A*>(c);
+    auto* o = static_cast<T*>(out);
+    cpu::per_sample_chunks(batch, per_sample, num_threads,
+                           [&](int64_t b, int64_t begin, int64_t end) {
+                             cpu::axpby_chunk(xp + begin, yp + begin, ap[b], cp[b], o + begin,
+                                              end - begin);
+                           });
+  });
+}
 
 }  // namespace phased_dmd
