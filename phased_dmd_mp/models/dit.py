@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from megatron.core.enums import ModelType
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -72,6 +73,7 @@ class DiTStage(MegatronModule):
         pg_collection: ProcessGroupCollection | None,
     ):
         super().__init__(config)
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
         self.pg_collection = pg_collection or ensure_initialized()
         pp = self.pg_collection.pp
         self.pre_process = get_pg_rank(pp) == 0

@@ -12,7 +12,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    copy_to_tensor_model_parallel_region,
+)
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.utils import get_pg_size
 from torch import Tensor, nn
@@ -129,17 +133,24 @@ class ShardedRMSNorm(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm over the last dimension (per head in Qwen-Image, text features before txt_in)."""
+    """RMSNorm over the last dimension (per head in Qwen-Image, text features before txt_in).
 
-    def __init__(self, dim: int, eps: float):
+    With `tp_group`, the weight is shared by heads that tensor parallelism splits between
+    ranks: its gradient is summed over the group in backward, so every rank holds the full one.
+    """
+
+    def __init__(self, dim: int, eps: float, tp_group=None):
         super().__init__()
-        self.eps = eps
+        self.eps, self.tp_group = eps, tp_group
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight
+        if get_pg_size(self.tp_group) > 1:
+            weight = copy_to_tensor_model_parallel_region(weight, group=self.tp_group)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)
-        return (x32 * self.weight.float()).to(x.dtype)
+        return (x32 * weight.float()).to(x.dtype)
 
 
 def layer_norm_fp32(

@@ -61,9 +61,10 @@ class JointAttention(MegatronModule):
         hidden, self.head_dim = config.hidden_size, config.kv_channels
         self.linear_qkv = column_linear(submodules, config, tp_group, hidden, 3 * hidden)
         self.linear_added_qkv = column_linear(submodules, config, tp_group, hidden, 3 * hidden)
-        self.q_norm, self.k_norm = RMSNorm(self.head_dim, EPS), RMSNorm(self.head_dim, EPS)
-        self.added_q_norm = RMSNorm(self.head_dim, EPS)
-        self.added_k_norm = RMSNorm(self.head_dim, EPS)
+        self.q_norm = RMSNorm(self.head_dim, EPS, tp_group)
+        self.k_norm = RMSNorm(self.head_dim, EPS, tp_group)
+        self.added_q_norm = RMSNorm(self.head_dim, EPS, tp_group)
+        self.added_k_norm = RMSNorm(self.head_dim, EPS, tp_group)
         self.core_attention = submodules.core_attention()
         self.linear_proj = row_linear(submodules, config, tp_group, hidden, hidden)
         self.linear_added_proj = row_linear(submodules, config, tp_group, hidden, hidden)

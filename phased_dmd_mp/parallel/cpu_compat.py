@@ -1,0 +1,48 @@
+"""Run megatron-core's pipeline schedules, p2p communication and DDP on a CPU-only torch.
+
+Those code paths allocate with `device="cuda"` / `torch.cuda.current_device()` and call
+`torch.cuda.synchronize()` even when the process group is gloo. `cuda_calls_on_cpu()` redirects
+exactly these: factory calls asking for a CUDA device get the CPU, `current_device()` answers
+device 0 (which then also lands on the CPU), and `synchronize()` is a no-op, as CPU ops are
+synchronous. With a CUDA device present it does nothing, so GPU runs use megatron unchanged.
+This module is the only place the CPU path touches megatron's behaviour.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from unittest import mock
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, int) and not isinstance(device, bool):
+        return True  # a bare ordinal means a CUDA device to torch
+    if isinstance(device, (str, torch.device)):
+        return torch.device(device).type == "cuda"
+    return False
+
+
+class _CudaFactoriesOnCpu(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _is_cuda(kwargs.get("device")):
+            kwargs = {**kwargs, "device": "cpu"}
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def cuda_calls_on_cpu():
+    """Context in which megatron's CUDA-only allocations and syncs run on the CPU (no-op on
+    machines with CUDA)."""
+    if torch.cuda.is_available():
+        yield
+        return
+    with (
+        mock.patch.object(torch.cuda, "current_device", lambda: 0),
+        mock.patch.object(torch.cuda, "synchronize", lambda device=None: None),
+        _CudaFactoriesOnCpu(),
+    ):
+        yield

@@ -1,0 +1,31 @@
+"""The CPU shim for megatron's CUDA-only schedule code: inside the context CUDA allocations and
+syncs land on the CPU, outside it nothing changes."""
+
+import pytest
+import torch
+
+from phased_dmd_mp.parallel.cpu_compat import cuda_calls_on_cpu
+
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="the shim is a no-op where CUDA exists"
+)
+
+
+def test_cuda_allocations_and_syncs_run_on_cpu_inside_the_context():
+    with cuda_calls_on_cpu():
+        assert torch.zeros([], dtype=torch.int, device="cuda").device.type == "cpu"
+        device = torch.cuda.current_device()
+        assert torch.empty((2, 3), device=device, requires_grad=True).device.type == "cpu"
+        assert torch.tensor([1, 2], device=torch.device("cuda", 0)).device.type == "cpu"
+        torch.cuda.synchronize()
+        # CPU requests are left alone.
+        assert torch.ones(2, device="cpu").sum().item() == 2
+
+
+def test_nothing_changes_outside_the_context():
+    with cuda_calls_on_cpu():
+        pass
+    with pytest.raises((RuntimeError, AssertionError)):
+        torch.zeros(1, device="cuda")
+    with pytest.raises((RuntimeError, AssertionError)):
+        torch.cuda.current_device()
