@@ -2,9 +2,12 @@
 //
 // Data are (batch, per_sample) row-major. Kernels run on a grid (parts, batch): blockIdx.y is
 // the sample, the `parts` blocks of a sample stride over it (grid-stride) in packs of kVec
-// elements (16-byte loads when per_sample and every pointer allow, else kVec = 1). Reductions
-// write one partial per block to a workspace; a one-warp kernel per sample then sums the
-// partials in a fixed order, so results are deterministic for a given launch.
+// elements (16-byte loads when per_sample and every pointer allow, else kVec = 1). Element math
+// runs in the accumulation type (float32, float64 for float64 data); reductions accumulate each
+// thread's terms in double (a thread may see thousands of them, and the kernels are bound by
+// memory, not by double adds), write one partial per block to a double workspace, and a
+// one-warp kernel per sample sums the partials in a fixed order: results are deterministic for
+// a given launch.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -76,16 +79,15 @@ __device__ __forceinline__ void store_pack(T* data, int64_t i, const Acc<T> (&in
 }
 
 // Sum over the block; the result is valid in thread 0.
-template <typename A>
-__device__ __forceinline__ A block_sum(A value) {
-  __shared__ A warp_sums[kThreads / 32];
+__device__ __forceinline__ double block_sum(double value) {
+  __shared__ double warp_sums[kThreads / 32];
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffffu, value, offset);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   if (lane == 0) warp_sums[warp] = value;
   __syncthreads();
   if (warp == 0) {
-    value = lane < kThreads / 32 ? warp_sums[lane] : A(0);
+    value = lane < kThreads / 32 ? warp_sums[lane] : 0.0;
 #pragma unroll
     for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffffu, value, offset);
   }
@@ -93,13 +95,13 @@ __device__ __forceinline__ A block_sum(A value) {
 }
 
 template <typename A>
-__global__ void finalize_sums_kernel(const A* partials, int parts, A* sums) {
+__global__ void finalize_sums_kernel(const double* partials, int parts, A* sums) {
   const int64_t b = blockIdx.x;
-  A value = 0;
+  double value = 0;
   for (int p = threadIdx.x; p < parts; p += 32) value += partials[b * parts + p];
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffffu, value, offset);
-  if (threadIdx.x == 0) sums[b] = value;
+  if (threadIdx.x == 0) sums[b] = static_cast<A>(value);
 }
 
 inline void check(cudaError_t status, const char* what) {

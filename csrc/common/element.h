@@ -15,7 +15,7 @@ namespace phased_dmd {
 enum class DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
 
 // CUDA reductions use at most this many blocks per sample; their workspace holds
-// batch * kMaxCudaParts values of the accumulation type.
+// batch * kMaxCudaParts doubles.
 constexpr int kMaxCudaParts = 1024;
 
 // Residual of the clamped subinterval loss: scale * pred - xs_coef * x_s - eps_coef * eps.

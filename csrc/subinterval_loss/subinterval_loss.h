@@ -15,7 +15,7 @@
 // Layout: data (batch, per_sample) contiguous, one dtype (float32, float64, bfloat16, float16);
 // per-sample coefficients and sums in the accumulation type (float64 for float64 data, float32
 // otherwise). CUDA entry points also take the device, the stream and a workspace of
-// batch * kMaxCudaParts accumulation-type values.
+// batch * kMaxCudaParts doubles.
 #pragma once
 
 #include <cstdint>

@@ -35,9 +35,9 @@ def _call(name: str, like: Tensor, args: list, reduces: bool) -> None:
     batch, per_sample = _layout(like)
     args = [_DTYPE_CODES[like.dtype], *(a if isinstance(a, float) else _ptr(a) for a in args)]
     if like.device.type == "cuda":
-        if reduces:
+        if reduces:  # per-block partial sums, always float64 (csrc/common/cuda.cuh)
             workspace = torch.empty(
-                batch * ext.max_cuda_parts, dtype=accumulation_dtype(like.dtype), device=like.device
+                batch * ext.max_cuda_parts, dtype=torch.float64, device=like.device
             )
             args.append(workspace.data_ptr())
         stream = torch.cuda.current_stream(like.device).cuda_stream

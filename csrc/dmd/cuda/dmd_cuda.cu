@@ -19,13 +19,13 @@ __device__ __forceinline__ void load_teacher(const T* cond, const T* uncond, Acc
 
 template <typename T, int kVec, bool kGuided>
 __global__ void direction_kernel(const T* cond, const T* uncond, Acc<T> guidance, const T* fake,
-                                 const Acc<T>* weight, T* g, Acc<T>* partials,
+                                 const Acc<T>* weight, T* g, double* partials,
                                  int64_t per_sample) {
   using A = Acc<T>;
   const int64_t b = blockIdx.y;
   const A w = weight[b];
   const int64_t base = b * per_sample, vectors = per_sample / kVec;
-  A sum = 0;
+  double sum = 0;
   for (int64_t v = blockIdx.x * blockDim.x + threadIdx.x; v < vectors;
        v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     A teacher[kVec], f[kVec], out[kVec];
@@ -34,7 +34,7 @@ __global__ void direction_kernel(const T* cond, const T* uncond, Acc<T> guidance
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
       out[j] = w * (teacher[j] - f[j]);
-      sum += out[j] * out[j];
+      sum += static_cast<double>(out[j] * out[j]);
     }
     store_pack<kVec>(g, base + v * kVec, out);
   }
@@ -45,12 +45,12 @@ __global__ void direction_kernel(const T* cond, const T* uncond, Acc<T> guidance
 template <typename T, int kVec, bool kGuided>
 __global__ void normalizer_kernel(const T* x_s, const T* x_t, const T* cond, const T* uncond,
                                   Acc<T> guidance, const Acc<T>* jump_x, const Acc<T>* jump_v,
-                                  Acc<T>* partials, int64_t per_sample) {
+                                  double* partials, int64_t per_sample) {
   using A = Acc<T>;
   const int64_t b = blockIdx.y;
   const A jx = jump_x[b], jv = jump_v[b];
   const int64_t base = b * per_sample, vectors = per_sample / kVec;
-  A sum = 0;
+  double sum = 0;
   for (int64_t v = blockIdx.x * blockDim.x + threadIdx.x; v < vectors;
        v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     A teacher[kVec], xs[kVec], xt[kVec];
@@ -58,7 +58,9 @@ __global__ void normalizer_kernel(const T* x_s, const T* x_t, const T* cond, con
     load_pack<kVec>(x_s, base + v * kVec, xs);
     load_pack<kVec>(x_t, base + v * kVec, xt);
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) sum += teacher_jump_distance<A>(xs[j], xt[j], teacher[j], jx, jv);
+    for (int j = 0; j < kVec; ++j) {
+      sum += static_cast<double>(teacher_jump_distance<A>(xs[j], xt[j], teacher[j], jx, jv));
+    }
   }
   sum = block_sum(sum);
   if (threadIdx.x == 0) partials[b * gridDim.x + blockIdx.x] = sum;
@@ -92,9 +94,9 @@ void dmd_direction_cuda(DType dtype, const void* cond, const void* uncond, doubl
         cuda::direction_kernel<T, kVec, kGuided><<<launch.grid, cuda::kThreads, 0, launch.stream>>>(
             static_cast<const T*>(cond), static_cast<const T*>(uncond), static_cast<A>(guidance),
             static_cast<const T*>(fake), static_cast<const A*>(weight), static_cast<T*>(g),
-            static_cast<A*>(workspace), per_sample);
+            static_cast<double*>(workspace), per_sample);
         cuda::finalize_sums_kernel<A><<<static_cast<unsigned>(batch), 32, 0, launch.stream>>>(
-            static_cast<const A*>(workspace), launch.parts, static_cast<A*>(sq_sums));
+            static_cast<const double*>(workspace), launch.parts, static_cast<A*>(sq_sums));
       });
     });
   });
@@ -118,9 +120,9 @@ void dmd_normalizer_sums_cuda(DType dtype, const void* x_s, const void* x_t, con
             static_cast<const T*>(x_s), static_cast<const T*>(x_t), static_cast<const T*>(cond),
             static_cast<const T*>(uncond), static_cast<A>(guidance),
             static_cast<const A*>(jump_x), static_cast<const A*>(jump_v),
-            static_cast<A*>(workspace), per_sample);
+            static_cast<double*>(workspace), per_sample);
         cuda::finalize_sums_kernel<A><<<static_cast<unsigned>(batch), 32, 0, launch.stream>>>(
-            static_cast<const A*>(workspace), launch.parts, static_cast<A*>(sums));
+            static_cast<const double*>(workspace), launch.parts, static_cast<A*>(sums));
       });
     });
   });

@@ -8,13 +8,13 @@ namespace {
 template <typename T, int kVec>
 __global__ void residual_sq_partials_kernel(const T* pred, const T* x_s, const T* eps,
                                             const Acc<T>* scale, const Acc<T>* xs_coef,
-                                            const Acc<T>* eps_coef, Acc<T>* partials,
+                                            const Acc<T>* eps_coef, double* partials,
                                             int64_t per_sample) {
   using A = Acc<T>;
   const int64_t b = blockIdx.y;
   const A sc = scale[b], xc = xs_coef[b], ec = eps_coef[b];
   const int64_t base = b * per_sample, vectors = per_sample / kVec;
-  A sum = 0;
+  double sum = 0;
   for (int64_t v = blockIdx.x * blockDim.x + threadIdx.x; v < vectors;
        v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     A p[kVec], x[kVec], e[kVec];
@@ -24,7 +24,7 @@ __global__ void residual_sq_partials_kernel(const T* pred, const T* x_s, const T
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
       const A r = subinterval_residual<A>(p[j], x[j], e[j], sc, xc, ec);
-      sum += r * r;
+      sum += static_cast<double>(r * r);
     }
   }
   sum = block_sum(sum);
@@ -86,9 +86,9 @@ void residual_sq_sums_cuda(DType dtype, const void* pred, const void* x_s, const
       cuda::residual_sq_partials_kernel<T, kVec><<<launch.grid, cuda::kThreads, 0, launch.stream>>>(
           static_cast<const T*>(pred), static_cast<const T*>(x_s), static_cast<const T*>(eps),
           static_cast<const A*>(scale), static_cast<const A*>(xs_coef),
-          static_cast<const A*>(eps_coef), static_cast<A*>(workspace), per_sample);
+          static_cast<const A*>(eps_coef), static_cast<double*>(workspace), per_sample);
       cuda::finalize_sums_kernel<A><<<static_cast<unsigned>(batch), 32, 0, launch.stream>>>(
-          static_cast<const A*>(workspace), launch.parts, static_cast<A*>(sums));
+          static_cast<const double*>(workspace), launch.parts, static_cast<A*>(sums));
     });
   });
   cuda::check(cudaGetLastError(), "residual_sq_sums launch");
