@@ -160,6 +160,12 @@ def evaluate_run(
     """All metrics of one sample file against the real features."""
     flat = file.samples.flatten(0, 1)
     features = extract(extractor, flat, progress, f"{extractor.name} features")
+    if features.shape[1] != real_features.shape[1]:
+        raise EvaluationError(
+            f"{file.path}: {extractor.name} gives {features.shape[1]} features per sample, the "
+            f"reference {real_features.shape[1]}: an extractor must map every image size to the "
+            "same features"
+        )
     cosine = cosine_diversity(features.view(file.conditions, file.seeds, -1))
     try:
         distance = perceptual_diversity(file.samples, perceptual, progress, config.seed)

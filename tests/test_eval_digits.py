@@ -31,7 +31,7 @@ def test_trained_network_is_accurate_and_cached_atomically(cache):
 
 
 def test_cache_is_reused_and_keyed_by_the_recipe(cache, monkeypatch):
-    folder, extractor = cache
+    _, extractor = cache
 
     def no_training(*args, **kwargs):
         raise AssertionError("the cached weights should have been used")
@@ -64,14 +64,18 @@ def test_features_and_perceptual_distance(cache):
     # Three channels are averaged to gray; other sizes are resized to 8x8.
     torch.testing.assert_close(extractor.features(batch.expand(-1, 3, -1, -1)), features)
     upsampled = batch.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
-    assert torch.nn.functional.cosine_similarity(extractor.features(upsampled), features).min() > 0.8
+    assert (
+        torch.nn.functional.cosine_similarity(extractor.features(upsampled), features).min() > 0.8
+    )
     distance = extractor.distance(batch, batch.flip(0))
     assert extractor.distance(batch, batch).abs().max() < 1e-6
     torch.testing.assert_close(distance, extractor.distance(batch.flip(0), batch))
     assert (distance > 0).all() and (distance <= 4).all()
     # Same-class pairs are perceptually closer than different-class pairs.
     zeros, ones = images[labels == 0][:20], images[labels == 1][:20]
-    assert extractor.distance(zeros[:10], zeros[10:]).mean() < extractor.distance(zeros, ones).mean()
+    assert (
+        extractor.distance(zeros[:10], zeros[10:]).mean() < extractor.distance(zeros, ones).mean()
+    )
     with pytest.raises(ValueError, match="1 or 3"):
         extractor.features(torch.zeros(2, 2, 8, 8))
 

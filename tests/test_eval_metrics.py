@@ -85,7 +85,10 @@ def test_frechet_distance_from_samples():
     dim, n = 4, 20000
     cov = _random_spd(dim, generator)
     root = torch.linalg.cholesky(cov)
-    draw = lambda: torch.randn(n, dim, generator=generator, dtype=torch.float64) @ root.T  # noqa: E731
+
+    def draw():
+        return torch.randn(n, dim, generator=generator, dtype=torch.float64) @ root.T
+
     # Same distribution: only the finite-sample bias, for S = I about 2 d / n from the means and
     # (d^2 + d) / 2n from the covariances (Bures distance ~ |S_a - S_b|_F^2 / 4); allow twice it.
     bias = (2 + (dim + 1) / 2) * float(cov.trace()) / n
@@ -117,7 +120,9 @@ def test_precision_recall():
 
 def test_mode_statistics_on_a_constructed_case():
     mixture = Mixture.from_values([[0, 0], [10, 0], [0, 10]], [2, 1, 1], std=1.0)
-    torch.testing.assert_close(mixture.weights, torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64))
+    torch.testing.assert_close(
+        mixture.weights, torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64)
+    )
     # Two samples on mode 0, two near mode 1 (one at 2.9 std), none on mode 2, one off-mode
     # (3.1 std from mode 0, its nearest).
     points = torch.tensor([[0, 0], [0.5, 0], [10, 0], [10, 2.9], [3.1, 0]], dtype=torch.float64)
