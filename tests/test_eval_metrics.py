@@ -45,7 +45,7 @@ def test_identical_samples_have_no_diversity_and_spread_ones_some():
 
 
 def test_sampled_pairs_are_distinct_and_uniform():
-    seeds = 200  # 19900 pairs > MAX_PAIRS
+    seeds = 60  # 1770 pairs > MAX_PAIRS
     first, second = seed_pairs(seeds, _generator())
     assert len(first) == MAX_PAIRS and (first != second).all()
     counts = torch.bincount(torch.cat([first, second]), minlength=seeds).double()
@@ -54,7 +54,7 @@ def test_sampled_pairs_are_distinct_and_uniform():
     samples = torch.randn(1, seeds, 2, generator=_generator(1), dtype=torch.float64)
     exact = torch.pdist(samples[0]).mean()
     estimate = perceptual_diversity(samples, PointFeatures(), progress=False)
-    assert abs(float(estimate[0]) - float(exact)) < 0.03 * float(exact)
+    assert abs(float(estimate[0]) - float(exact)) < 0.05 * float(exact)
 
 
 def _random_spd(dim, generator):

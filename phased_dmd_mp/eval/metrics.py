@@ -23,7 +23,7 @@ from tqdm import tqdm
 from phased_dmd_mp.eval.extractors import PerceptualDistance
 
 PAIR_BATCH = 1024  # pairs per perceptual-distance call
-MAX_PAIRS = 4096  # per condition; beyond it a seeded random subset of pairs estimates the mean
+MAX_PAIRS = 1024  # per condition; beyond it a seeded random subset of pairs estimates the mean
 ROW_CHUNK = 1024  # rows per block of a distance matrix, to bound memory
 
 
