@@ -23,8 +23,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from megatron.core.utils import get_pg_rank, get_pg_size
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
+from phased_dmd_mp.parallel import fp8
 from phased_dmd_mp.parallel.state import ensure_initialized
 
 
@@ -32,16 +32,20 @@ class DiTBlock(TransformerBlock):
     """This stage's layers, built from a layer spec by megatron's TransformerBlock.
 
     megatron's forward hands every layer a fixed argument list (attention mask, context, ...);
-    a DiT layer takes its conditioning as one object instead, so the loop is our own.
+    a DiT layer takes its conditioning as one object instead, so the loop is our own: FP8
+    autocast (Transformer Engine) around it, per-layer activation recompute as configured.
     """
+
+    fp8: str = "off"
 
     def forward(self, hidden_states: Tensor, conditioning) -> Tensor:
         recompute = self.config.recompute_granularity == "full" and torch.is_grad_enabled()
-        for layer in self.layers:
-            if recompute:
-                hidden_states = checkpoint(layer, hidden_states, conditioning, use_reentrant=False)
-            else:
-                hidden_states = layer(hidden_states, conditioning)
+        with fp8.autocast(self.fp8):
+            for layer in self.layers:
+                if recompute:
+                    hidden_states = fp8.checkpoint(self.fp8, layer, hidden_states, conditioning)
+                else:
+                    hidden_states = layer(hidden_states, conditioning)
         return hidden_states
 
 
@@ -71,6 +75,7 @@ class DiTStage(MegatronModule):
         config: TransformerConfig,
         layer_spec: ModuleSpec,
         pg_collection: ProcessGroupCollection | None,
+        fp8_backend: str,
     ):
         super().__init__(config)
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
@@ -87,6 +92,7 @@ class DiTStage(MegatronModule):
             post_process=self.post_process,
             pg_collection=self.pg_collection,
         )
+        self.decoder.fp8 = fp8_backend
 
     @property
     def layer_offset(self) -> int:

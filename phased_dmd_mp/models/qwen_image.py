@@ -180,7 +180,7 @@ class QwenImageDiT(DiTStage):
             init_weights=init_weights,
         )
         submodules = submodules or layer_submodules(execution.fp8)
-        super().__init__(config, qwen_image_layer_spec(submodules), pg_collection)
+        super().__init__(config, qwen_image_layer_spec(submodules), pg_collection, execution.fp8)
         self.arch, self.execution = arch, execution
         hidden = arch.hidden_size
         if self.pre_process:
