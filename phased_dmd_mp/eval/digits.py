@@ -210,9 +210,6 @@ class DigitsExtractor:
         _atomic_save({"state_dict": model.state_dict(), "test_accuracy": test_accuracy}, path)
         return cls(model, test_accuracy, path)
 
-    def describe(self) -> dict:
-        return {"name": self.name, "test_accuracy": self.test_accuracy}
-
     def _prepare(self, images: Tensor) -> Tensor:
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(
