@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from phased_dmd_mp.config import ConfigError
-from phased_dmd_mp.models import ExecutionConfig, build, convert
+from phased_dmd_mp.models import ExecutionConfig, build, convert, load_checkpoint, save_checkpoint
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -108,3 +108,25 @@ def test_layouts_that_do_not_divide_the_model_are_refused():
         convert.shard({}, arch, tensor_parallel=3, pipeline_parallel=1)
     with pytest.raises(ConfigError, match="pipeline_parallel"):
         convert.shard({}, arch, tensor_parallel=1, pipeline_parallel=3)
+
+
+def test_checkpoints_of_other_layouts_are_resharded_on_load(tmp_path):
+    """A TP=2 x PP=2 checkpoint loads into this single-process model; save_checkpoint writes
+    what load_checkpoint reads; another architecture is refused."""
+    arch = convert.MODEL_KINDS["wan"](**WAN_I2V)
+    torch.manual_seed(0)
+    source = randomized(build(arch, ExecutionConfig()))
+    whole = {k: v for k, v in source.state_dict().items() if v is not None}
+    convert.write_sharded_dir(tmp_path / "tp2pp2", arch, convert.shard(whole, arch, 2, 2))
+    target = build(arch, ExecutionConfig(), init_weights=False)
+    load_checkpoint(target, tmp_path / "tp2pp2")
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in whole.items())
+
+    save_checkpoint(target, tmp_path / "saved")
+    again = build(arch, ExecutionConfig(), init_weights=False)
+    load_checkpoint(again, tmp_path / "saved")
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in whole.items())
+
+    other = build(convert.MODEL_KINDS["wan"](**{**WAN_I2V, "num_layers": 2}), ExecutionConfig())
+    with pytest.raises(ConfigError, match="not this model"):
+        load_checkpoint(other, tmp_path / "saved")

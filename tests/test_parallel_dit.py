@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from phased_dmd_mp.models import ExecutionConfig, QwenImageConfig, WanConfig, build
+from phased_dmd_mp.models import ExecutionConfig, QwenImageConfig, WanConfig, build, convert
 from phased_dmd_mp.models.convert import model_kind
 
 ROOT = Path(__file__).parents[1]
@@ -109,12 +109,12 @@ def references(tmp_path_factory):
     return refs
 
 
-def torchrun(nproc: int, tp: int, pp: int, references: list[Path]) -> None:
+def torchrun(nproc: int, tp: int, pp: int, references: list[Path], save: Path | None = None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc_per_node={nproc}", str(WORKER), f"--tp={tp}", f"--pp={pp}",
-        *map(str, references),
+        *([f"--save={save}"] if save else []), *map(str, references),
     ]  # fmt: skip
     result = subprocess.run(
         command, env=env, capture_output=True, text=True, timeout=400, check=False
@@ -128,9 +128,23 @@ def test_tensor_parallel_2(references):
     torchrun(2, tp=2, pp=1, references=list(references.values()))
 
 
-def test_pipeline_parallel_2(references):
-    torchrun(2, tp=1, pp=2, references=list(references.values()))
+def assert_saved_checkpoint_is(path: Path, reference: Path, layout: tuple[int, int]) -> None:
+    """save_checkpoint wrote one shard per model-parallel rank, together the whole model."""
+    arch, tp, pp = convert.read_layout(path)
+    assert (tp, pp) == layout
+    assert len(list(path.glob("*.safetensors"))) == tp * pp
+    whole = convert.unshard(convert.read_sharded_dir(path)[1], arch)
+    expected = torch.load(reference, weights_only=False)["weights"]
+    assert whole.keys() == expected.keys()
+    assert all(torch.equal(whole[k], v) for k, v in expected.items())
 
 
-def test_tensor_parallel_2_x_data_parallel_2(references):
-    torchrun(4, tp=2, pp=1, references=[references["wan_ti2v"], references["qwen_image"]])
+def test_pipeline_parallel_2(references, tmp_path):
+    torchrun(2, tp=1, pp=2, references=list(references.values()), save=tmp_path)
+    assert_saved_checkpoint_is(tmp_path, references["wan_i2v"], (1, 2))
+
+
+def test_tensor_parallel_2_x_data_parallel_2(references, tmp_path):
+    qwen, wan = references["qwen_image"], references["wan_ti2v"]
+    torchrun(4, tp=2, pp=1, references=[qwen, wan], save=tmp_path)
+    assert_saved_checkpoint_is(tmp_path, qwen, (2, 1))

@@ -39,11 +39,20 @@ def test_quantize_uses_the_full_range_and_round_trips(dtype):
     assert torch.isfinite(inverse_scale) and (zeros.float() == 0).all()
 
 
-def test_fp8_linear_is_the_matmul_of_the_quantized_operands():
+def test_fp8_linear_is_the_matmul_of_the_quantized_operands(monkeypatch):
     """Forward: E4M3 x and w; backward: E5M2 output gradient against the saved E4M3 operands.
-    Each equals the float32 matmul of the dequantized operands (only rounding differs)."""
+    Each equals the float32 matmul of the dequantized operands (only rounding differs). The
+    93 rows are padded for the GEMMs, whose every dimension cuBLAS wants a multiple of 16."""
+    scaled_mm = torch._scaled_mm
+
+    def checked_scaled_mm(a, b, **kwargs):
+        assert all(n % 16 == 0 for n in (*a.shape, *b.shape)), (a.shape, b.shape)
+        assert a.is_contiguous() and b.t().is_contiguous()  # row-major x column-major
+        return scaled_mm(a, b, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", checked_scaled_mm)
     torch.manual_seed(0)
-    x = torch.randn(3, 32, 96, requires_grad=True)
+    x = torch.randn(3, 31, 96, requires_grad=True)
     weight = (torch.randn(48, 96) / 10).requires_grad_()
     bias = torch.randn(48)
     out = fp8.fp8_linear(x, weight, bias)
@@ -52,8 +61,8 @@ def test_fp8_linear_is_the_matmul_of_the_quantized_operands():
 
     xq, wq = dequantized(x.detach().reshape(-1, 96), fp8.E4M3), dequantized(weight, fp8.E4M3)
     gq = dequantized(grad.reshape(-1, 48), fp8.E5M2)
-    assert relative_error(out, (xq @ wq.T).reshape(3, 32, 48) + bias) < 1e-6
-    assert relative_error(grad_x, (gq @ wq).reshape(3, 32, 96)) < 1e-6
+    assert relative_error(out, (xq @ wq.T).reshape(3, 31, 48) + bias) < 1e-6
+    assert relative_error(grad_x, (gq @ wq).reshape(3, 31, 96)) < 1e-6
     assert relative_error(grad_w, gq.T @ xq) < 1e-6
     # ... and is close to the exact float32 linear.
     exact = torch.nn.functional.linear(x, weight, bias)

@@ -364,16 +364,20 @@ def shard_file(tp_rank: int, pp_rank: int) -> str:
     return f"model_tp{tp_rank}_pp{pp_rank}.safetensors"
 
 
-def write_sharded_dir(path: str | Path, arch, shards: dict[tuple[int, int], dict[str, Tensor]]):
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+def write_layout(path: str | Path, arch, tensor_parallel: int, pipeline_parallel: int) -> None:
     layout = {
         "model": model_kind(arch),
         "arch": arch.to_diffusers(),
-        "tensor_parallel": 1 + max(t for t, _ in shards),
-        "pipeline_parallel": 1 + max(p for _, p in shards),
+        "tensor_parallel": tensor_parallel,
+        "pipeline_parallel": pipeline_parallel,
     }
-    (path / "config.json").write_text(json.dumps(layout, indent=2) + "\n")
+    (Path(path) / "config.json").write_text(json.dumps(layout, indent=2) + "\n")
+
+
+def write_sharded_dir(path: str | Path, arch, shards: dict[tuple[int, int], dict[str, Tensor]]):
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    write_layout(path, arch, 1 + max(t for t, _ in shards), 1 + max(p for _, p in shards))
     for (t, p), state_dict in shards.items():
         save_file(state_dict, path / shard_file(t, p))
 

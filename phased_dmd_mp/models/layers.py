@@ -65,7 +65,7 @@ class LinearSubmodules:
     core_attention: type = SDPAttention
 
 
-def column_linear(submodules, config, tp_group, in_features, out_features, gather_output=False):
+def column_linear(submodules, config, tp_group, in_features, out_features):
     """Output features split over the TP group: returns y_local (bias added)."""
     return submodules.column_linear(
         in_features,
@@ -73,7 +73,7 @@ def column_linear(submodules, config, tp_group, in_features, out_features, gathe
         config=config,
         init_method=config.init_method,
         bias=True,
-        gather_output=gather_output,
+        gather_output=False,
         skip_bias_add=False,
         tp_group=tp_group,
     )

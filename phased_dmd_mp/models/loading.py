@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+import torch.distributed as dist
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.utils import get_pg_rank, get_pg_size
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from phased_dmd_mp.config import ConfigError
@@ -35,6 +39,45 @@ def load_whole_state_dict(model: DiTStage, whole: dict[str, Tensor]) -> None:
     tp, pp = get_pg_size(groups.tp), get_pg_size(groups.pp)
     rank = (get_pg_rank(groups.tp), get_pg_rank(groups.pp))
     own = convert.shard(whole, model.arch, tp, pp)[rank]
+    model.load_state_dict(own, strict=True)
+
+
+def _own_rank(model: DiTStage) -> tuple[tuple[int, int], tuple[int, int]]:
+    groups = model.pg_collection
+    layout = (get_pg_size(groups.tp), get_pg_size(groups.pp))
+    return layout, (get_pg_rank(groups.tp), get_pg_rank(groups.pp))
+
+
+def save_checkpoint(model: DiTStage, path: str | Path) -> None:
+    """Write this rank's shard into the folder `path` (`convert` reads and exports it); the
+    first data-parallel replica writes, global rank 0 also writes config.json."""
+    (tp, pp), (tp_rank, pp_rank) = _own_rank(model)
+    shard = {
+        k: v.detach().contiguous()
+        for k, v in model.state_dict().items()
+        if isinstance(v, Tensor) and not k.endswith("_extra_state")
+    }
+    if get_pg_rank(model.pg_collection.dp) == 0:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(shard, path / convert.shard_file(tp_rank, pp_rank))
+        if dist.get_rank() == 0:
+            convert.write_layout(path, model.arch, tp, pp)
+    dist.barrier()
+
+
+def load_checkpoint(model: DiTStage, path: str | Path) -> None:
+    """Load this rank's shard of a checkpoint written by `save_checkpoint` or `convert`. A
+    checkpoint of another TP x PP layout is resharded on load (each rank then reads it whole)."""
+    arch, tp, pp = convert.read_layout(path)
+    if arch != model.arch:
+        raise ConfigError(f"{path} holds {arch}, not this model's {model.arch}")
+    layout, rank = _own_rank(model)
+    if layout == (tp, pp):
+        own = convert.read_shard(path, *rank)
+    else:
+        whole = convert.unshard(convert.read_sharded_dir(path)[1], arch)
+        own = convert.shard(whole, arch, *layout)[rank]
     model.load_state_dict(own, strict=True)
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -100,16 +101,17 @@ class QwenImageLayer(MegatronModule, BaseTransformerLayer):
         )
         tp, hidden = pg_collection.tp, config.hidden_size
         # Each rank computes a slice of the 6 x hidden modulation, then all ranks gather it.
-        self.img_modulation = column_linear(
-            submodules, config, tp, hidden, 6 * hidden, gather_output=True
-        )
-        self.txt_modulation = column_linear(
-            submodules, config, tp, hidden, 6 * hidden, gather_output=True
-        )
+        self.tp_group = tp
+        self.img_modulation = column_linear(submodules, config, tp, hidden, 6 * hidden)
+        self.txt_modulation = column_linear(submodules, config, tp, hidden, 6 * hidden)
         self.attention = JointAttention(config, submodules, tp)
         mlp = MLPSubmodules(linear_fc1=submodules.column_linear, linear_fc2=submodules.row_linear)
         self.img_mlp = MLP(config, mlp, ffn_hidden_size=config.ffn_hidden_size, tp_group=tp)
         self.txt_mlp = MLP(config, mlp, ffn_hidden_size=config.ffn_hidden_size, tp_group=tp)
+
+    def _modulation(self, linear, activated_temb: Tensor) -> Tensor:
+        local, _ = linear(activated_temb)
+        return gather_from_tensor_model_parallel_region(local, group=self.tp_group)
 
     @staticmethod
     def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -118,8 +120,8 @@ class QwenImageLayer(MegatronModule, BaseTransformerLayer):
     def forward(self, x: Tensor, cond: QwenConditioning) -> Tensor:
         text, image = x.split([cond.text_len, x.shape[0] - cond.text_len])
         activated = F.silu(cond.temb)
-        img_mod = self.img_modulation(activated)[0].chunk(6, dim=-1)
-        txt_mod = self.txt_modulation(activated)[0].chunk(6, dim=-1)
+        img_mod = self._modulation(self.img_modulation, activated).chunk(6, dim=-1)
+        txt_mod = self._modulation(self.txt_modulation, activated).chunk(6, dim=-1)
 
         image_out, text_out = self.attention(
             self._modulate(image, *img_mod[0:2]), self._modulate(text, *txt_mod[0:2]), cond

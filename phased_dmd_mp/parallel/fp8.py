@@ -53,25 +53,34 @@ def _scaled_mm(a: Tensor, a_inv: Tensor, b_t: Tensor, b_inv: Tensor, out_dtype) 
     )
 
 
+def _rows_padded(x: Tensor) -> Tensor:
+    """Zero rows up to a multiple of 16: cuBLAS FP8 GEMMs need every dimension to be one, and
+    the weight gradient contracts over the rows (tokens). Zero rows change no amax or sum."""
+    missing = -x.shape[0] % 16
+    return torch.nn.functional.pad(x, (0, 0, 0, missing)) if missing else x
+
+
 class _FP8Linear(torch.autograd.Function):
     """y = x @ w.T with E4M3 x and w; dgrad and wgrad from the E5M2 output gradient."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = _rows_padded(x.reshape(-1, x.shape[-1]))
         x8, x_inv = quantize(x2, E4M3)
         w8, w_inv = quantize(weight, E4M3)
         ctx.save_for_backward(x8, x_inv, w8, w_inv)
         ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, weight.dtype
         ctx.needs_weight_grad = weight.requires_grad
-        out = _scaled_mm(x8, x_inv, w8, w_inv, x.dtype)
+        rows = x.numel() // x.shape[-1]
+        out = _scaled_mm(x8, x_inv, w8, w_inv, x.dtype)[:rows]
         return out.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x8, x_inv, w8, w_inv = ctx.saved_tensors
-        g8, g_inv = quantize(grad.reshape(-1, grad.shape[-1]), E5M2)
-        grad_x = _scaled_mm(g8, g_inv, w8.t(), w_inv, ctx.x_dtype).reshape(ctx.x_shape)
+        rows = grad.numel() // grad.shape[-1]
+        g8, g_inv = quantize(_rows_padded(grad.reshape(-1, grad.shape[-1])), E5M2)
+        grad_x = _scaled_mm(g8, g_inv, w8.t(), w_inv, ctx.x_dtype)[:rows].reshape(ctx.x_shape)
         grad_w = None
         if ctx.needs_weight_grad:
             grad_w = _scaled_mm(g8.t(), g_inv, x8.t(), x_inv, ctx.w_dtype)

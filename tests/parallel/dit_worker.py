@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from phased_dmd_mp.models import build, load_whole_state_dict
+from phased_dmd_mp.models import build, load_whole_state_dict, save_checkpoint
 from phased_dmd_mp.models.config import ExecutionConfig
 from phased_dmd_mp.models.convert import MODEL_KINDS, shard
 from phased_dmd_mp.parallel import pipeline
@@ -37,7 +37,7 @@ def check(name: str, actual, expected, tolerance: float) -> None:
         MISMATCHES.append(f"{name}: relative error {error:.2e} >= {tolerance:.0e}")
 
 
-def run_reference(path: str, groups, tp: int, pp: int) -> None:
+def run_reference(path: str, groups, tp: int, pp: int, save: str | None) -> None:
     reference = torch.load(path, weights_only=False)
     arch = MODEL_KINDS[reference["model"]](**reference["arch"])
     execution = ExecutionConfig(recompute=reference["recompute"])
@@ -71,19 +71,22 @@ def run_reference(path: str, groups, tp: int, pp: int) -> None:
     expected = shard(reference["grads"], arch, tp, pp)[(groups.tp.rank(), groups.pp.rank())]
     for name, param in stage.named_parameters():
         check(f"{path} grad {name}", param.main_grad, expected[name], 1e-4)
+    if save:
+        save_checkpoint(stage, save)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tp", type=int, required=True)
     parser.add_argument("--pp", type=int, required=True)
+    parser.add_argument("--save", help="save the first reference's model here (sharded)")
     parser.add_argument("references", nargs="+")
     args = parser.parse_args()
     torch.manual_seed(0)
     groups = initialize(args.tp, args.pp, timeout=datetime.timedelta(seconds=120))
     rank = torch.distributed.get_rank()
-    for path in args.references:
-        run_reference(path, groups, args.tp, args.pp)
+    for index, path in enumerate(args.references):
+        run_reference(path, groups, args.tp, args.pp, args.save if index == 0 else None)
     destroy()
     for mismatch in MISMATCHES:
         print(f"rank {rank}: {mismatch}", file=sys.stderr)
