@@ -20,7 +20,6 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from megatron.core.utils import get_pg_rank, get_pg_size
 from torch import Tensor
 
@@ -93,11 +92,6 @@ class DiTStage(MegatronModule):
             pg_collection=self.pg_collection,
         )
         self.decoder.fp8 = fp8_backend
-
-    @property
-    def layer_offset(self) -> int:
-        """Global index of this stage's first layer."""
-        return get_transformer_layer_offset(self.config, pp_rank=get_pg_rank(self.pg_collection.pp))
 
     def set_input_tensor(self, input_tensor: Tensor | list[Tensor] | None) -> None:
         """Called by megatron's schedules with the tensor received from the previous stage."""

@@ -15,6 +15,8 @@ from phased_dmd_mp.config import ConfigError
 from phased_dmd_mp.models import convert
 from phased_dmd_mp.models.config import DTYPES, ExecutionConfig, QwenImageConfig, WanConfig
 from phased_dmd_mp.models.dit import DiTStage
+from phased_dmd_mp.models.qwen_image import QwenImageDiT
+from phased_dmd_mp.models.wan import WanDiT
 from phased_dmd_mp.parallel.state import ensure_initialized
 
 
@@ -26,26 +28,21 @@ def build(
     init_weights: bool = True,
 ) -> DiTStage:
     """This rank's stage of the DiT `arch` on the current process groups."""
-    from phased_dmd_mp.models.qwen_image import QwenImageDiT
-    from phased_dmd_mp.models.wan import WanDiT
-
     cls = WanDiT if isinstance(arch, WanConfig) else QwenImageDiT
     return cls(arch, execution, pg_collection, init_weights=init_weights)
 
 
-def load_whole_state_dict(model: DiTStage, whole: dict[str, Tensor]) -> None:
-    """Load this rank's shard of a whole-model state dict (names of a TP = PP = 1 model)."""
-    groups = model.pg_collection
-    tp, pp = get_pg_size(groups.tp), get_pg_size(groups.pp)
-    rank = (get_pg_rank(groups.tp), get_pg_rank(groups.pp))
-    own = convert.shard(whole, model.arch, tp, pp)[rank]
-    model.load_state_dict(own, strict=True)
-
-
 def _own_rank(model: DiTStage) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((tensor_parallel, pipeline_parallel), (tp_rank, pp_rank)) of the model's stage."""
     groups = model.pg_collection
     layout = (get_pg_size(groups.tp), get_pg_size(groups.pp))
     return layout, (get_pg_rank(groups.tp), get_pg_rank(groups.pp))
+
+
+def load_whole_state_dict(model: DiTStage, whole: dict[str, Tensor]) -> None:
+    """Load this rank's shard of a whole-model state dict (names of a TP = PP = 1 model)."""
+    layout, rank = _own_rank(model)
+    model.load_state_dict(convert.shard(whole, model.arch, *layout)[rank], strict=True)
 
 
 def save_checkpoint(model: DiTStage, path: str | Path) -> None:

@@ -168,7 +168,6 @@ class QwenImageDiT(DiTStage):
         execution: ExecutionConfig | None = None,
         pg_collection: ProcessGroupCollection | None = None,
         *,
-        submodules: LinearSubmodules | None = None,
         init_weights: bool = True,
     ):
         execution = execution or ExecutionConfig()
@@ -181,9 +180,9 @@ class QwenImageDiT(DiTStage):
             pipeline_parallel=get_pg_size(pg_collection.pp),
             init_weights=init_weights,
         )
-        submodules = submodules or layer_submodules(execution.fp8)
+        submodules = layer_submodules(execution.fp8)
         super().__init__(config, qwen_image_layer_spec(submodules), pg_collection, execution.fp8)
-        self.arch, self.execution = arch, execution
+        self.arch = arch
         hidden = arch.hidden_size
         if self.pre_process:
             self.img_in = nn.Linear(arch.in_channels, hidden)

@@ -215,7 +215,6 @@ class WanDiT(DiTStage):
         execution: ExecutionConfig | None = None,
         pg_collection: ProcessGroupCollection | None = None,
         *,
-        submodules: LinearSubmodules | None = None,
         init_weights: bool = True,
     ):
         execution = execution or ExecutionConfig()
@@ -228,9 +227,9 @@ class WanDiT(DiTStage):
             pipeline_parallel=get_pg_size(pg_collection.pp),
             init_weights=init_weights,
         )
-        submodules = submodules or layer_submodules(execution.fp8)
+        submodules = layer_submodules(execution.fp8)
         super().__init__(config, wan_layer_spec(arch, submodules), pg_collection, execution.fp8)
-        self.arch, self.execution = arch, execution
+        self.arch = arch
         hidden = arch.hidden_size
         if self.pre_process:
             self.patch_embedding = nn.Conv3d(

@@ -1,0 +1,1 @@
+"""Process groups, megatron schedules with DDP, the CPU shim for them, and FP8 backends."""
