@@ -1,0 +1,169 @@
+"""The distillation run's one config: what to distill, how, and where it runs.
+
+Load with `phased_dmd_mp.config.load_config(DistillConfig, path, overrides)`: unknown keys,
+wrong types, bad ranges and inconsistent step/phase counts are `ConfigError`s naming the key.
+
+Algorithms (paper section 2, METHOD.md):
+  phased_dmd    N steps in K phases, one generator expert per phase, trained in sequence
+                (earlier experts frozen), the fake model re-initialised from the teacher each
+                phase and trained by subinterval score matching (Eq. 13; Eq. 4 in the last
+                phase, where s = 0). Inside a phase of several steps the gradient flows through
+                a random last step (`phase_gradient: sgts`, the paper's 4-step 2-phase runs,
+                Fig. 1d) or through all of them (`all`).
+  dmd           one step, one expert (Yin et al.).
+  few_step_dmd  N steps, one expert, backpropagation through every step.
+  dmd_sgts      N steps, one expert, stochastic gradient truncation (Huang et al.).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from phased_dmd_mp.losses import DEFAULT_MAX_WEIGHT
+from phased_dmd_mp.schedule import phase_step_boundaries
+
+Algorithm = Literal["phased_dmd", "dmd", "few_step_dmd", "dmd_sgts"]
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    # --- what to distill ---
+    teacher: str = (
+        "runs/teacher"  # pretrain_teacher output: transformer/, conditions/, teacher.yaml
+    )
+    teacher_low_noise: str | None = None  # a second diffusers dir: Wan2.2-style MoE teacher
+    moe_boundary: float | None = None  # t at which the MoE teacher switches (0.875 T2V, 0.9 I2V)
+    conditions: str | None = None  # condition set; default <teacher>/conditions
+    # --- algorithm ---
+    algorithm: Algorithm = "phased_dmd"
+    num_steps: int = 4
+    num_phases: int = 2
+    phase_gradient: Literal["sgts", "all"] = "sgts"
+    intervals: Literal["nested", "disjoint"] = "nested"  # disjoint: TDM's, an ablation
+    phase_order: Literal["sequential", "alternating"] = "sequential"  # alternating: LightX2V's
+    shift: float | None = None  # timestep shift; default: the teacher's
+    step_noise: Literal["deterministic", "renoise"] = "deterministic"
+    t_range: tuple[float, float] = (0.02, 0.98)  # noise injection never leaves this range
+    phase_t_ranges: tuple[
+        tuple[float, float], ...
+    ] = ()  # per phase, e.g. Wan2.2 phase 1 (0.875, 1)
+    guidance_scale: float | None = (
+        None  # teacher CFG, uncond + g (cond - uncond); default: teacher's
+    )
+    normalize_gradient: bool = False  # DMD2's per-sample normalisation of the generator gradient
+    max_weight: float = DEFAULT_MAX_WEIGHT  # clamp of 1 / sigma_{t|s}^2 (Eq. 13)
+    # --- optimisation ---
+    iterations_per_phase: int = 200  # generator updates per phase
+    fake_updates: int = 5  # fake updates per generator update
+    batch_size: int = 64  # samples per update, over all data-parallel ranks
+    micro_batch_size: int | None = None  # per rank and forward; default: the whole rank batch
+    generator_lr: float = 1e-4
+    fake_lr: float = 1e-4
+    betas: tuple[float, float] = (0.0, 0.999)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max gradient norm; 0 disables
+    ema_decay: float | None = None  # EMA of the generator experts (sampling uses it when set)
+    # --- runtime ---
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    recompute: bool = False
+    fp8: Literal["off", "te", "torch"] = "off"
+    kernels: Literal["auto", "fused", "reference"] = "auto"
+    seed: int = 0
+    # --- bookkeeping ---
+    log_every: int = 10
+    sample_every: int = 100  # fixed-seed sample grid and diversity proxy
+    checkpoint_every: int = 100
+    keep_last: int = 2
+
+    def __post_init__(self):
+        if self.algorithm == "dmd" and self.num_steps != 1:
+            raise ValueError(
+                f"algorithm dmd is one-step: num_steps must be 1, got {self.num_steps}"
+            )
+        if self.algorithm != "phased_dmd" and self.num_phases != 1:
+            raise ValueError(
+                f"algorithm {self.algorithm} trains one expert: num_phases must be 1, "
+                f"got {self.num_phases}"
+            )
+        try:
+            phase_step_boundaries(self.num_steps, self.num_phases)
+        except ValueError as error:
+            raise ValueError(f"num_steps / num_phases: {error}") from None
+        if (
+            self.phase_gradient == "all"
+            and self.pipeline_parallel > 1
+            and self.steps_with_gradient > 1
+        ):
+            raise ValueError(
+                "backpropagating through several steps needs pipeline_parallel = 1 "
+                "(use phase_gradient: sgts, or algorithm dmd_sgts)"
+            )
+        lo, hi = self.t_range
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"t_range must satisfy 0 <= low < high <= 1, got {self.t_range}")
+        if self.phase_t_ranges and len(self.phase_t_ranges) != self.num_phases:
+            raise ValueError(
+                f"phase_t_ranges needs one range per phase ({self.num_phases}), "
+                f"got {len(self.phase_t_ranges)}"
+            )
+        for lo, hi in self.phase_t_ranges:
+            if not 0.0 <= lo < hi <= 1.0:
+                raise ValueError(
+                    f"phase_t_ranges entries need 0 <= low < high <= 1, got {(lo, hi)}"
+                )
+        if (self.teacher_low_noise is None) != (self.moe_boundary is None):
+            raise ValueError(
+                "teacher_low_noise and moe_boundary go together (a two-expert teacher)"
+            )
+        if self.moe_boundary is not None and not 0.0 < self.moe_boundary < 1.0:
+            raise ValueError(f"moe_boundary must be in (0, 1), got {self.moe_boundary}")
+        if self.shift is not None and not self.shift > 0:
+            raise ValueError(f"shift must be > 0, got {self.shift}")
+        for name in (
+            "iterations_per_phase",
+            "fake_updates",
+            "batch_size",
+            "tensor_parallel",
+            "pipeline_parallel",
+            "log_every",
+            "sample_every",
+            "checkpoint_every",
+            "keep_last",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        if not (self.generator_lr > 0 and self.fake_lr > 0):
+            raise ValueError("generator_lr and fake_lr must be > 0")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be in [0, 1), got {self.betas}")
+        if self.grad_clip < 0 or self.weight_decay < 0 or not self.max_weight > 0:
+            raise ValueError("grad_clip and weight_decay must be >= 0 and max_weight > 0")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.guidance_scale is not None and self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+
+    @property
+    def steps_per_phase(self) -> int:
+        return self.num_steps // self.num_phases
+
+    @property
+    def steps_with_gradient(self) -> int:
+        """How many sampler steps one generator update backpropagates through (at most)."""
+        if self.algorithm in ("dmd_sgts",) or (
+            self.algorithm == "phased_dmd" and self.phase_gradient == "sgts"
+        ):
+            return 1
+        return self.steps_per_phase
+
+    @property
+    def truncates(self) -> bool:
+        """Stochastic gradient truncation: each rollout ends at a random step of the phase."""
+        return self.algorithm == "dmd_sgts" or (
+            self.algorithm == "phased_dmd" and self.phase_gradient == "sgts"
+        )

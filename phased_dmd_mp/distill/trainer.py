@@ -1,0 +1,617 @@
+"""The distillation loop: Phased DMD and its baselines on one set of models (METHOD.md).
+
+Per phase k of K (one generator expert each; the baselines are K = 1):
+  fake update (x fake_updates): roll the generator out to the phase boundary s = t_{b_k}
+      without gradient, draw t in the phase's noise-injection interval, x_t ~ p(x_t | x_s),
+      train the fake model by score matching within (s, 1) (Eq. 13; Eq. 4 where s = 0);
+  generator update: the same rollout up to the steps that carry gradient, the teacher (with
+      CFG) and fake velocities at x_t, and the expert's update along w_{t|s} (T - F) (Eq. 11).
+Stochastic gradient truncation ends a rollout at a random step of the phase, jumping straight
+to s; only that last step carries gradient.
+
+Randomness comes from one generator per data-parallel rank (noise, timesteps, truncation
+points) and the condition sampler; both are checkpointed, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from megatron.core import parallel_state
+from safetensors.torch import save_file
+from torch import Tensor
+from tqdm import tqdm
+
+from phased_dmd_mp import ops
+from phased_dmd_mp.conditioning import Conditions, model_inputs, velocity_from_output
+from phased_dmd_mp.data.conditions import ConditionSampler, ConditionSet
+from phased_dmd_mp.distill import checkpoint
+from phased_dmd_mp.distill.config import DistillConfig
+from phased_dmd_mp.distill.models import RoutedVelocity, VelocityModel, average_gradients
+from phased_dmd_mp.losses import dmd_generator_loss, flow_matching_loss, subinterval_flow_loss
+from phased_dmd_mp.models import ExecutionConfig, build, convert
+from phased_dmd_mp.models.convert import diffusers_to_ours, read_diffusers_dir
+from phased_dmd_mp.models.loading import load_whole_state_dict
+from phased_dmd_mp.parallel.state import initialize
+from phased_dmd_mp.schedule import (
+    FLOW_MATCHING,
+    injection_interval,
+    phase_step_boundaries,
+    sample_timesteps,
+    timestep_table,
+)
+
+
+@dataclass
+class Rollout:
+    """A generator rollout stopped before the steps that carry gradient."""
+
+    x: Tensor  # input of the first graded step
+    steps: list[tuple[float, float]]  # graded steps (t_from, t_to); the last one ends at s
+    noises: list[Tensor | None]  # re-noising noise of each graded step (None: deterministic)
+    cond: Conditions
+    uncond: Conditions
+
+
+@dataclass
+class Progress:
+    phase: int = 1  # current phase (sequential) or the next to train (alternating)
+    iteration: int = 0  # generator updates done in total
+    skipped: int = 0  # updates skipped for a non-finite loss or gradient
+    history: list[dict] = field(default_factory=list)
+
+
+class Distiller:
+    def __init__(self, config: DistillConfig, run_dir: Path, *, progress: bool = True):
+        self.config, self.run_dir, self.show_progress = config, run_dir, progress
+        initialize(config.tensor_parallel, config.pipeline_parallel)
+        ops.set_kernel_backend(config.kernels)
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.is_logger = dist.get_rank() == 0
+        if config.batch_size % self.dp_size:
+            raise ValueError(
+                f"batch_size {config.batch_size} must be divisible by the {self.dp_size} "
+                "data-parallel ranks"
+            )
+        self.rank_batch = config.batch_size // self.dp_size
+        self.micro = config.micro_batch_size or self.rank_batch
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+        teacher_dir = Path(config.teacher)
+        meta = yaml.safe_load((teacher_dir / "teacher.yaml").read_text())
+        self.latent_shape = tuple(meta["latent_shape"])
+        self.shift = config.shift or float(meta["shift"])
+        self.guidance = (
+            config.guidance_scale
+            if config.guidance_scale is not None
+            else float(meta["guidance_scale"])
+        )
+        self.timesteps = timestep_table(config.num_steps, self.shift).tolist()
+        self.bounds = phase_step_boundaries(config.num_steps, config.num_phases)
+        self.execution = ExecutionConfig(
+            dtype=config.dtype, recompute=config.recompute, fp8=config.fp8
+        )
+
+        self.teacher = self._load_teacher(teacher_dir / "transformer", config.teacher_low_noise)
+        self.generator = [
+            self._copy(self._teacher_at(self.timesteps[self.bounds[k]]), trainable=True)
+            for k in range(config.num_phases)
+        ]
+        self.fakes: dict[int, VelocityModel | RoutedVelocity] = {}
+        self.optimizers: dict[tuple[str, int], torch.optim.Optimizer] = {}
+        self.ema: dict[int, dict[str, Tensor]] = {}
+
+        conditions = Path(config.conditions) if config.conditions else teacher_dir / "conditions"
+        self.conditions = ConditionSet(conditions)
+        self.sampler = ConditionSampler(
+            len(self.conditions), self.rank_batch, config.seed, self.dp_rank, self.dp_size
+        )
+        self.rng = torch.Generator().manual_seed(config.seed * 1_000_003 + self.dp_rank)
+        self.state = Progress()
+        self.writer = None
+
+    # --- models -------------------------------------------------------------------------------
+
+    def _build(self, arch, whole_state: dict[str, Tensor]) -> VelocityModel:
+        module = build(arch, self.execution, init_weights=False).to(self.device)
+        with torch.no_grad():
+            load_whole_state_dict(module, whole_state)
+        module.requires_grad_(False)
+        return VelocityModel(module)
+
+    def _load_teacher(self, path: Path, low_noise: str | None):
+        def load(directory):
+            _, arch, state = read_diffusers_dir(directory)
+            return self._build(arch, diffusers_to_ours(state, arch))
+
+        high = load(path)
+        if low_noise is None:
+            return high
+        return RoutedVelocity(high, load(low_noise), self.config.moe_boundary)
+
+    def _teacher_at(self, t: float) -> VelocityModel:
+        """The teacher (expert) that scores timestep t: a generator expert starts from the one
+        that owns the first step of its phase."""
+        if isinstance(self.teacher, RoutedVelocity):
+            return self.teacher.high if t >= self.teacher.boundary else self.teacher.low
+        return self.teacher
+
+    def _copy(self, model: VelocityModel, trainable: bool) -> VelocityModel:
+        """A new model (same architecture and layout) with `model`'s weights."""
+        module = build(model.arch, self.execution, init_weights=False).to(self.device)
+        with torch.no_grad():
+            module.load_state_dict(model.module.state_dict())
+        module.requires_grad_(trainable)
+        return VelocityModel(module)
+
+    def _fake(self, k: int):
+        """Phase k's fake model, re-initialised from the teacher when the phase starts."""
+        if k not in self.fakes:
+            if isinstance(self.teacher, RoutedVelocity):
+                fake = RoutedVelocity(
+                    self._copy(self.teacher.high, True),
+                    self._copy(self.teacher.low, True),
+                    self.teacher.boundary,
+                )
+            else:
+                fake = self._copy(self.teacher, True)
+            self.fakes[k] = fake
+        return self.fakes[k]
+
+    def _optimizer(self, role: str, k: int) -> torch.optim.Optimizer:
+        key = (role, k)
+        if key not in self.optimizers:
+            model = self.generator[k - 1] if role == "generator" else self._fake(k)
+            lr = self.config.generator_lr if role == "generator" else self.config.fake_lr
+            self.optimizers[key] = torch.optim.AdamW(
+                model.parameters(),
+                lr=lr,
+                betas=self.config.betas,
+                weight_decay=self.config.weight_decay,
+            )
+        return self.optimizers[key]
+
+    def _retire_phase(self, k: int) -> None:
+        """Sequential order: phase k is done; its fake model and optimizers are not needed."""
+        self.fakes.pop(k, None)
+        self.optimizers.pop(("fake", k), None)
+        self.optimizers.pop(("generator", k), None)
+
+    # --- rollouts ------------------------------------------------------------------------------
+
+    def _randn(self, shape) -> Tensor:
+        return torch.randn(shape, generator=self.rng).to(self.device)
+
+    def _step_noise(self, t_to: float) -> Tensor | None:
+        if self.config.step_noise == "deterministic" or t_to == 0.0:
+            return None
+        return self._randn((self.rank_batch, *self.latent_shape))
+
+    def _expert_for_step(self, i: int) -> VelocityModel:
+        phase = next(k for k in range(1, len(self.bounds)) if i < self.bounds[k])
+        return self.generator[phase - 1]
+
+    def _advance(self, model, x: Tensor, t_from: float, t_to: float, cond, noise) -> Tensor:
+        t = torch.full((x.shape[0],), t_from, device=self.device)
+        v = model.predict(x, t, cond)
+        return FLOW_MATCHING.denoise_step(x, v, t_from, t_to, noise=noise)
+
+    def rollout(self, k: int) -> Rollout:
+        """Draw conditions and noise; run the frozen experts and the gradient-free steps of
+        phase k; stop at its graded steps."""
+        indices = next(self.sampler)
+        cond = self.conditions.batch(indices).to(self.device)
+        uncond = self.conditions.uncond(len(indices)).to(self.device)
+        x = self._randn((self.rank_batch, *self.latent_shape))
+        first, end = self.bounds[k - 1], self.bounds[k]
+        last = end
+        if self.config.truncates:  # exit after a random step j of the phase, jumping to s
+            last = int(torch.randint(first + 1, end + 1, (), generator=self.rng))
+        t = self.timesteps
+        graded_from = last - 1 if self.config.truncates else first
+        for i in range(graded_from):
+            x = self._advance(
+                self._expert_for_step(i), x, t[i], t[i + 1], cond, self._step_noise(t[i + 1])
+            )
+        steps = [(t[i], t[i + 1]) for i in range(graded_from, last)]
+        steps[-1] = (steps[-1][0], t[end])  # the last graded step lands on the phase boundary
+        return Rollout(x, steps, [self._step_noise(t_to) for _, t_to in steps], cond, uncond)
+
+    def _finish(self, model: VelocityModel, r: Rollout) -> Tensor:
+        x = r.x
+        for (t_from, t_to), noise in zip(r.steps, r.noises):
+            x = self._advance(model, x, t_from, t_to, r.cond, noise)
+        return x
+
+    def _injection(self, k: int) -> tuple[Tensor, float]:
+        """Noise-injection timesteps of phase k and its boundary s."""
+        low, high = injection_interval(
+            k, self.config.num_steps, self.config.num_phases, self.shift, self.config.intervals
+        )
+        lo, hi = self.config.t_range
+        if self.config.phase_t_ranges:
+            phase_lo, phase_hi = self.config.phase_t_ranges[k - 1]
+            lo, hi = max(lo, phase_lo), min(hi, phase_hi)
+        restrict = (lo, hi)
+        t = sample_timesteps(
+            self.rank_batch, low, high, self.shift, restrict_to=restrict, generator=self.rng
+        )
+        return t.to(self.device), self.timesteps[self.bounds[k]]
+
+    # --- updates ----------------------------------------------------------------------------
+
+    def fake_update(self, k: int) -> dict:
+        config, fake = self.config, self._fake(k)
+        r = self.rollout(k)
+        x_s = self._finish(self.generator[k - 1], r)
+        t, s = self._injection(k)
+        eps = self._randn(x_s.shape)
+        x_t = ops.add_noise_from(x_s, eps, t, s)
+
+        def loss_fn(v: Tensor, i: Tensor) -> Tensor:
+            if s == 0.0:  # the last phase sees clean samples: plain flow matching (Eq. 4)
+                return flow_matching_loss(v, x_s[i], eps[i])
+            return subinterval_flow_loss(v, x_s[i], eps[i], t[i], s, max_weight=config.max_weight)
+
+        optimizer = self._optimizer("fake", k)
+        optimizer.zero_grad(set_to_none=False)
+        loss = fake.train(x_t, t, r.cond, loss_fn, self.micro)
+        return {"fake_loss": loss, "fake_grad_norm": self._step(optimizer, fake.parameters())}
+
+    def generator_update(self, k: int) -> dict:
+        config, expert = self.config, self.generator[k - 1]
+        r = self.rollout(k)
+        optimizer = self._optimizer("generator", k)
+        optimizer.zero_grad(set_to_none=False)
+        if len(r.steps) == 1:
+            loss = self._generator_step_last(k, expert, r)
+        else:
+            loss = self._generator_step_through_all(k, expert, r)
+        grad_norm = self._step(optimizer, expert.parameters())
+        if config.ema_decay is not None and math.isfinite(grad_norm):
+            self._update_ema(k)
+        return {"generator_loss": loss, "generator_grad_norm": grad_norm}
+
+    def _dmd_terms(self, k: int, x_s: Tensor, r: Rollout):
+        """Noise the generator output into the phase's interval and ask teacher and fake."""
+        t, s = self._injection(k)
+        x_t = ops.add_noise_from(x_s, self._randn(x_s.shape), t, s)
+        if self.guidance == 1.0:
+            v_cond, v_uncond = self.teacher.predict(x_t, t, r.cond), None
+        else:
+            both = torch.cat([x_t, x_t]), torch.cat([t, t]), Conditions.cat([r.cond, r.uncond])
+            v_cond, v_uncond = self.teacher.predict(*both).chunk(2)
+        v_fake = self._fake(k).predict(x_t, t, r.cond)
+        return x_t, t, s, v_cond, v_uncond, v_fake
+
+    def _dmd_loss(self, x_s, x_t, t, s, v_cond, v_uncond, v_fake) -> Tensor:
+        return dmd_generator_loss(
+            x_s,
+            v_cond,
+            v_fake,
+            t,
+            s,
+            v_teacher_uncond=v_uncond,
+            guidance_scale=self.guidance,
+            normalize=self.config.normalize_gradient,
+            x_t=x_t,
+        )
+
+    def _generator_step_last(self, k: int, expert: VelocityModel, r: Rollout) -> float:
+        """One graded step: find the DMD direction with the step run forward-only, then run the
+        step again inside the expert's forward-backward schedule call."""
+        (t_from, t_to), noise = r.steps[0], r.noises[0]
+        x_s = self._finish(expert, r)
+        x_t, t, s, v_cond, v_uncond, v_fake = self._dmd_terms(k, x_s, r)
+
+        def loss_fn(v: Tensor, i: Tensor) -> Tensor:
+            x_out = FLOW_MATCHING.denoise_step(
+                r.x[i], v, t_from, t_to, noise=None if noise is None else noise[i]
+            )
+            uncond = None if v_uncond is None else v_uncond[i]
+            return self._dmd_loss(x_out, x_t[i], t[i], s, v_cond[i], uncond, v_fake[i])
+
+        t_in = torch.full((self.rank_batch,), t_from, device=self.device)
+        return expert.train(r.x, t_in, r.cond, loss_fn, self.micro)
+
+    def _generator_step_through_all(self, k: int, expert: VelocityModel, r: Rollout) -> float:
+        """Backpropagation through every step of the phase (pipeline_parallel = 1)."""
+        module = expert.module
+        module.train()
+        x = r.x
+        for (t_from, t_to), noise in zip(r.steps, r.noises):
+            t_in = torch.full((x.shape[0],), t_from, device=self.device)
+            out = module(**model_inputs(expert.arch, x.to(expert.dtype), t_in, r.cond))
+            v = velocity_from_output(expert.arch, out, x).float()
+            x = FLOW_MATCHING.denoise_step(x, v, t_from, t_to, noise=noise)
+        x_t, t, s, v_cond, v_uncond, v_fake = self._dmd_terms(k, x.detach(), r)
+        loss = self._dmd_loss(x, x_t, t, s, v_cond, v_uncond, v_fake)
+        loss.backward()
+        return float(loss)
+
+    def _step(self, optimizer: torch.optim.Optimizer, parameters: list[Tensor]) -> float:
+        """Average gradients over data-parallel ranks, clip, and step unless they are not
+        finite (then the update is skipped and counted)."""
+        average_gradients(parameters)
+        norm = model_parallel_grad_norm(parameters)
+        if not math.isfinite(norm):
+            self.state.skipped += 1
+            optimizer.zero_grad(set_to_none=False)
+            if self.is_logger:
+                tqdm.write(
+                    f"non-finite gradient (norm {norm}); update skipped ({self.state.skipped} so far)"
+                )
+            return norm
+        if self.config.grad_clip > 0 and norm > self.config.grad_clip:
+            for p in parameters:
+                p.grad.mul_(self.config.grad_clip / norm)
+        optimizer.step()
+        return norm
+
+    def _update_ema(self, k: int) -> None:
+        decay = self.config.ema_decay
+        params = dict(self.generator[k - 1].module.named_parameters())
+        ema = self.ema.setdefault(k, {n: p.detach().clone() for n, p in params.items()})
+        with torch.no_grad():
+            for name, p in params.items():
+                ema[name].lerp_(p.detach(), 1.0 - decay)
+
+    # --- the run ------------------------------------------------------------------------------
+
+    @property
+    def total_iterations(self) -> int:
+        return self.config.num_phases * self.config.iterations_per_phase
+
+    def phase_of(self, iteration: int) -> int:
+        if self.config.phase_order == "alternating":
+            return iteration % self.config.num_phases + 1
+        return iteration // self.config.iterations_per_phase + 1
+
+    def train(self) -> dict:
+        """Run (or continue) the distillation; returns the last logged metrics."""
+        config, state = self.config, self.state
+        if self.is_logger:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(
+                str(self.run_dir / "tensorboard"), purge_step=state.iteration
+            )
+        window: list[dict] = []
+        bar = tqdm(
+            total=self.total_iterations,
+            initial=state.iteration,
+            desc=f"{config.algorithm} ({config.num_steps} steps, {config.num_phases} phases)",
+            disable=not (self.show_progress and self.is_logger),
+            mininterval=1.0,
+        )
+        last = {}
+        while state.iteration < self.total_iterations:
+            k = self.phase_of(state.iteration)
+            if config.phase_order == "sequential" and k != state.phase:
+                self._retire_phase(state.phase)
+                state.phase = k
+            start = time.perf_counter()
+            fake = [self.fake_update(k) for _ in range(config.fake_updates)]
+            metrics = {
+                "phase": k,
+                **{key: sum(m[key] for m in fake) / len(fake) for key in fake[0]},
+                **self.generator_update(k),
+                "seconds": time.perf_counter() - start,
+            }
+            state.iteration += 1
+            window.append(metrics)
+            bar.update(1)
+            bar.set_postfix(
+                phase=k, gen=f"{metrics['generator_loss']:.3g}", fake=f"{metrics['fake_loss']:.3g}"
+            )
+            if state.iteration % config.log_every == 0 or state.iteration == self.total_iterations:
+                last = self._log(window)
+                window = []
+            if (
+                state.iteration % config.sample_every == 0
+                or state.iteration == self.total_iterations
+            ):
+                self._log_samples()
+            if (
+                state.iteration % config.checkpoint_every == 0
+                or state.iteration == self.total_iterations
+            ):
+                self.save_checkpoint()
+        bar.close()
+        self.export()
+        if self.writer is not None:
+            self.writer.close()
+        return last
+
+    def _log(self, window: list[dict]) -> dict:
+        means = {
+            key: sum(m[key] for m in window) / len(window) for key in window[0] if key != "phase"
+        }
+        means["phase"] = window[-1]["phase"]
+        means["iteration"] = self.state.iteration
+        means["skipped"] = self.state.skipped
+        self.state.history.append(means)
+        if self.is_logger:
+            tqdm.write(
+                f"iter {means['iteration']:>6} phase {means['phase']} "
+                f"generator {means['generator_loss']:.4g} (|g| {means['generator_grad_norm']:.3g}) "
+                f"fake {means['fake_loss']:.4g} (|g| {means['fake_grad_norm']:.3g}) "
+                f"{means['seconds']:.2f} s/it"
+            )
+            for key, value in means.items():
+                if key not in ("iteration",):
+                    self.writer.add_scalar(f"train/{key}", value, self.state.iteration)
+        return means
+
+    # --- sampling ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(self, noise: Tensor, cond: Conditions) -> Tensor:
+        """The N-step MoE generator from noise (the weights being trained)."""
+        x, t = noise, self.timesteps
+        renoise = torch.Generator().manual_seed(self.config.seed + 7)
+        for i in range(self.config.num_steps):
+            step_noise = None
+            if self.config.step_noise == "renoise" and t[i + 1] > 0:
+                step_noise = torch.randn(x.shape, generator=renoise).to(self.device)
+            x = self._advance(self._expert_for_step(i), x, t[i], t[i + 1], cond, step_noise)
+        return x
+
+    def _log_samples(self) -> None:
+        """A fixed-seed grid (conditions x seeds) and a cheap diversity proxy: the mean pairwise
+        distance between the seeds of a condition, so mode collapse shows while training."""
+        conditions, seeds = min(10, len(self.conditions)), 4
+        cond = self.conditions.batch(torch.arange(conditions).repeat_interleave(seeds)).to(
+            self.device
+        )
+        noise = torch.randn(
+            (conditions * seeds, *self.latent_shape),
+            generator=torch.Generator().manual_seed(self.config.seed),
+        ).to(self.device)
+        images = self.sample(noise, cond).float().cpu().unflatten(0, (conditions, seeds))
+        flat = images.flatten(2)
+        diversity = torch.cdist(flat, flat).sum() / (conditions * seeds * (seeds - 1))
+        if self.is_logger:
+            self.writer.add_scalar(
+                "samples/pairwise_distance", float(diversity), self.state.iteration
+            )
+            if len(self.latent_shape) == 4 and self.latent_shape[1] == 1:  # [C, 1, H, W] images
+                grid = images[:, :, :, 0].clamp(-1, 1).add(1).div(2)  # [cond, seed, C, H, W]
+                rows = [torch.cat(list(row), dim=-1) for row in grid]  # each [C, H, seeds * W]
+                self.writer.add_image("samples/grid", torch.cat(rows, dim=-2), self.state.iteration)
+            if self.state.history:
+                self.state.history[-1]["pairwise_distance"] = float(diversity)
+
+    # --- checkpoints and export ---------------------------------------------------------------
+
+    def _model_state(self) -> dict:
+        def module_state(model):
+            if isinstance(model, RoutedVelocity):
+                return {
+                    "high": model.high.module.state_dict(),
+                    "low": model.low.module.state_dict(),
+                }
+            return model.module.state_dict()
+
+        return {
+            "generator": [expert.module.state_dict() for expert in self.generator],
+            "fakes": {k: module_state(fake) for k, fake in self.fakes.items()},
+            "optimizers": {
+                f"{role}/{k}": opt.state_dict() for (role, k), opt in self.optimizers.items()
+            },
+            "ema": self.ema,
+            "progress": asdict(self.state),
+            "config": asdict(self.config),
+        }
+
+    def save_checkpoint(self) -> Path:
+        rank_state = {"rng": self.rng.get_state(), "sampler": self.sampler.state_dict()}
+        path = checkpoint.save(
+            self.run_dir,
+            self.state.iteration,
+            self._model_state(),
+            rank_state,
+            self.config.keep_last,
+        )
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        model_state, rank_state = checkpoint.load(path)
+        with torch.no_grad():
+            for expert, weights in zip(self.generator, model_state["generator"]):
+                expert.module.load_state_dict(weights)
+            for k, weights in model_state["fakes"].items():
+                fake = self._fake(k)
+                if isinstance(fake, RoutedVelocity):
+                    fake.high.module.load_state_dict(weights["high"])
+                    fake.low.module.load_state_dict(weights["low"])
+                else:
+                    fake.module.load_state_dict(weights)
+        for key, optimizer_state in model_state["optimizers"].items():
+            role, k = key.split("/")
+            self._optimizer(role, int(k)).load_state_dict(optimizer_state)
+        self.ema = model_state["ema"]
+        self.state = Progress(**model_state["progress"])
+        self.rng.set_state(rank_state["rng"])
+        self.sampler.load_state_dict(rank_state["sampler"])
+
+    def export(self) -> Path:
+        """The MoE generator (EMA weights when kept) as one diffusers-format transformer per
+        expert, plus generator.json: timesteps and which expert runs each step."""
+        folder = self.run_dir / "export"
+        tp = parallel_state.get_tensor_model_parallel_rank()
+        pp = parallel_state.get_pipeline_model_parallel_rank()
+        for k, expert in enumerate(self.generator, start=1):
+            sharded = folder / f"expert_{k}.sharded"
+            weights = {  # megatron keeps `_extra_state` (None) entries beside the tensors
+                n: t.detach()
+                for n, t in expert.module.state_dict().items()
+                if isinstance(t, Tensor)
+            }
+            if k in self.ema:
+                weights.update({n: t.detach() for n, t in self.ema[k].items()})
+            if dist.get_rank() == 0:
+                sharded.mkdir(parents=True, exist_ok=True)
+                convert.write_layout(
+                    sharded,
+                    expert.arch,
+                    self.config.tensor_parallel,
+                    self.config.pipeline_parallel,
+                )
+            dist.barrier()
+            if self.dp_rank == 0:
+                save_file(
+                    {n: t.contiguous().cpu() for n, t in weights.items()},
+                    sharded / convert.shard_file(tp, pp),
+                )
+            dist.barrier()
+            if dist.get_rank() == 0:
+                target = folder / f"expert_{k}"
+                shutil.rmtree(target, ignore_errors=True)
+                convert.to_diffusers(sharded, target)
+                shutil.rmtree(sharded)
+        if dist.get_rank() == 0:
+            summary = {
+                "timesteps": self.timesteps,
+                "expert_of_step": [
+                    next(k for k in range(1, len(self.bounds)) if i < self.bounds[k])
+                    for i in range(self.config.num_steps)
+                ],
+                "experts": [f"expert_{k}" for k in range(1, self.config.num_phases + 1)],
+                "shift": self.shift,
+                "step_noise": self.config.step_noise,
+                "latent_shape": list(self.latent_shape),
+                "teacher": str(self.config.teacher),
+                "conditions": str(
+                    self.config.conditions or Path(self.config.teacher) / "conditions"
+                ),
+                "algorithm": self.config.algorithm,
+                "iterations": self.state.iteration,
+            }
+            (folder / "generator.json").write_text(json.dumps(summary, indent=2) + "\n")
+        dist.barrier()
+        return folder
+
+
+def model_parallel_grad_norm(parameters: list[Tensor]) -> float:
+    """Global L2 norm of the gradients of a tensor/pipeline-parallel model: sharded parameters
+    count on every tensor-parallel rank, replicated ones on the first only."""
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    total = torch.zeros((), dtype=torch.float64)
+    for p in parameters:
+        if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0):
+            total += p.grad.detach().double().square().sum().cpu()
+    group = parallel_state.get_model_parallel_group()
+    if dist.get_world_size(group) > 1:
+        total = total.to(parameters[0].device)
+        dist.all_reduce(total, group=group)
+    return float(total.sqrt())

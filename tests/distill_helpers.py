@@ -1,0 +1,33 @@
+"""A tiny teacher directory laid out like pretrain_teacher's output, for distillation tests."""
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from phased_dmd_mp.data.digits import write_digits_condition_set
+from phased_dmd_mp.models import WanConfig, build
+from phased_dmd_mp.models.convert import ours_to_diffusers, write_diffusers_dir
+
+TINY_WAN = WanConfig(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=8,
+    in_channels=1,
+    out_channels=1,
+    text_dim=8,
+    freq_dim=16,
+    ffn_dim=32,
+    num_layers=2,
+)
+
+
+def write_tiny_teacher(path: Path, seed: int = 0, arch: WanConfig = TINY_WAN) -> Path:
+    """Random-weight tiny Wan DiT + the digits condition set + teacher.yaml."""
+    torch.manual_seed(seed)
+    model = build(arch)
+    write_diffusers_dir(path / "transformer", arch, ours_to_diffusers(model.state_dict(), arch))
+    write_digits_condition_set(path / "conditions", text_dim=arch.text_dim, seed=seed)
+    meta = {"latent_shape": [1, 1, 8, 8], "shift": 3.0, "guidance_scale": 2.0, "sampling_steps": 40}
+    (path / "teacher.yaml").write_text(yaml.safe_dump(meta))
+    return path
