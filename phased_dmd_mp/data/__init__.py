@@ -1,0 +1,26 @@
+"""What the distillation reads instead of data: condition sets on disk (conditions.py), the
+embedded default's digits and class embeddings (digits.py) and teacher directories (teacher.py)."""
+
+from phased_dmd_mp.data.conditions import (
+    ConditionSampler,
+    ConditionSet,
+    ConditionSetWriter,
+    write_condition_set,
+)
+from phased_dmd_mp.data.teacher import (
+    TeacherSpec,
+    load_transformer,
+    read_conditions,
+    read_spec,
+)
+
+__all__ = [
+    "ConditionSampler",
+    "ConditionSet",
+    "ConditionSetWriter",
+    "TeacherSpec",
+    "load_transformer",
+    "read_conditions",
+    "read_spec",
+    "write_condition_set",
+]

@@ -1,0 +1,91 @@
+"""A teacher directory: the frozen model, its conditions and how to sample it, in one place.
+
+    transformer/    the DiT in diffusers format (config.json + diffusion_pytorch_model.safetensors,
+                    what `WanTransformer3DModel.from_pretrained` reads), so the embedded default
+                    and a downloaded Wan checkpoint load the same way
+    conditions/     the condition set the distillation draws from (data/conditions.py)
+    teacher.yaml    TeacherSpec: latent shape, schedule shift, default steps and guidance
+
+`python -m phased_dmd_mp.pretrain_teacher` writes one for the embedded default; for a released
+model, put its transformer folder, a precomputed condition set and a teacher.yaml side by side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from megatron.core.process_groups_config import ProcessGroupCollection
+
+from phased_dmd_mp.config import ConfigError, load_config
+from phased_dmd_mp.data.conditions import ConditionSet
+from phased_dmd_mp.models import ExecutionConfig, build, load_whole_state_dict
+from phased_dmd_mp.models.convert import diffusers_to_ours, read_diffusers_dir
+from phased_dmd_mp.models.dit import DiTStage
+
+SPEC_FILE = "teacher.yaml"
+TRANSFORMER_DIR = "transformer"
+CONDITIONS_DIR = "conditions"
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """What the runner and the sampler need to know about a teacher besides its weights."""
+
+    latent_shape: tuple[int, int, int, int]  # channels, frames, height, width
+    shift: float  # timestep shift of its sampling schedule (Wan 3-5, Qwen-Image 3)
+    guidance_scale: float  # CFG: uncond + scale (cond - uncond); 1 = no guidance
+    sampling_steps: int = 40
+    value_range: tuple[float, float] = (-1.0, 1.0)  # of the data (pixels or latents)
+
+    def __post_init__(self):
+        if any(d < 1 for d in self.latent_shape):
+            raise ValueError(f"latent_shape must be positive, got {list(self.latent_shape)}")
+        if not self.shift > 0:
+            raise ValueError(f"shift must be > 0, got {self.shift}")
+        if not self.guidance_scale >= 1:
+            raise ValueError(f"guidance_scale must be >= 1, got {self.guidance_scale}")
+        if self.sampling_steps < 1:
+            raise ValueError(f"sampling_steps must be >= 1, got {self.sampling_steps}")
+        if not self.value_range[0] < self.value_range[1]:
+            raise ValueError(f"value_range must be [low, high], got {list(self.value_range)}")
+
+
+def write_spec(teacher_dir: str | Path, spec: TeacherSpec) -> None:
+    values = {
+        key: list(value) if isinstance(value, tuple) else value
+        for key, value in dataclasses.asdict(spec).items()
+    }
+    (Path(teacher_dir) / SPEC_FILE).write_text(yaml.safe_dump(values, sort_keys=False))
+
+
+def read_spec(teacher_dir: str | Path) -> TeacherSpec:
+    teacher_dir = Path(teacher_dir)
+    if not teacher_dir.is_dir():
+        raise ConfigError(f"teacher directory {teacher_dir} does not exist")
+    path = teacher_dir / SPEC_FILE
+    if not path.is_file():
+        raise ConfigError(
+            f"{teacher_dir} has no {SPEC_FILE}: not a teacher directory (write one with "
+            "python -m phased_dmd_mp.pretrain_teacher)"
+        )
+    return load_config(TeacherSpec, path)
+
+
+def read_conditions(teacher_dir: str | Path) -> ConditionSet:
+    return ConditionSet(Path(teacher_dir) / CONDITIONS_DIR)
+
+
+def load_transformer(
+    teacher_dir: str | Path,
+    execution: ExecutionConfig | None = None,
+    pg_collection: ProcessGroupCollection | None = None,
+) -> DiTStage:
+    """The teacher's DiT (this rank's shard under TP/PP), in train mode with gradients on, as
+    `build` returns models: the runner also starts its fake score from these weights."""
+    _, arch, state_dict = read_diffusers_dir(Path(teacher_dir) / TRANSFORMER_DIR)
+    model = build(arch, execution, pg_collection, init_weights=False)
+    load_whole_state_dict(model, diffusers_to_ours(state_dict, arch))
+    return model
