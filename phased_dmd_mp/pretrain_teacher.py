@@ -1,0 +1,323 @@
+"""Train the embedded default's teacher: a tiny Wan DiT on scikit-learn's digits, class-conditioned.
+
+    python -m phased_dmd_mp.pretrain_teacher --out DIR [--config FILE] [--set key=value ...]
+                                             [--overwrite]
+
+Flow matching (Eq. 4) on the 1797 digits as [1, 1, 8, 8] latents, conditioned on a frozen class
+embedding (data/digits.py) dropped to the null condition for a fraction of each batch so that
+classifier-free guidance works; AdamW with warm-up and cosine decay; an exponential moving average
+of the weights is the teacher. DIR is a teacher directory (data/teacher.py):
+
+    transformer/    the EMA weights in diffusers format     conditions/   the digits condition set
+    teacher.yaml    latent shape, shift, steps, guidance     config.yaml   this run's TeacherConfig
+    samples.npz     teacher samples (eval format), every class x eval_seeds
+    samples.png     rows: classes 0-9, columns: seeds (teacher, sampling_steps, CFG)
+    metrics.json    final loss, times, and the samples measured against the real digits: class
+                    accuracy (the digits classifier of phased_dmd_mp.eval), Frechet distance,
+                    precision/recall, diversity
+
+DIR appears whole (it is assembled next to it and renamed into place).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from phased_dmd_mp.conditioning import Conditions, dit_velocity
+from phased_dmd_mp.config import ConfigError, load_config
+from phased_dmd_mp.data.conditions import ConditionSampler, ConditionSet, staging_dir
+from phased_dmd_mp.data.digits import (
+    LATENT_SHAPE,
+    VALUE_RANGE,
+    load_digits_latents,
+    write_digits_condition_set,
+)
+from phased_dmd_mp.data.teacher import (
+    CONDITIONS_DIR,
+    TRANSFORMER_DIR,
+    TeacherSpec,
+    write_spec,
+)
+from phased_dmd_mp.eval.digits import DigitsExtractor, load_digits_images
+from phased_dmd_mp.eval.samples import load_sample_file
+from phased_dmd_mp.evaluate import EvalConfig, evaluate_run, extract
+from phased_dmd_mp.losses import flow_matching_loss
+from phased_dmd_mp.models import ExecutionConfig, WanConfig, build
+from phased_dmd_mp.models.convert import ours_to_diffusers, write_diffusers_dir
+from phased_dmd_mp.models.dit import DiTStage
+from phased_dmd_mp.sample import Source, generate, guided_velocity, write_samples
+from phased_dmd_mp.schedule import FLOW_MATCHING, sample_timesteps, timestep_table
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    # The DiT, Wan architecture: (1, 2, 2) patches make 16 tokens of an 8x8 digit.
+    num_layers: int = 4
+    num_attention_heads: int = 4
+    attention_head_dim: int = 32
+    ffn_dim: int = 512
+    freq_dim: int = 256  # sinusoidal timestep features (Wan's value)
+    text_dim: int = 32  # width of the class embeddings
+    # Training.
+    train_steps: int = 1000
+    batch_size: int = 256
+    lr: float = 1e-3  # peak; linear warm-up, then cosine decay to 0
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    ema_decay: float = 0.999  # ramped up as min(ema_decay, (1 + step) / (10 + step))
+    condition_dropout: float = 0.1  # fraction trained on the null condition, for CFG
+    shift: float = 1.0  # timestep shift of training draws and of the sampling schedule
+    # Sampling and evaluation of the teacher.
+    sampling_steps: int = 40
+    guidance_scale: float = 2.0  # uncond + scale (cond - uncond)
+    eval_seeds: int = 100  # samples per class for the metrics (the grid shows the first 8)
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("num_layers", "num_attention_heads", "ffn_dim", "freq_dim", "text_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.attention_head_dim < 2 or self.attention_head_dim % 2:
+            raise ValueError(f"attention_head_dim must be even, got {self.attention_head_dim}")
+        for name in ("train_steps", "batch_size", "sampling_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.warmup_steps <= self.train_steps:
+            raise ValueError(f"warmup_steps must be in [0, train_steps], got {self.warmup_steps}")
+        if not self.lr > 0 or self.weight_decay < 0:
+            raise ValueError("lr must be > 0 and weight_decay >= 0")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0 < self.condition_dropout < 1:
+            raise ValueError(
+                f"condition_dropout must be in (0, 1) (CFG needs both conditions), got "
+                f"{self.condition_dropout}"
+            )
+        if not self.shift > 0:
+            raise ValueError(f"shift must be > 0, got {self.shift}")
+        if not self.guidance_scale >= 1:
+            raise ValueError(f"guidance_scale must be >= 1, got {self.guidance_scale}")
+        if self.eval_seeds < 4:
+            raise ValueError(
+                f"eval_seeds must be >= 4 (precision/recall's k = 3), got {self.eval_seeds}"
+            )
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+
+    def arch(self) -> WanConfig:
+        return WanConfig(
+            patch_size=(1, 2, 2),
+            num_attention_heads=self.num_attention_heads,
+            attention_head_dim=self.attention_head_dim,
+            in_channels=LATENT_SHAPE[0],
+            out_channels=LATENT_SHAPE[0],
+            text_dim=self.text_dim,
+            freq_dim=self.freq_dim,
+            ffn_dim=self.ffn_dim,
+            num_layers=self.num_layers,
+        )
+
+    def spec(self) -> TeacherSpec:
+        return TeacherSpec(
+            latent_shape=LATENT_SHAPE,
+            shift=self.shift,
+            guidance_scale=self.guidance_scale,
+            sampling_steps=self.sampling_steps,
+            value_range=VALUE_RANGE,
+        )
+
+
+def _learning_rate_factor(config: TeacherConfig, step: int) -> float:
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.train_steps - config.warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _drop_conditions(cond: Conditions, uncond: Conditions, drop: torch.Tensor) -> Conditions:
+    """The text of `cond`, replaced by the null condition where `drop` [B] is set."""
+    return Conditions(text=torch.where(drop[:, None, None], uncond.text, cond.text))
+
+
+def train(
+    config: TeacherConfig, conditions: ConditionSet, progress: bool = True
+) -> tuple[DiTStage, dict]:
+    """Train on the digits; returns the EMA model (the teacher, eval mode) and statistics."""
+    torch.manual_seed(config.seed)  # initial weights
+    generator = torch.Generator().manual_seed(config.seed)
+    latents, labels = load_digits_latents()
+    arch = config.arch()
+    model = build(arch, ExecutionConfig())
+    teacher = build(arch, ExecutionConfig(), init_weights=False)
+    teacher.load_state_dict(model.state_dict())
+    teacher.eval().requires_grad_(False)
+    params, ema_params = list(model.parameters()), list(teacher.parameters())
+    velocity = dit_velocity(model, arch)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: _learning_rate_factor(config, step)
+    )
+    # Every digit once per epoch, in a seeded order (the sampler the distillation also uses).
+    sampler = ConditionSampler(len(latents), config.batch_size, config.seed)
+    uncond = conditions.uncond(config.batch_size)
+    start, recent = time.perf_counter(), []
+    bar = tqdm(range(config.train_steps), desc="train teacher", disable=not progress, mininterval=1)
+    for step in bar:
+        indices = next(sampler)
+        x0 = latents[indices]
+        drop = torch.rand(len(indices), generator=generator) < config.condition_dropout
+        cond = _drop_conditions(conditions.batch(labels[indices]), uncond, drop)
+        eps = torch.randn(x0.shape, generator=generator)
+        t = sample_timesteps(len(x0), 0.0, 1.0, config.shift, generator=generator)
+        loss = flow_matching_loss(velocity(FLOW_MATCHING.add_noise(x0, eps, t), t, cond), x0, eps)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        decay = min(config.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
+        recent = (recent + [loss.item()])[-100:]
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
+    stats = {
+        "steps": config.train_steps,
+        "seconds": time.perf_counter() - start,
+        "final_loss": sum(recent) / len(recent),  # mean of the last 100 steps
+        "parameters": sum(p.numel() for p in params),
+    }
+    return teacher, stats
+
+
+@torch.no_grad()
+def class_accuracy(extractor: DigitsExtractor, images: torch.Tensor) -> list[float]:
+    """Per class c: the fraction of images[c] [seeds, 1, 8, 8] the digits classifier calls c."""
+    predicted = extractor.model(images.flatten(0, 1)).argmax(dim=1).view(images.shape[:2])
+    return (predicted == torch.arange(len(images))[:, None]).float().mean(dim=1).tolist()
+
+
+def measure(samples_path: Path, progress: bool) -> dict:
+    """The teacher's samples against the real digits, with the evaluation library."""
+    extractor = DigitsExtractor.load(progress=progress)
+    file = load_sample_file(samples_path)
+    real_features = extract(extractor, load_digits_images()[0], False, "real features")
+    run = evaluate_run(file, extractor, extractor, real_features, EvalConfig(), progress=False)
+    per_class = class_accuracy(extractor, file.samples)
+    return {
+        "class_accuracy": sum(per_class) / len(per_class),
+        **run["metrics"],
+        "per_class_accuracy": per_class,
+        "samples": file.conditions * file.seeds,
+        "reference": "scikit-learn digits (1797 images); FD, precision and recall use equally "
+        "many real images",
+        "classifier_test_accuracy": extractor.test_accuracy,
+    }
+
+
+def run(config: TeacherConfig, out_dir: Path, progress: bool = True) -> tuple[DiTStage, dict]:
+    """Train, write the teacher directory at out_dir (atomically); return the teacher (the EMA
+    model, in eval mode) and its metrics."""
+    staging = staging_dir(out_dir)
+    try:
+        teacher, metrics = _build(config, staging, progress)
+        if out_dir.exists():  # replaced only now, when the new directory is complete
+            replaced = staging.with_name(staging.name + ".replaced")
+            out_dir.rename(replaced)
+            staging.rename(out_dir)
+            shutil.rmtree(replaced)
+        else:
+            staging.rename(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return teacher, metrics
+
+
+def _build(config: TeacherConfig, out_dir: Path, progress: bool) -> tuple[DiTStage, dict]:
+    start = time.perf_counter()
+    conditions = write_digits_condition_set(out_dir / CONDITIONS_DIR, config.text_dim, config.seed)
+    teacher, training = train(config, conditions, progress)
+    arch = teacher.arch
+    write_diffusers_dir(
+        out_dir / TRANSFORMER_DIR, arch, ours_to_diffusers(teacher.state_dict(), arch)
+    )
+    write_spec(out_dir, config.spec())
+    (out_dir / "config.yaml").write_text(
+        yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+    )
+
+    sampling_start = time.perf_counter()
+    source = Source(
+        name=f"teacher {config.sampling_steps} steps, CFG {config.guidance_scale:g}",
+        velocity=guided_velocity(teacher, arch, conditions, config.guidance_scale),
+        timesteps=timestep_table(config.sampling_steps, config.shift),
+        conditions=conditions,
+        latent_shape=LATENT_SHAPE,
+        value_range=VALUE_RANGE,
+    )
+    samples = generate(source, config.eval_seeds, progress)
+    samples_path = write_samples(out_dir, source, samples, grid_name="samples.png")
+    sampling = {
+        "seconds": time.perf_counter() - sampling_start,
+        "steps": config.sampling_steps,
+        "guidance_scale": config.guidance_scale,
+        "shift": config.shift,
+    }
+    metrics = {
+        **measure(samples_path, progress),
+        "training": training,
+        "sampling": sampling,
+        "seconds": time.perf_counter() - start,
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return teacher, metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m phased_dmd_mp.pretrain_teacher", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--out", required=True, type=Path, help="teacher directory to write")
+    parser.add_argument("--config", type=Path, help="YAML file with TeacherConfig keys")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key (repeatable), e.g. --set train_steps=500",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(TeacherConfig, args.config, args.overrides)
+    except ConfigError as error:
+        parser.error(str(error))
+    empty_dir = args.out.is_dir() and not any(args.out.iterdir())
+    if args.out.exists() and not empty_dir and not args.overwrite:
+        parser.error(f"{args.out} already exists; pass --overwrite or choose another --out")
+    _, metrics = run(config, args.out)
+    print(
+        f"teacher trained in {metrics['training']['seconds']:.0f} s (final loss "
+        f"{metrics['training']['final_loss']:.4f}); its samples ({config.sampling_steps} steps, "
+        f"CFG {config.guidance_scale:g}): class accuracy {metrics['class_accuracy']:.1%}, "
+        f"FD {metrics['frechet_distance']:.2f}, precision {metrics['precision']:.2f}, "
+        f"recall {metrics['recall']:.2f}, perceptual diversity "
+        f"{metrics['perceptual_distance']:.3f}\nwrote {args.out} in {metrics['seconds']:.0f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
