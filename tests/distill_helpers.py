@@ -31,3 +31,33 @@ def write_tiny_teacher(path: Path, seed: int = 0, arch: WanConfig = TINY_WAN) ->
     meta = {"latent_shape": [1, 1, 8, 8], "shift": 3.0, "guidance_scale": 2.0, "sampling_steps": 40}
     (path / "teacher.yaml").write_text(yaml.safe_dump(meta))
     return path
+
+
+# Every algorithm at a size that runs in seconds; the multi-process tests use the same.
+QUICK = [
+    "batch_size=4",
+    "fake_updates=1",
+    "log_every=1",
+    "sample_every=100",
+    "iterations_per_phase=2",
+]
+ALGORITHMS = {
+    "phased_dmd_sgts": ["num_steps=4", "num_phases=2"],
+    "phased_dmd_all": ["num_steps=4", "num_phases=2", "phase_gradient=all"],
+    "dmd": ["algorithm=dmd", "num_steps=1", "num_phases=1"],
+    "few_step_dmd": ["algorithm=few_step_dmd", "num_steps=2", "num_phases=1"],
+    "dmd_sgts": ["algorithm=dmd_sgts", "num_steps=4", "num_phases=1"],
+}
+
+
+def distill_args(out: Path, teacher: Path, *overrides: str) -> list[str]:
+    args = ["--out", str(out), "--no-progress", "--set", f"teacher={teacher}"]
+    for item in (*QUICK, *overrides):
+        args += ["--set", item]
+    return args
+
+
+def run_distill(out: Path, teacher: Path, *overrides: str, extra=()) -> int:
+    from phased_dmd_mp import pretrain_distill
+
+    return pretrain_distill.main([*distill_args(out, teacher, *overrides), *extra])

@@ -6,27 +6,17 @@ import json
 
 import pytest
 import torch
-from distill_helpers import write_tiny_teacher
+import yaml
+from distill_helpers import ALGORITHMS, QUICK, run_distill
 
-from phased_dmd_mp import pretrain_distill
 from phased_dmd_mp.conditioning import Conditions, dit_velocity
 from phased_dmd_mp.distill.trainer import Distiller
 from phased_dmd_mp.models import build
 from phased_dmd_mp.models.convert import diffusers_to_ours, read_diffusers_dir
 
-QUICK = ["batch_size=4", "fake_updates=1", "log_every=1", "sample_every=100", "iterations_per_phase=2"]
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    return write_tiny_teacher(tmp_path_factory.mktemp("teacher"))
-
 
 def run(out, teacher, *overrides, extra=()):
-    args = ["--out", str(out), "--no-progress", "--set", f"teacher={teacher}"]
-    for item in (*QUICK, *overrides):
-        args += ["--set", item]
-    return pretrain_distill.main([*args, *extra])
+    return run_distill(out, teacher, *overrides, extra=extra)
 
 
 def load_export(folder):
@@ -36,25 +26,16 @@ def load_export(folder):
     return model, arch
 
 
-ALGORITHMS = {
-    "phased_dmd_sgts": ["num_steps=4", "num_phases=2"],
-    "phased_dmd_all": ["num_steps=4", "num_phases=2", "phase_gradient=all"],
-    "dmd": ["algorithm=dmd", "num_steps=1", "num_phases=1"],
-    "few_step_dmd": ["algorithm=few_step_dmd", "num_steps=2", "num_phases=1"],
-    "dmd_sgts": ["algorithm=dmd_sgts", "num_steps=4", "num_phases=1"],
-}
-
-
 @pytest.mark.parametrize("name", ALGORITHMS)
-def test_every_algorithm_trains_and_exports(tmp_path, teacher, name):
-    assert run(tmp_path, teacher, *ALGORITHMS[name]) == 0
-    history = json.loads((tmp_path / "history.json").read_text())
+def test_every_algorithm_trains_and_exports(single_process_runs, teacher, name):
+    run_dir = single_process_runs[name]
+    history = json.loads((run_dir / "history.json").read_text())
     assert all(torch.isfinite(torch.tensor(h["generator_loss"])) for h in history)
-    summary = json.loads((tmp_path / "export" / "generator.json").read_text())
+    summary = json.loads((run_dir / "export" / "generator.json").read_text())
     assert len(summary["expert_of_step"]) == len(summary["timesteps"]) - 1
     # The exported experts are what was trained: they differ from the teacher.
-    _, arch, teacher_state = read_diffusers_dir(teacher / "transformer")
-    _, _, expert_state = read_diffusers_dir(tmp_path / "export" / summary["experts"][-1])
+    _, _, teacher_state = read_diffusers_dir(teacher / "transformer")
+    _, _, expert_state = read_diffusers_dir(run_dir / "export" / summary["experts"][-1])
     assert any(not torch.equal(teacher_state[k], expert_state[k]) for k in teacher_state)
 
 
@@ -68,7 +49,9 @@ def test_phases_freeze_earlier_experts_and_restart_the_fake(tmp_path, teacher):
         tmp_path / "checkpoints" / "step-00000004" / "rank-tp0-pp0.pt", weights_only=False
     )
     expert_1_then, expert_1_now = after_phase_1["generator"][0], final["generator"][0]
-    assert all(torch.equal(expert_1_then[k], expert_1_now[k]) for k in expert_1_now if "weight" in k)
+    assert all(
+        torch.equal(expert_1_then[k], expert_1_now[k]) for k in expert_1_now if "weight" in k
+    )
     assert set(after_phase_1["fakes"]) == {1} and set(final["fakes"]) == {2}
     # A phase's fake starts from the teacher, not from the previous phase's fake.
     model, _ = load_export(teacher / "transformer")
@@ -81,8 +64,6 @@ def test_phases_freeze_earlier_experts_and_restart_the_fake(tmp_path, teacher):
 
 
 def _kv(items):
-    import yaml
-
     return {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in items)}
 
 
@@ -142,8 +123,15 @@ def test_user_mistakes_are_clean_errors(tmp_path, teacher, capsys):
         run(tmp_path / "b", teacher, "algorithm=dmd", "num_steps=1", "num_phases=1")
     assert "--resume" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        run(tmp_path / "b", teacher, "algorithm=dmd", "num_steps=1", "num_phases=1", "seed=3",
-            extra=["--resume"])
+        run(
+            tmp_path / "b",
+            teacher,
+            "algorithm=dmd",
+            "num_steps=1",
+            "num_phases=1",
+            "seed=3",
+            extra=["--resume"],
+        )
     assert "config differs" in capsys.readouterr().err
 
 
