@@ -336,7 +336,7 @@ class Distiller:
         x_t, t, s, v_cond, v_uncond, v_fake = self._dmd_terms(k, x.detach(), r)
         loss = self._dmd_loss(x, x_t, t, s, v_cond, v_uncond, v_fake)
         loss.backward()
-        return float(loss)
+        return loss.item()
 
     def _step(self, optimizer: torch.optim.Optimizer, parameters: list[Tensor]) -> float:
         """Average gradients over data-parallel ranks, clip, and step unless they are not
