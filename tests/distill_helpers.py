@@ -47,6 +47,15 @@ ALGORITHMS = {
     "dmd": ["algorithm=dmd", "num_steps=1", "num_phases=1"],
     "few_step_dmd": ["algorithm=few_step_dmd", "num_steps=2", "num_phases=1"],
     "dmd_sgts": ["algorithm=dmd_sgts", "num_steps=4", "num_phases=1"],
+    # LightX2V's order, with DMD2's normalisation, re-noising steps and two microbatches
+    "phased_dmd_alternating": [
+        "num_steps=4",
+        "num_phases=2",
+        "phase_order=alternating",
+        "normalize_gradient=true",
+        "step_noise=renoise",
+        "micro_batch_size=2",
+    ],
 }
 
 

@@ -16,7 +16,7 @@ from phased_dmd_mp.models.convert import read_diffusers_dir
 ROOT = Path(__file__).parents[1]
 WORKER = ROOT / "tests" / "parallel" / "distill_worker.py"
 # Backpropagation through several steps needs pipeline_parallel = 1.
-SINGLE_GRADED_STEP = ["phased_dmd_sgts", "dmd", "dmd_sgts"]
+SINGLE_GRADED_STEP = ["phased_dmd_sgts", "dmd", "dmd_sgts", "phased_dmd_alternating"]
 
 
 def torchrun(teacher: Path, out: Path, layout: str, names: list[str]) -> None:

@@ -484,10 +484,14 @@ class Distiller:
             self.writer.add_scalar(
                 "samples/pairwise_distance", float(diversity), self.state.iteration
             )
-            if len(self.latent_shape) == 4 and self.latent_shape[1] == 1:  # [C, 1, H, W] images
-                grid = images[:, :, :, 0].clamp(-1, 1).add(1).div(2)  # [cond, seed, C, H, W]
-                rows = [torch.cat(list(row), dim=-1) for row in grid]  # each [C, H, seeds * W]
-                self.writer.add_image("samples/grid", torch.cat(rows, dim=-2), self.state.iteration)
+            if self.latent_shape[:2] == (1, 1):  # one-channel single frames: show them
+                grid = images[:, :, :, 0].clamp(-1, 1).add(1).div(2)  # [cond, seed, 1, H, W]
+                rows = [torch.cat(list(row), dim=-1) for row in grid]  # each [1, H, seeds * W]
+                grid = torch.cat(rows, dim=-2)  # [1, cond * H, seeds * W]
+                self.writer.add_image("samples/grid", grid, self.state.iteration)
+                save_grid_png(
+                    grid[0], self.run_dir / "samples" / f"iter_{self.state.iteration:06d}.png"
+                )
             if self.state.history:
                 self.state.history[-1]["pairwise_distance"] = float(diversity)
 
@@ -514,6 +518,12 @@ class Distiller:
         }
 
     def save_checkpoint(self) -> Path:
+        trainable = [p for m in [*self.generator, *self.fakes.values()] for p in m.parameters()]
+        if not all(bool(torch.isfinite(p).all()) for p in trainable):
+            raise RuntimeError(
+                f"non-finite weights at iteration {self.state.iteration}: not checkpointing "
+                "them; lower the learning rates or resume from the last checkpoint"
+            )
         rank_state = {"rng": self.rng.get_state(), "sampler": self.sampler.state_dict()}
         path = checkpoint.save(
             self.run_dir,
@@ -600,6 +610,23 @@ class Distiller:
             (folder / "generator.json").write_text(json.dumps(summary, indent=2) + "\n")
         dist.barrier()
         return folder
+
+
+def save_grid_png(grid: Tensor, path: Path) -> None:
+    """A [H, W] image in [0, 1] as a PNG (pixels enlarged for viewing)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plt.imsave(
+        path,
+        grid.repeat_interleave(4, 0).repeat_interleave(4, 1).numpy(),
+        cmap="gray",
+        vmin=0,
+        vmax=1,
+    )
 
 
 def model_parallel_grad_norm(parameters: list[Tensor]) -> float:
