@@ -148,3 +148,19 @@ def test_exported_experts_reproduce_the_trained_velocity(tmp_path, teacher):
     torch.testing.assert_close(
         dit_velocity(model, arch)(x, t, cond), dit_velocity(trained, arch)(x, t, cond)
     )
+
+
+def test_teacher_from_our_sharded_checkpoint(tmp_path, teacher, single_process_runs):
+    """A teacher converted to our sharded format (each rank reads its shard) trains the same
+    generator as the diffusers-format one."""
+    import shutil
+
+    from phased_dmd_mp.models import convert
+
+    sharded = tmp_path / "teacher"
+    shutil.copytree(teacher, sharded, ignore=shutil.ignore_patterns("transformer"))
+    convert.to_ours(teacher / "transformer", sharded / "transformer", 1, 1)
+    assert run(tmp_path / "run", sharded, *ALGORITHMS["dmd"]) == 0
+    _, _, ours = read_diffusers_dir(tmp_path / "run" / "export" / "expert_1")
+    _, _, reference = read_diffusers_dir(single_process_runs["dmd"] / "export" / "expert_1")
+    assert all(torch.equal(ours[k], reference[k]) for k in reference)

@@ -39,7 +39,7 @@ from phased_dmd_mp.distill.models import RoutedVelocity, VelocityModel, average_
 from phased_dmd_mp.losses import dmd_generator_loss, flow_matching_loss, subinterval_flow_loss
 from phased_dmd_mp.models import ExecutionConfig, build, convert
 from phased_dmd_mp.models.convert import diffusers_to_ours, read_diffusers_dir
-from phased_dmd_mp.models.loading import load_whole_state_dict
+from phased_dmd_mp.models.loading import load_checkpoint, load_whole_state_dict
 from phased_dmd_mp.parallel.state import initialize
 from phased_dmd_mp.schedule import (
     FLOW_MATCHING,
@@ -130,8 +130,17 @@ class Distiller:
 
     def _load_teacher(self, path: Path, low_noise: str | None):
         def load(directory):
-            _, arch, state = read_diffusers_dir(directory)
-            return self._build(arch, diffusers_to_ours(state, arch))
+            """A diffusers-format transformer, or our sharded checkpoint (`python -m
+            phased_dmd_mp.models.convert to-ours`), which each rank reads only its shard of."""
+            config = json.loads((Path(directory) / "config.json").read_text())
+            if "_class_name" in config:
+                _, arch, state = read_diffusers_dir(directory)
+                return self._build(arch, diffusers_to_ours(state, arch))
+            arch, _, _ = convert.read_layout(directory)
+            module = build(arch, self.execution, init_weights=False).to(self.device)
+            load_checkpoint(module, directory)
+            module.requires_grad_(False)
+            return VelocityModel(module)
 
         high = load(path)
         if low_noise is None:
