@@ -9,16 +9,17 @@ initialised like PEFT (kaiming-uniform) and B [out, rank] at zero, so a fresh ad
     config = add_lora(model, rank=64, alpha=8, num_adapters=2)     # freezes the base
     set_active_adapter(model, 0)                                   # expert 1
     optimizer = torch.optim.AdamW(adapter_parameters(model, 0), lr=5e-5, betas=(0, 0.999))
-    save_lora(model, 0, "expert_1_lora")       # diffusers' load_lora_weights reads it
+    save_lora(model, 0, "expert_1_lora")       # all ranks; diffusers' load_lora_weights reads it
     merged = merged_state_dict(model, 0)       # this rank's base + adapter, our naming
 
 Targets are the tensor-parallel linears of every layer, named as in our modules (the rules of
 `convert.py` give their diffusers names). `default_targets`: attention (self, cross, joint:
 q/k/v and output projections, Wan2.1 I2V's image k/v) and MLP in/out, the linears that act on
 every token. Qwen-Image's per-layer modulation linears (`img_modulation`, `txt_modulation`) can
-be added through `targets` but are not adapted by default: they map the timestep embedding only
-(one row per sample), Wan's counterpart (`time_projection`) lies outside the layers, and the
-usual diffusers LoRA recipes for both models adapt attention and MLP.
+be added through `targets` but are not adapted by default: they see the timestep embedding only
+(one row per sample), their B's (6 x hidden rows each) would add 44% to a Qwen-Image adapter, and
+Wan's counterpart (`time_projection`, in the embedder) is no layer linear, so by default both
+models adapt the same token paths.
 
 Tensor parallelism is exact. A column-parallel linear (output split over the TP group) gets a
 replicated A and a B split along the output: the rank-r activation A x goes through megatron's
