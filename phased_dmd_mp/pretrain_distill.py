@@ -87,6 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     last = distiller.train()
     if dist.get_rank() == 0:
         (args.out / "history.json").write_text(json.dumps(distiller.state.history, indent=1) + "\n")
+    if distiller.stopped_early:
+        if dist.get_rank() == 0:
+            print(
+                f"stopped by a signal after {distiller.state.iteration} generator updates, "
+                f"checkpoint saved; continue with --resume"
+            )
+        return 0
+    if dist.get_rank() == 0:
         print(
             f"done: {distiller.state.iteration} generator updates "
             f"({distiller.state.skipped} skipped), last generator loss "

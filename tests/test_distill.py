@@ -164,3 +164,30 @@ def test_teacher_from_our_sharded_checkpoint(tmp_path, teacher, single_process_r
     _, _, ours = read_diffusers_dir(tmp_path / "run" / "export" / "expert_1")
     _, _, reference = read_diffusers_dir(single_process_runs["dmd"] / "export" / "expert_1")
     assert all(torch.equal(ours[k], reference[k]) for k in reference)
+
+
+def test_preemption_signal_checkpoints_and_resume_finishes_the_same(
+    tmp_path, teacher, single_process_runs, monkeypatch
+):
+    import os
+    import signal
+
+    original = Distiller._iteration
+
+    def preempted(self):
+        metrics = original(self)
+        if self.state.iteration == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)  # as SLURM's --signal=USR1 would
+        return metrics
+
+    monkeypatch.setattr(Distiller, "_iteration", preempted)
+    assert run(tmp_path, teacher, *ALGORITHMS["phased_dmd_sgts"]) == 0
+    assert (tmp_path / "checkpoints" / "step-00000001").is_dir()
+    assert not (tmp_path / "export").exists()
+    monkeypatch.setattr(Distiller, "_iteration", original)
+    assert run(tmp_path, teacher, *ALGORITHMS["phased_dmd_sgts"], extra=["--resume"]) == 0
+    reference = single_process_runs["phased_dmd_sgts"] / "export"
+    for name in ("expert_1", "expert_2"):
+        _, _, ours = read_diffusers_dir(tmp_path / "export" / name)
+        _, _, theirs = read_diffusers_dir(reference / name)
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs)

@@ -15,9 +15,12 @@ points) and the condition sampler; both are checkpointed, so a resumed run conti
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -118,6 +121,7 @@ class Distiller:
         self.rng = torch.Generator().manual_seed(config.seed * 1_000_003 + self.dp_rank)
         self.state = Progress()
         self.writer = None
+        self.stopped_early = False
 
     # --- models -------------------------------------------------------------------------------
 
@@ -386,7 +390,9 @@ class Distiller:
         return iteration // self.config.iterations_per_phase + 1
 
     def train(self) -> dict:
-        """Run (or continue) the distillation; returns the last logged metrics."""
+        """Run (or continue) the distillation; returns the last logged metrics. SIGTERM or
+        SIGUSR1 (a scheduler's preemption notice) ends it after the current iteration with a
+        checkpoint; `stopped_early` then says so and --resume continues."""
         config, state = self.config, self.state
         if self.is_logger:
             from torch.utils.tensorboard import SummaryWriter
@@ -403,43 +409,52 @@ class Distiller:
             mininterval=1.0,
         )
         last = {}
-        while state.iteration < self.total_iterations:
-            k = self.phase_of(state.iteration)
-            if config.phase_order == "sequential" and k != state.phase:
-                self._retire_phase(state.phase)
-                state.phase = k
-            start = time.perf_counter()
-            fake = [self.fake_update(k) for _ in range(config.fake_updates)]
-            metrics = {
-                "phase": k,
-                **{key: sum(m[key] for m in fake) / len(fake) for key in fake[0]},
-                **self.generator_update(k),
-                "seconds": time.perf_counter() - start,
-            }
-            state.iteration += 1
-            window.append(metrics)
-            bar.update(1)
-            bar.set_postfix(
-                phase=k, gen=f"{metrics['generator_loss']:.3g}", fake=f"{metrics['fake_loss']:.3g}"
-            )
-            if state.iteration % config.log_every == 0 or state.iteration == self.total_iterations:
-                last = self._log(window)
-                window = []
-            if (
-                state.iteration % config.sample_every == 0
-                or state.iteration == self.total_iterations
-            ):
-                self._log_samples()
-            if (
-                state.iteration % config.checkpoint_every == 0
-                or state.iteration == self.total_iterations
-            ):
-                self.save_checkpoint()
+        with stop_on_signals() as stop_requested:
+            while state.iteration < self.total_iterations:
+                metrics = self._iteration()
+                window.append(metrics)
+                bar.update(1)
+                bar.set_postfix(
+                    phase=metrics["phase"],
+                    gen=f"{metrics['generator_loss']:.3g}",
+                    fake=f"{metrics['fake_loss']:.3g}",
+                )
+                done = state.iteration == self.total_iterations
+                stop = agree(stop_requested())
+                if state.iteration % config.log_every == 0 or done or stop:
+                    last = self._log(window)
+                    window = []
+                if state.iteration % config.sample_every == 0 or done:
+                    self._log_samples()
+                if state.iteration % config.checkpoint_every == 0 or done or stop:
+                    self.save_checkpoint()
+                if stop:
+                    self.stopped_early = True
+                    break
         bar.close()
-        self.export()
+        if not self.stopped_early:
+            self.export()
         if self.writer is not None:
             self.writer.close()
         return last
+
+    def _iteration(self) -> dict:
+        """fake_updates fake updates, then one generator update, in the phase due."""
+        config, state = self.config, self.state
+        k = self.phase_of(state.iteration)
+        if config.phase_order == "sequential" and k != state.phase:
+            self._retire_phase(state.phase)
+            state.phase = k
+        start = time.perf_counter()
+        fake = [self.fake_update(k) for _ in range(config.fake_updates)]
+        metrics = {
+            "phase": k,
+            **{key: sum(m[key] for m in fake) / len(fake) for key in fake[0]},
+            **self.generator_update(k),
+            "seconds": time.perf_counter() - start,
+        }
+        state.iteration += 1
+        return metrics
 
     def _log(self, window: list[dict]) -> dict:
         means = {
@@ -619,6 +634,35 @@ class Distiller:
             (folder / "generator.json").write_text(json.dumps(summary, indent=2) + "\n")
         dist.barrier()
         return folder
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Yields a function telling whether SIGTERM or SIGUSR1 arrived (handlers restored after)."""
+    received = []
+    handled = (signal.SIGTERM, signal.SIGUSR1)
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = {
+        sig: signal.signal(sig, lambda number, frame: received.append(number)) for sig in handled
+    }
+    try:
+        yield lambda: bool(received)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def agree(flag: bool) -> bool:
+    """True on every rank if it is true on any (so all ranks stop at the same iteration)."""
+    if dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([float(flag)])
+    if dist.get_backend() == "nccl":
+        value = value.cuda()
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def save_grid_png(grid: Tensor, path: Path) -> None:
