@@ -47,6 +47,15 @@ ALGORITHMS = {
     "dmd": ["algorithm=dmd", "num_steps=1", "num_phases=1"],
     "few_step_dmd": ["algorithm=few_step_dmd", "num_steps=2", "num_phases=1"],
     "dmd_sgts": ["algorithm=dmd_sgts", "num_steps=4", "num_phases=1"],
+    # the paper's generator: LoRA experts on the shared teacher weights
+    "phased_dmd_lora": [
+        "num_steps=4",
+        "num_phases=2",
+        "generator_adapter=lora",
+        "lora_rank=4",
+        "lora_alpha=4",
+        "ema_decay=0.5",
+    ],
     # LightX2V's order, with DMD2's normalisation, re-noising steps and two microbatches
     "phased_dmd_alternating": [
         "num_steps=4",

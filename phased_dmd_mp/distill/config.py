@@ -63,7 +63,10 @@ class DistillConfig:
     betas: tuple[float, float] = (0.0, 0.999)
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max gradient norm; 0 disables
-    ema_decay: float | None = None  # EMA of the generator experts (sampling uses it when set)
+    ema_decay: float | None = None  # EMA of the generator experts (the export uses it when set)
+    generator_adapter: Literal["full", "lora"] = "full"  # lora: experts share the teacher's weights
+    lora_rank: int = 64
+    lora_alpha: float = 8.0
     # --- runtime ---
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
@@ -145,6 +148,14 @@ class DistillConfig:
             raise ValueError("grad_clip and weight_decay must be >= 0 and max_weight > 0")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.lora_rank < 1 or not self.lora_alpha > 0:
+            raise ValueError(
+                f"lora_rank must be >= 1 and lora_alpha > 0, got {self.lora_rank}, {self.lora_alpha}"
+            )
+        if self.generator_adapter == "lora" and self.fp8 == "te":
+            raise ValueError(
+                "LoRA experts need megatron's linears: use fp8 'torch' or 'off' with generator_adapter lora"
+            )
         if self.guidance_scale is not None and self.guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
 

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from phased_dmd_mp.conditioning import Conditions, model_inputs, velocity_from_output
 from phased_dmd_mp.models.dit import DiTStage
+from phased_dmd_mp.models.lora import adapter_parameters, merged_state_dict, set_active_adapter
 from phased_dmd_mp.parallel import pipeline
 
 # loss_fn(velocity of the selected samples, their indices in the batch) -> mean loss over them
@@ -45,18 +46,39 @@ def _from_last_stage(tensor: Tensor | None, shape, dtype, device) -> Tensor:
 
 
 class VelocityModel:
-    """One DiT (this rank's stage) as v(x [B, C, F, H, W], t [B], conditions)."""
+    """One DiT (this rank's stage) as v(x [B, C, F, H, W], t [B], conditions); with `adapter`,
+    that LoRA adapter of a shared base (None: the base itself, e.g. the teacher)."""
 
-    def __init__(self, module: DiTStage):
-        self.module = module
+    def __init__(self, module: DiTStage, adapter: int | None = None):
+        self.module, self.adapter = module, adapter
         self.arch = module.arch
+        self.has_lora = getattr(module, "lora_config", None) is not None
 
     @property
     def dtype(self) -> torch.dtype:
         return self.module.dtype
 
     def parameters(self) -> list[Tensor]:
+        """What this model trains: its adapter, or every parameter that requires grad."""
+        if self.adapter is not None:
+            return adapter_parameters(self.module, self.adapter)
         return [p for p in self.module.parameters() if p.requires_grad]
+
+    def base_state(self) -> dict[str, Tensor]:
+        """The weights without any adapter (what a copy of this model starts from)."""
+        if self.has_lora:
+            return merged_state_dict(self.module, None)
+        return {k: v for k, v in self.module.state_dict().items() if isinstance(v, Tensor)}
+
+    def weights(self) -> dict[str, Tensor]:
+        """This rank's weights in our naming, the adapter (if any) merged in."""
+        if self.adapter is not None:
+            return merged_state_dict(self.module, self.adapter)
+        return self.base_state()
+
+    def _activate(self) -> None:
+        if self.has_lora:
+            set_active_adapter(self.module, self.adapter)
 
     def _inputs(self, x: Tensor, t: Tensor, cond: Conditions) -> dict:
         return model_inputs(self.arch, x.to(self.dtype), t, cond)
@@ -64,6 +86,7 @@ class VelocityModel:
     @torch.no_grad()
     def predict(self, x: Tensor, t: Tensor, cond: Conditions) -> Tensor:
         """The velocity at (x, t) in float32, on every pipeline rank."""
+        self._activate()
         self.module.eval()
         (output,) = pipeline.forward(self.module, [self._inputs(x, t, cond)]) or (None,)
         v = None if output is None else velocity_from_output(self.arch, output, x)
@@ -75,6 +98,7 @@ class VelocityModel:
         """Accumulate the gradient of loss_fn(velocity), a mean over the batch, into `.grad`
         (this rank's; the trainer averages over data-parallel ranks). Returns the loss value on
         every rank. The batch runs in equal microbatches of at most micro_batch_size."""
+        self._activate()
         self.module.train()
         batch = x.shape[0]
         micro = max(d for d in range(1, min(micro_batch_size, batch) + 1) if batch % d == 0)

@@ -43,6 +43,7 @@ from phased_dmd_mp.losses import dmd_generator_loss, flow_matching_loss, subinte
 from phased_dmd_mp.models import ExecutionConfig, build, convert
 from phased_dmd_mp.models.convert import diffusers_to_ours, read_diffusers_dir
 from phased_dmd_mp.models.loading import load_checkpoint, load_whole_state_dict
+from phased_dmd_mp.models.lora import add_lora, save_lora
 from phased_dmd_mp.parallel.state import initialize
 from phased_dmd_mp.schedule import (
     FLOW_MATCHING,
@@ -105,13 +106,10 @@ class Distiller:
         )
 
         self.teacher = self._load_teacher(teacher_dir / "transformer", config.teacher_low_noise)
-        self.generator = [
-            self._copy(self._teacher_at(self.timesteps[self.bounds[k]]), trainable=True)
-            for k in range(config.num_phases)
-        ]
+        self.generator = self._generator_experts()
         self.fakes: dict[int, VelocityModel | RoutedVelocity] = {}
         self.optimizers: dict[tuple[str, int], torch.optim.Optimizer] = {}
-        self.ema: dict[int, dict[str, Tensor]] = {}
+        self.ema: dict[int, list[Tensor]] = {}  # expert -> EMA of its trainable tensors
 
         conditions = Path(config.conditions) if config.conditions else teacher_dir / "conditions"
         self.conditions = ConditionSet(conditions)
@@ -159,12 +157,32 @@ class Distiller:
         return self.teacher
 
     def _copy(self, model: VelocityModel, trainable: bool) -> VelocityModel:
-        """A new model (same architecture and layout) with `model`'s weights."""
+        """A new model (same architecture and layout) with `model`'s base weights."""
         module = build(model.arch, self.execution, init_weights=False).to(self.device)
         with torch.no_grad():
-            module.load_state_dict(model.module.state_dict())
+            module.load_state_dict(model.base_state(), strict=False)
         module.requires_grad_(trainable)
         return VelocityModel(module)
+
+    def _generator_experts(self) -> list[VelocityModel]:
+        """Expert k starts from the teacher (expert) owning the first step of phase k: a full
+        copy, or with LoRA, adapter k - 1 on that teacher's own (frozen, shared) weights."""
+        config = self.config
+        owners = [
+            self._teacher_at(self.timesteps[self.bounds[k]]) for k in range(config.num_phases)
+        ]
+        if config.generator_adapter == "full":
+            return [self._copy(owner, trainable=True) for owner in owners]
+        for base in {id(o): o for o in owners}.values():
+            add_lora(
+                base.module,
+                config.lora_rank,
+                config.lora_alpha,
+                config.num_phases,
+                seed=config.seed,
+            )
+            base.has_lora = True
+        return [VelocityModel(owner.module, adapter=k) for k, owner in enumerate(owners)]
 
     def _fake(self, k: int):
         """Phase k's fake model, re-initialised from the teacher when the phase starts."""
@@ -371,12 +389,29 @@ class Distiller:
         return norm
 
     def _update_ema(self, k: int) -> None:
-        decay = self.config.ema_decay
-        params = dict(self.generator[k - 1].module.named_parameters())
-        ema = self.ema.setdefault(k, {n: p.detach().clone() for n, p in params.items()})
+        params = self.generator[k - 1].parameters()
+        ema = self.ema.setdefault(k, [p.detach().clone() for p in params])
         with torch.no_grad():
-            for name, p in params.items():
-                ema[name].lerp_(p.detach(), 1.0 - decay)
+            for average, p in zip(ema, params):
+                average.lerp_(p.detach(), 1.0 - self.config.ema_decay)
+
+    @contextlib.contextmanager
+    def _ema_weights(self, k: int):
+        """Expert k with its EMA weights (when kept) for the duration of the block."""
+        if k not in self.ema:
+            yield
+            return
+        params = self.generator[k - 1].parameters()
+        trained = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, average in zip(params, self.ema[k]):
+                p.copy_(average)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, value in zip(params, trained):
+                    p.copy_(value)
 
     # --- the run ------------------------------------------------------------------------------
 
@@ -531,7 +566,7 @@ class Distiller:
             return model.module.state_dict()
 
         return {
-            "generator": [expert.module.state_dict() for expert in self.generator],
+            "generator": [[p.detach() for p in expert.parameters()] for expert in self.generator],
             "fakes": {k: module_state(fake) for k, fake in self.fakes.items()},
             "optimizers": {
                 f"{role}/{k}": opt.state_dict() for (role, k), opt in self.optimizers.items()
@@ -561,8 +596,9 @@ class Distiller:
     def load_checkpoint(self, path: Path) -> None:
         model_state, rank_state = checkpoint.load(path)
         with torch.no_grad():
-            for expert, weights in zip(self.generator, model_state["generator"]):
-                expert.module.load_state_dict(weights)
+            for expert, tensors in zip(self.generator, model_state["generator"]):
+                for p, value in zip(expert.parameters(), tensors, strict=True):
+                    p.copy_(value)
             for k, weights in model_state["fakes"].items():
                 fake = self._fake(k)
                 if isinstance(fake, RoutedVelocity):
@@ -586,20 +622,14 @@ class Distiller:
         pp = parallel_state.get_pipeline_model_parallel_rank()
         for k, expert in enumerate(self.generator, start=1):
             sharded = folder / f"expert_{k}.sharded"
-            weights = {  # megatron keeps `_extra_state` (None) entries beside the tensors
-                n: t.detach()
-                for n, t in expert.module.state_dict().items()
-                if isinstance(t, Tensor)
-            }
-            if k in self.ema:
-                weights.update({n: t.detach() for n, t in self.ema[k].items()})
+            with self._ema_weights(k):
+                weights = expert.weights()
+                if expert.adapter is not None:
+                    save_lora(expert.module, expert.adapter, folder / f"expert_{k}_lora")
             if dist.get_rank() == 0:
                 sharded.mkdir(parents=True, exist_ok=True)
                 convert.write_layout(
-                    sharded,
-                    expert.arch,
-                    self.config.tensor_parallel,
-                    self.config.pipeline_parallel,
+                    sharded, expert.arch, self.config.tensor_parallel, self.config.pipeline_parallel
                 )
             dist.barrier()
             if self.dp_rank == 0:
@@ -630,6 +660,11 @@ class Distiller:
                 ),
                 "algorithm": self.config.algorithm,
                 "iterations": self.state.iteration,
+                # With LoRA, expert_k is the merged model and expert_k_lora the adapter alone
+                # (diffusers' load_lora_weights reads it) on the teacher expert it started from.
+                "lora": None
+                if self.config.generator_adapter == "full"
+                else {"rank": self.config.lora_rank, "alpha": self.config.lora_alpha},
             }
             (folder / "generator.json").write_text(json.dumps(summary, indent=2) + "\n")
         dist.barrier()
