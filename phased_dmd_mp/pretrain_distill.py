@@ -29,12 +29,15 @@ from phased_dmd_mp.distill.config import DistillConfig
 
 
 def _check_teacher(config: DistillConfig) -> None:
-    teacher = Path(config.teacher)
-    missing = [n for n in ("teacher.yaml", "transformer") if not (teacher / n).exists()]
-    if missing:
+    """A teacher directory (data/teacher.py): a valid teacher.yaml and a transformer."""
+    from phased_dmd_mp.data.teacher import TRANSFORMER_DIR, read_spec
+
+    read_spec(config.teacher)
+    if not (Path(config.teacher) / TRANSFORMER_DIR).is_dir():
         raise ConfigError(
-            f"teacher {str(teacher)!r} lacks {missing}: point `teacher` at a directory written "
-            "by `python -m phased_dmd_mp.pretrain_teacher` (or laid out like one)"
+            f"teacher {config.teacher!r} has no {TRANSFORMER_DIR}/: point `teacher` at a "
+            "directory written by `python -m phased_dmd_mp.pretrain_teacher` (or laid out "
+            "like one)"
         )
 
 

@@ -2,19 +2,23 @@
 
     python -m phased_dmd_mp.sample --teacher DIR --out OUT [--steps 40] [--guidance G]
                                    [--seeds 8] [--shift S] [--overwrite]
+    python -m phased_dmd_mp.sample --checkpoint RUN --out OUT [--seeds 8] [--overwrite]
 
-runs the teacher of a teacher directory (data/teacher.py) with many steps and classifier-free
-guidance (defaults from its teacher.yaml) and writes OUT/samples.npz ([conditions, seeds, C, H, W],
-model name, labels, value_range; phased_dmd_mp/eval/samples.py), which
-`python -m phased_dmd_mp.evaluate` reads, and OUT/grid.png (rows: conditions, columns: seeds).
-Seed j starts every condition from the same noise, so columns compare conditions and rows
-compare seeds.
+--teacher runs the teacher of a teacher directory (data/teacher.py) with many steps and
+classifier-free guidance (defaults from its teacher.yaml); --checkpoint runs the N-step MoE
+generator a distillation run exported (RUN/export: one transformer per expert and
+generator.json, which says which expert takes each step), without guidance, as it was trained.
+Both write OUT/samples.npz ([conditions, seeds, C, H, W], model name, labels, value_range;
+phased_dmd_mp/eval/samples.py), which `python -m phased_dmd_mp.evaluate` reads, and
+OUT/grid.png (rows: conditions, columns: seeds). Seed j starts every condition from the same
+noise, so columns compare conditions and rows compare seeds.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -28,7 +32,12 @@ from tqdm import tqdm
 from phased_dmd_mp.conditioning import Conditions, dit_velocity
 from phased_dmd_mp.config import ConfigError
 from phased_dmd_mp.data.conditions import ConditionSet
-from phased_dmd_mp.data.teacher import load_transformer, read_conditions, read_spec
+from phased_dmd_mp.data.teacher import (
+    load_diffusers_transformer,
+    load_transformer,
+    read_conditions,
+    read_spec,
+)
 from phased_dmd_mp.eval.report import save_grid
 from phased_dmd_mp.eval.samples import SampleFile
 from phased_dmd_mp.sampling import ConditionedVelocityFn, guided, sample
@@ -48,6 +57,7 @@ class Source:
     conditions: ConditionSet
     latent_shape: tuple[int, ...]
     value_range: tuple[float, float]
+    renoise: bool = False  # DMD2's few-step sampler: fresh noise after each step's x_0
 
 
 def guided_velocity(
@@ -90,6 +100,47 @@ def teacher_source(
     )
 
 
+def generator_source(run_dir: str | Path) -> Source:
+    """The MoE generator a distillation run exported (RUN or RUN/export)."""
+    folder = Path(run_dir)
+    if not (folder / "generator.json").is_file():
+        folder = folder / "export"
+    summary_path = folder / "generator.json"
+    if not summary_path.is_file():
+        raise ConfigError(
+            f"{run_dir} holds no exported generator ({summary_path} is missing): a run exports "
+            "when it finishes; an interrupted one finishes with pretrain_distill --resume"
+        )
+    summary = json.loads(summary_path.read_text())
+    conditions_dir = Path(summary["conditions"])
+    if not conditions_dir.is_dir():
+        raise ConfigError(
+            f"the run's condition set {conditions_dir} ({summary_path}) does not exist: run "
+            "from the directory the run was started in, or edit `conditions` there"
+        )
+    experts = [
+        load_diffusers_transformer(folder / name).eval().requires_grad_(False)
+        for name in summary["experts"]
+    ]
+    velocities = [dit_velocity(expert, expert.arch) for expert in experts]
+    timesteps = torch.tensor(summary["timesteps"], dtype=torch.float64)  # as trained
+    expert_of_step = summary["expert_of_step"]  # 1-based, one per step
+
+    def velocity(x: Tensor, t: Tensor, cond: Conditions) -> Tensor:
+        step = int((timesteps[:-1] - t[0].item()).abs().argmin())
+        return velocities[expert_of_step[step] - 1](x, t, cond)
+
+    return Source(
+        name=f"{summary['algorithm']} {len(expert_of_step)} steps, {len(experts)} experts",
+        velocity=velocity,
+        timesteps=timesteps,
+        conditions=ConditionSet(conditions_dir),
+        latent_shape=tuple(summary["latent_shape"]),
+        value_range=tuple(summary["value_range"]),
+        renoise=summary["step_noise"] == "renoise",
+    )
+
+
 def _with_conditions(
     velocity: ConditionedVelocityFn, cond: Conditions, x: Tensor, t: Tensor
 ) -> Tensor:
@@ -120,7 +171,12 @@ def generate(source: Source, seeds: int, progress: bool = True) -> Tensor:
         velocity = functools.partial(
             _with_conditions, source.velocity, source.conditions.batch(chunk[:, 0])
         )
-        out.append(sample(velocity, noise[chunk[:, 1]], source.timesteps, progress=progress))
+        renoise = torch.Generator().manual_seed(int(chunk[0, 0])) if source.renoise else None
+        out.append(
+            sample(
+                velocity, noise[chunk[:, 1]], source.timesteps, renoise=renoise, progress=progress
+            )
+        )
     return torch.cat(out).view(count, seeds, *source.latent_shape)
 
 
@@ -166,7 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m phased_dmd_mp.sample", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--teacher", required=True, type=Path, help="teacher directory")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--teacher", type=Path, help="teacher directory")
+    model.add_argument(
+        "--checkpoint", type=Path, help="distillation run directory (its exported generator)"
+    )
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--steps", type=int, help="sampling steps (default: teacher.yaml's)")
     parser.add_argument("--guidance", type=float, help="CFG scale, 1 = none (default: teacher's)")
@@ -178,9 +238,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--seeds must be >= 2 (the evaluation measures diversity over seed pairs)")
     if (args.out / "samples.npz").exists() and not args.overwrite:
         parser.error(f"{args.out} already holds samples; pass --overwrite or choose another --out")
+    if args.checkpoint and (args.steps, args.guidance, args.shift) != (None, None, None):
+        parser.error(
+            "--steps, --guidance and --shift are the teacher's; the generator runs the "
+            "steps it was distilled for"
+        )
     start = time.perf_counter()
     try:
-        source = teacher_source(args.teacher, args.steps, args.guidance, args.shift)
+        if args.checkpoint:
+            source = generator_source(args.checkpoint)
+        else:
+            source = teacher_source(args.teacher, args.steps, args.guidance, args.shift)
         path = write_samples(args.out, source, generate(source, args.seeds))
     except ConfigError as error:
         parser.error(str(error))

@@ -3,9 +3,9 @@
 from pathlib import Path
 
 import torch
-import yaml
 
-from phased_dmd_mp.data.digits import write_digits_condition_set
+from phased_dmd_mp.data.digits import LATENT_SHAPE, write_digits_condition_set
+from phased_dmd_mp.data.teacher import TeacherSpec, write_spec
 from phased_dmd_mp.models import WanConfig, build
 from phased_dmd_mp.models.convert import ours_to_diffusers, write_diffusers_dir
 
@@ -23,13 +23,12 @@ TINY_WAN = WanConfig(
 
 
 def write_tiny_teacher(path: Path, seed: int = 0, arch: WanConfig = TINY_WAN) -> Path:
-    """Random-weight tiny Wan DiT + the digits condition set + teacher.yaml."""
+    """Random-weight tiny Wan DiT + the digits condition set + its TeacherSpec."""
     torch.manual_seed(seed)
     model = build(arch)
     write_diffusers_dir(path / "transformer", arch, ours_to_diffusers(model.state_dict(), arch))
     write_digits_condition_set(path / "conditions", text_dim=arch.text_dim, seed=seed)
-    meta = {"latent_shape": [1, 1, 8, 8], "shift": 3.0, "guidance_scale": 2.0, "sampling_steps": 40}
-    (path / "teacher.yaml").write_text(yaml.safe_dump(meta))
+    write_spec(path, TeacherSpec(latent_shape=LATENT_SHAPE, shift=3.0, guidance_scale=2.0))
     return path
 
 

@@ -85,7 +85,16 @@ def load_transformer(
 ) -> DiTStage:
     """The teacher's DiT (this rank's shard under TP/PP), in train mode with gradients on, as
     `build` returns models: the runner also starts its fake score from these weights."""
-    _, arch, state_dict = read_diffusers_dir(Path(teacher_dir) / TRANSFORMER_DIR)
+    return load_diffusers_transformer(Path(teacher_dir) / TRANSFORMER_DIR, execution, pg_collection)
+
+
+def load_diffusers_transformer(
+    directory: str | Path,
+    execution: ExecutionConfig | None = None,
+    pg_collection: ProcessGroupCollection | None = None,
+) -> DiTStage:
+    """Our DiT (this rank's shard) holding the weights of a diffusers transformer folder."""
+    _, arch, state_dict = read_diffusers_dir(directory)
     model = build(arch, execution, pg_collection, init_weights=False)
     load_whole_state_dict(model, diffusers_to_ours(state_dict, arch))
     return model

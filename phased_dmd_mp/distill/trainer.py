@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import yaml
 from megatron.core import parallel_state
 from safetensors.torch import save_file
 from torch import Tensor
@@ -36,6 +35,7 @@ from tqdm import tqdm
 from phased_dmd_mp import ops
 from phased_dmd_mp.conditioning import Conditions, model_inputs, velocity_from_output
 from phased_dmd_mp.data.conditions import ConditionSampler, ConditionSet
+from phased_dmd_mp.data.teacher import CONDITIONS_DIR, TRANSFORMER_DIR, read_conditions, read_spec
 from phased_dmd_mp.distill import checkpoint
 from phased_dmd_mp.distill.config import DistillConfig
 from phased_dmd_mp.distill.models import RoutedVelocity, VelocityModel, average_gradients
@@ -91,13 +91,12 @@ class Distiller:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
         teacher_dir = Path(config.teacher)
-        meta = yaml.safe_load((teacher_dir / "teacher.yaml").read_text())
-        self.latent_shape = tuple(meta["latent_shape"])
-        self.shift = config.shift or float(meta["shift"])
+        spec = read_spec(teacher_dir)
+        self.latent_shape = spec.latent_shape
+        self.value_range = spec.value_range
+        self.shift = config.shift or spec.shift
         self.guidance = (
-            config.guidance_scale
-            if config.guidance_scale is not None
-            else float(meta["guidance_scale"])
+            config.guidance_scale if config.guidance_scale is not None else spec.guidance_scale
         )
         self.timesteps = timestep_table(config.num_steps, self.shift).tolist()
         self.bounds = phase_step_boundaries(config.num_steps, config.num_phases)
@@ -105,14 +104,15 @@ class Distiller:
             dtype=config.dtype, recompute=config.recompute, fp8=config.fp8
         )
 
-        self.teacher = self._load_teacher(teacher_dir / "transformer", config.teacher_low_noise)
+        self.teacher = self._load_teacher(teacher_dir / TRANSFORMER_DIR, config.teacher_low_noise)
         self.generator = self._generator_experts()
         self.fakes: dict[int, VelocityModel | RoutedVelocity] = {}
         self.optimizers: dict[tuple[str, int], torch.optim.Optimizer] = {}
         self.ema: dict[int, list[Tensor]] = {}  # expert -> EMA of its trainable tensors
 
-        conditions = Path(config.conditions) if config.conditions else teacher_dir / "conditions"
-        self.conditions = ConditionSet(conditions)
+        self.conditions = (
+            ConditionSet(config.conditions) if config.conditions else read_conditions(teacher_dir)
+        )
         self.sampler = ConditionSampler(
             len(self.conditions), self.rank_batch, config.seed, self.dp_rank, self.dp_size
         )
@@ -544,7 +544,10 @@ class Distiller:
                 "samples/pairwise_distance", float(diversity), self.state.iteration
             )
             if self.latent_shape[:2] == (1, 1):  # one-channel single frames: show them
-                grid = images[:, :, :, 0].clamp(-1, 1).add(1).div(2)  # [cond, seed, 1, H, W]
+                low, high = self.value_range
+                grid = ((images[:, :, :, 0] - low) / (high - low)).clamp(
+                    0, 1
+                )  # [cond, seed, 1, H, W]
                 rows = [torch.cat(list(row), dim=-1) for row in grid]  # each [1, H, seeds * W]
                 grid = torch.cat(rows, dim=-2)  # [1, cond * H, seeds * W]
                 self.writer.add_image("samples/grid", grid, self.state.iteration)
@@ -654,9 +657,10 @@ class Distiller:
                 "shift": self.shift,
                 "step_noise": self.config.step_noise,
                 "latent_shape": list(self.latent_shape),
+                "value_range": list(self.value_range),
                 "teacher": str(self.config.teacher),
                 "conditions": str(
-                    self.config.conditions or Path(self.config.teacher) / "conditions"
+                    self.config.conditions or Path(self.config.teacher) / CONDITIONS_DIR
                 ),
                 "algorithm": self.config.algorithm,
                 "iterations": self.state.iteration,
