@@ -72,7 +72,7 @@ class TeacherConfig:
     text_dim: int = 32  # width of the class embeddings
     # Training.
     train_steps: int = 1000
-    batch_size: int = 256
+    batch_size: int = 128
     lr: float = 1e-3  # peak; linear warm-up, then cosine decay to 0
     warmup_steps: int = 100
     weight_decay: float = 0.01
@@ -81,8 +81,8 @@ class TeacherConfig:
     shift: float = 1.0  # timestep shift of training draws and of the sampling schedule
     # Sampling and evaluation of the teacher.
     sampling_steps: int = 40
-    guidance_scale: float = 2.0  # uncond + scale (cond - uncond)
-    eval_seeds: int = 100  # samples per class for the metrics (the grid shows the first 8)
+    guidance_scale: float = 1.5  # uncond + scale (cond - uncond)
+    eval_seeds: int = 50  # samples per class for the metrics (the grid shows the first 8)
     seed: int = 0
 
     def __post_init__(self):
@@ -236,7 +236,10 @@ def run(config: TeacherConfig, out_dir: Path, progress: bool = True) -> tuple[Di
             replaced = staging.with_name(staging.name + ".replaced")
             out_dir.rename(replaced)
             staging.rename(out_dir)
-            shutil.rmtree(replaced)
+            if replaced.is_dir():
+                shutil.rmtree(replaced)
+            else:
+                replaced.unlink()
         else:
             staging.rename(out_dir)
     finally:
