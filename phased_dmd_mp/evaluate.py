@@ -5,7 +5,8 @@
 Sample files follow phased_dmd_mp/eval/samples.py; files naming the same model are its runs
 (training seeds), averaged with a 95% t-interval. Images are compared with scikit-learn's digits,
 points with the Gaussian mixture their file (or the config) specifies. Writes DIR/results.md,
-DIR/results.json (per-run and per-condition values too), DIR/grids/<model>.png, DIR/config.yaml.
+DIR/results.json (per-run and per-condition values too), DIR/grids/<model>.png,
+DIR/comparison.png (image models side by side) and DIR/config.yaml.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from phased_dmd_mp.eval.metrics import (
     precision_recall,
 )
 from phased_dmd_mp.eval.mixture import Mixture, mode_statistics
-from phased_dmd_mp.eval.report import markdown_table, save_grid, summarize
+from phased_dmd_mp.eval.report import markdown_table, save_comparison, save_grid, summarize
 from phased_dmd_mp.eval.samples import SampleFile, SampleFileError, load_sample_file
 
 FEATURE_BATCH = 512
@@ -241,6 +242,11 @@ def evaluate(paths: list[Path], config: EvalConfig, out_dir: Path, progress: boo
         first = next(file for file in files if file.model == row["model"])
         row["grid"] = f"grids/{_grid_name(row['model'], taken)}"
         save_grid(first, out_dir / row["grid"], config.coverage_radius)
+    if kind == "images" and len(rows) > 1:
+        save_comparison(
+            [next(f for f in files if f.model == row["model"]) for row in rows],
+            out_dir / "comparison.png",
+        )
     results = {
         "kind": kind,
         "features": _describe(extractor),
@@ -302,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     print(
         (args.out / "results.md").read_text()
-        + f"\nwrote {args.out}/results.md, results.json, grids/"
+        + f"\nwrote {args.out}/results.md, results.json, grids/ (and comparison.png for images)"
     )
     return 0
 

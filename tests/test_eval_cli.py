@@ -202,3 +202,21 @@ def test_images_and_points_are_not_mixed(tmp_path, capsys):
     images = _save(tmp_path / "i.npz", **IMAGES)
     code, err = _run([points, images, "--out", str(tmp_path / "out")], capsys)
     assert code == 2 and "mix images and points" in err
+
+
+def test_image_models_side_by_side(tmp_path, capsys, monkeypatch):
+    (tmp_path / "my_metrics.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rng = np.random.default_rng(0)
+    paths = [
+        _save(tmp_path / f"{name}.npz", samples=rng.uniform(-1, 1, (3, 4, 1, 8, 8)), model=name)
+        for name in ("teacher", "student")
+    ]
+    out = tmp_path / "out"
+    plug = ["--set", "features=my_metrics:Pixels", "--set", "perceptual=my_metrics:Pixels"]
+    code, err = _run([*paths, "--out", str(out), *plug, "--set", "knn_k=2"], capsys)
+    assert code == 0, err
+    from PIL import Image
+
+    with Image.open(out / "comparison.png") as both, Image.open(out / "grids/teacher.png") as one:
+        assert both.width > 1.8 * one.width  # two grids side by side

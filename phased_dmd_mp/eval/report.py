@@ -84,14 +84,43 @@ def save_grid(sample_file: SampleFile, path: Path, coverage_radius: float) -> No
     plt.close(fig)
 
 
-def _image_grid(plt, sample_file: SampleFile):
+def save_comparison(sample_files: list[SampleFile], path: Path) -> None:
+    """The image grids of several models side by side (same conditions and seeds), e.g. the
+    teacher at 40 steps next to the 4-step student."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols = _mosaic_size(sample_files[0])
+    fig, axes = plt.subplots(
+        1,
+        len(sample_files),
+        figsize=(len(sample_files) * (0.5 * cols + 0.6) + 0.6, 0.5 * rows + 0.8),
+        squeeze=False,
+    )
+    for ax, sample_file in zip(axes[0], sample_files):
+        _draw_mosaic(ax, sample_file)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _mosaic_size(sample_file: SampleFile) -> tuple[int, int]:
+    return (
+        min(GRID_CONDITIONS, sample_file.conditions),
+        min(GRID_SEEDS, sample_file.seeds),
+    )
+
+
+def _draw_mosaic(ax, sample_file: SampleFile) -> None:
     """One mosaic (a single imshow: fast), images separated by a 1-pixel white border."""
     images = (sample_file.samples[:GRID_CONDITIONS, :GRID_SEEDS] + 1) / 2
     rows, cols, channels, height, width = images.shape
     padded = torch.nn.functional.pad(images, (0, 1, 0, 1), value=1.0)  # [R, S, C, H+1, W+1]
     mosaic = padded.permute(0, 3, 1, 4, 2).reshape(rows * (height + 1), cols * (width + 1), -1)
     mosaic = mosaic[:, :, 0] if channels == 1 else mosaic[:, :, :3]
-    fig, ax = plt.subplots(figsize=(0.5 * cols + 1.2, 0.5 * rows + 0.8))
     ax.imshow(mosaic.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_xticks([(col + 0.5) * (width + 1) - 1 for col in range(cols)], range(cols))
     labels = sample_file.labels[:rows] if sample_file.labels is not None else range(rows)
@@ -100,6 +129,12 @@ def _image_grid(plt, sample_file: SampleFile):
     ax.set_xlabel("seed", fontsize=8)
     ax.set_ylabel("condition", fontsize=8)
     ax.set_title(sample_file.model, fontsize=9)
+
+
+def _image_grid(plt, sample_file: SampleFile):
+    rows, cols = _mosaic_size(sample_file)
+    fig, ax = plt.subplots(figsize=(0.5 * cols + 1.2, 0.5 * rows + 0.8))
+    _draw_mosaic(ax, sample_file)
     fig.tight_layout()
     return fig
 
