@@ -17,10 +17,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-import yaml
 
 from phased_dmd_mp.config import load_config
 from phased_dmd_mp.data.digits import write_digits_condition_set
+from phased_dmd_mp.data.teacher import TeacherSpec, write_spec
 from phased_dmd_mp.distill.config import DistillConfig
 from phased_dmd_mp.distill.trainer import Distiller
 from phased_dmd_mp.models import WanConfig, build
@@ -39,8 +39,7 @@ def write_teacher(path: Path, width: int, layers: int, size: int) -> Path:
         path / "transformer", arch, ours_to_diffusers(build(arch).state_dict(), arch)
     )
     write_digits_condition_set(path / "conditions", text_dim=32, seed=0)
-    meta = {"latent_shape": [4, 1, size, size], "shift": 3.0, "guidance_scale": 3.0}
-    (path / "teacher.yaml").write_text(yaml.safe_dump(meta))
+    write_spec(path, TeacherSpec(latent_shape=(4, 1, size, size), shift=3.0, guidance_scale=3.0))
     return path
 
 
