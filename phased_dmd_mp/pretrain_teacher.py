@@ -1,20 +1,29 @@
-"""Train the embedded default's teacher: a tiny Wan DiT on scikit-learn's digits, class-conditioned.
+"""Train an embedded teacher: a tiny Wan DiT on scikit-learn's digits or on a 2D Gaussian mixture.
 
     python -m phased_dmd_mp.pretrain_teacher --out DIR [--config FILE] [--set key=value ...]
                                              [--overwrite]
 
-Flow matching (Eq. 4) on the 1797 digits as [1, 1, 8, 8] latents, conditioned on a frozen class
-embedding (data/digits.py) dropped to the null condition for a fraction of each batch so that
-classifier-free guidance works; AdamW with warm-up and cosine decay; an exponential moving average
-of the weights is the teacher. DIR is a teacher directory (data/teacher.py):
+`dataset: digits` (the default): flow matching (Eq. 4) on the 1797 digits as [1, 1, 8, 8]
+latents, conditioned on a frozen class embedding (data/digits.py). `dataset: mixture`
+(configs/mixture_teacher.yaml): points of a many-mode Gaussian mixture as one-token [2, 1, 1, 1]
+latents, unconditional (one condition; data/mixture.py), sampled without guidance, so that a
+distilled generator's mode coverage and per-mode mass can be measured exactly; Eq. 4's target
+eps - x_0 is replaced by its expectation given x_t, the mixture's exact velocity (same minimiser,
+no variance), so the final loss is the squared error to it. Either way the condition is dropped
+to the null condition for a fraction of each batch (classifier-free guidance needs it); AdamW
+with warm-up and cosine decay; an exponential moving average of the weights is the teacher. DIR
+is a teacher directory (data/teacher.py):
 
-    transformer/    the EMA weights in diffusers format     conditions/   the digits condition set
+    transformer/    the EMA weights in diffusers format     conditions/   the condition set
     teacher.yaml    latent shape, shift, steps, guidance     config.yaml   this run's TeacherConfig
-    samples.npz     teacher samples (eval format), every class x eval_seeds
-    samples.png     rows: classes 0-9, columns: seeds (teacher, sampling_steps, CFG)
-    metrics.json    final loss, times, and the samples measured against the real digits: class
-                    accuracy (the digits classifier of phased_dmd_mp.eval), Frechet distance,
-                    precision/recall, diversity
+                    (and the mixture, for points)
+    samples.npz     teacher samples (eval format), every condition x eval_seeds
+    samples.png     digits: rows classes 0-9, columns seeds; mixture: a scatter over the modes
+    metrics.json    final loss, times, and the samples measured with phased_dmd_mp.eval: against
+                    the real digits (class accuracy by the digits classifier, Frechet distance,
+                    precision/recall, diversity), or against the mixture (mode coverage, mass
+                    error per mode, on-mode fraction, and the same Frechet distance, precision/
+                    recall and diversity on the points themselves)
 
 DIR appears whole (it is assembled next to it and renamed into place).
 """
@@ -30,6 +39,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import yaml
@@ -37,6 +47,7 @@ from tqdm import tqdm
 
 from phased_dmd_mp.conditioning import Conditions, dit_velocity
 from phased_dmd_mp.config import ConfigError, load_config
+from phased_dmd_mp.data import mixture as mixture_data
 from phased_dmd_mp.data.conditions import ConditionSampler, ConditionSet, staging_dir
 from phased_dmd_mp.data.digits import (
     LATENT_SHAPE,
@@ -51,7 +62,9 @@ from phased_dmd_mp.data.teacher import (
     write_spec,
 )
 from phased_dmd_mp.eval.digits import DigitsExtractor, load_digits_images
-from phased_dmd_mp.eval.samples import load_sample_file
+from phased_dmd_mp.eval.extractors import PointFeatures
+from phased_dmd_mp.eval.mixture import Mixture
+from phased_dmd_mp.eval.samples import SampleFile, load_sample_file
 from phased_dmd_mp.evaluate import EvalConfig, evaluate_run, extract
 from phased_dmd_mp.losses import flow_matching_loss
 from phased_dmd_mp.models import ExecutionConfig, WanConfig, build
@@ -63,7 +76,14 @@ from phased_dmd_mp.schedule import FLOW_MATCHING, sample_timesteps, timestep_tab
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    # The DiT, Wan architecture: (1, 2, 2) patches make 16 tokens of an 8x8 digit.
+    # What the teacher learns: the digits (class-conditioned images) or a Gaussian mixture
+    # (unconditional 2D points; the mixture_* keys below).
+    dataset: Literal["digits", "mixture"] = "digits"
+    mixture_side: int = 5  # modes on a side x side grid, equal weights
+    mixture_spacing: float = 1.0  # between neighbouring means (5, 1.0: {-2, -1, 0, 1, 2}^2)
+    mixture_std: float = 0.05  # of every mode
+    # The DiT, Wan architecture: (1, 2, 2) patches make 16 tokens of an 8x8 digit, (1, 1, 1) one
+    # token of a point.
     num_layers: int = 4
     num_attention_heads: int = 4
     attention_head_dim: int = 32
@@ -86,6 +106,11 @@ class TeacherConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if self.mixture_side < 1:
+            raise ValueError(f"mixture_side must be >= 1, got {self.mixture_side}")
+        for name in ("mixture_spacing", "mixture_std"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("num_layers", "num_attention_heads", "ffn_dim", "freq_dim", "text_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -109,6 +134,11 @@ class TeacherConfig:
             raise ValueError(f"shift must be > 0, got {self.shift}")
         if not self.guidance_scale >= 1:
             raise ValueError(f"guidance_scale must be >= 1, got {self.guidance_scale}")
+        if self.dataset == "mixture" and self.guidance_scale != 1:
+            raise ValueError(
+                f"guidance_scale must be 1 for dataset: mixture (it is unconditional: guidance "
+                f"would only distort the mixture), got {self.guidance_scale}"
+            )
         if self.eval_seeds < 4:
             raise ValueError(
                 f"eval_seeds must be >= 4 (precision/recall's k = 3), got {self.eval_seeds}"
@@ -116,26 +146,42 @@ class TeacherConfig:
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
 
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        return LATENT_SHAPE if self.dataset == "digits" else mixture_data.LATENT_SHAPE
+
+    def mixture(self) -> Mixture:
+        return mixture_data.grid_mixture(self.mixture_side, self.mixture_spacing, self.mixture_std)
+
     def arch(self) -> WanConfig:
         return WanConfig(
-            patch_size=(1, 2, 2),
+            patch_size=(1, 2, 2) if self.dataset == "digits" else (1, 1, 1),
             num_attention_heads=self.num_attention_heads,
             attention_head_dim=self.attention_head_dim,
-            in_channels=LATENT_SHAPE[0],
-            out_channels=LATENT_SHAPE[0],
+            in_channels=self.latent_shape[0],
+            out_channels=self.latent_shape[0],
             text_dim=self.text_dim,
             freq_dim=self.freq_dim,
             ffn_dim=self.ffn_dim,
             num_layers=self.num_layers,
         )
 
+    def value_range(self) -> tuple[float, float]:
+        """Of the data: the digits' pixel range, the mixture's means +- 3 std."""
+        if self.dataset == "digits":
+            return VALUE_RANGE
+        extent = (self.mixture_side - 1) / 2 * self.mixture_spacing + 3 * self.mixture_std
+        return (-extent, extent)
+
     def spec(self) -> TeacherSpec:
+        mixture = {} if self.dataset == "digits" else TeacherSpec.mixture_fields(self.mixture())
         return TeacherSpec(
-            latent_shape=LATENT_SHAPE,
+            latent_shape=self.latent_shape,
             shift=self.shift,
             guidance_scale=self.guidance_scale,
             sampling_steps=self.sampling_steps,
-            value_range=VALUE_RANGE,
+            value_range=self.value_range(),
+            **mixture,
         )
 
 
@@ -146,6 +192,22 @@ def _learning_rate_factor(config: TeacherConfig, step: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def training_data(config: TeacherConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents [N, *latent_shape] and their condition indices [N]: the digits with their classes,
+    or train_steps x batch_size seeded mixture points (fresh ones every step), all condition 0."""
+    if config.dataset == "digits":
+        return load_digits_latents()
+    points = config.mixture().sample(config.train_steps * config.batch_size, config.seed)
+    return mixture_data.points_to_latents(points), torch.zeros(len(points), dtype=torch.long)
+
+
+def write_conditions(config: TeacherConfig, path: Path) -> ConditionSet:
+    """The teacher directory's condition set: one item per digit class, or the mixture's one."""
+    if config.dataset == "digits":
+        return write_digits_condition_set(path, config.text_dim, config.seed)
+    return mixture_data.write_mixture_condition_set(path, config.text_dim, config.seed)
+
+
 def _drop_conditions(cond: Conditions, uncond: Conditions, drop: torch.Tensor) -> Conditions:
     """The text of `cond`, replaced by the null condition where `drop` [B] is set."""
     return Conditions(text=torch.where(drop[:, None, None], uncond.text, cond.text))
@@ -154,10 +216,12 @@ def _drop_conditions(cond: Conditions, uncond: Conditions, drop: torch.Tensor) -
 def train(
     config: TeacherConfig, conditions: ConditionSet, progress: bool = True
 ) -> tuple[DiTStage, dict]:
-    """Train on the digits; returns the EMA model (the teacher, eval mode) and statistics."""
+    """Train on the config's dataset; returns the EMA model (the teacher, eval mode) and
+    statistics."""
     torch.manual_seed(config.seed)  # initial weights
     generator = torch.Generator().manual_seed(config.seed)
-    latents, labels = load_digits_latents()
+    latents, labels = training_data(config)
+    mixture = config.mixture() if config.dataset == "mixture" else None
     arch = config.arch()
     model = build(arch, ExecutionConfig())
     teacher = build(arch, ExecutionConfig(), init_weights=False)
@@ -169,7 +233,7 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: _learning_rate_factor(config, step)
     )
-    # Every digit once per epoch, in a seeded order (the sampler the distillation also uses).
+    # Every digit (point) once per epoch, in a seeded order (the sampler the distillation uses).
     sampler = ConditionSampler(len(latents), config.batch_size, config.seed)
     uncond = conditions.uncond(config.batch_size)
     start, recent = time.perf_counter(), []
@@ -181,7 +245,10 @@ def train(
         cond = _drop_conditions(conditions.batch(labels[indices]), uncond, drop)
         eps = torch.randn(x0.shape, generator=generator)
         t = sample_timesteps(len(x0), 0.0, 1.0, config.shift, generator=generator)
-        loss = flow_matching_loss(velocity(FLOW_MATCHING.add_noise(x0, eps, t), t, cond), x0, eps)
+        x_t = FLOW_MATCHING.add_noise(x0, eps, t)
+        if mixture is not None:  # the exact target: the same minimiser, without its variance
+            x0, eps = mixture_data.posterior_means(mixture, x_t, t)
+        loss = flow_matching_loss(velocity(x_t, t, cond), x0, eps)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -209,9 +276,30 @@ def class_accuracy(extractor: DigitsExtractor, images: torch.Tensor) -> list[flo
 
 
 def measure(samples_path: Path, progress: bool) -> dict:
-    """The teacher's samples against the real digits, with the evaluation library."""
-    extractor = DigitsExtractor.load(progress=progress)
+    """The teacher's samples against the real digits or the mixture (the file says which)."""
     file = load_sample_file(samples_path)
+    if file.kind == "points":
+        return measure_points(file)
+    return measure_digits(file, progress)
+
+
+def measure_points(file: SampleFile) -> dict:
+    """Point samples against their mixture, as `python -m phased_dmd_mp.evaluate` measures them."""
+    config, points = EvalConfig(), PointFeatures()
+    real = points.features(file.mixture.sample(config.mixture_reference_samples, config.seed))
+    run = evaluate_run(file, points, points, real, config, progress=False)
+    return {
+        **run["metrics"],
+        "mode_fractions": run["mode_fractions"],
+        "samples": file.conditions * file.seeds,
+        "reference": f"the mixture ({len(real)} draws); precision and recall use equally many; "
+        f"a sample counts for a mode within {config.coverage_radius:g} std of its mean",
+    }
+
+
+def measure_digits(file: SampleFile, progress: bool) -> dict:
+    """Digit samples against the real digits, with the evaluation library."""
+    extractor = DigitsExtractor.load(progress=progress)
     real_features = extract(extractor, load_digits_images()[0], False, "real features")
     run = evaluate_run(file, extractor, extractor, real_features, EvalConfig(), progress=False)
     per_class = class_accuracy(extractor, file.samples)
@@ -249,13 +337,14 @@ def run(config: TeacherConfig, out_dir: Path, progress: bool = True) -> tuple[Di
 
 def _build(config: TeacherConfig, out_dir: Path, progress: bool) -> tuple[DiTStage, dict]:
     start = time.perf_counter()
-    conditions = write_digits_condition_set(out_dir / CONDITIONS_DIR, config.text_dim, config.seed)
+    conditions = write_conditions(config, out_dir / CONDITIONS_DIR)
     teacher, training = train(config, conditions, progress)
     arch = teacher.arch
     write_diffusers_dir(
         out_dir / TRANSFORMER_DIR, arch, ours_to_diffusers(teacher.state_dict(), arch)
     )
-    write_spec(out_dir, config.spec())
+    spec = config.spec()
+    write_spec(out_dir, spec)
     (out_dir / "config.yaml").write_text(
         yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
     )
@@ -266,8 +355,9 @@ def _build(config: TeacherConfig, out_dir: Path, progress: bool) -> tuple[DiTSta
         velocity=guided_velocity(teacher, arch, conditions, config.guidance_scale),
         timesteps=timestep_table(config.sampling_steps, config.shift),
         conditions=conditions,
-        latent_shape=LATENT_SHAPE,
-        value_range=VALUE_RANGE,
+        latent_shape=spec.latent_shape,
+        value_range=spec.value_range,
+        mixture=spec.mixture(),
     )
     samples = generate(source, config.eval_seeds, progress)
     samples_path = write_samples(out_dir, source, samples, grid_name="samples.png")
@@ -314,12 +404,25 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"teacher trained in {metrics['training']['seconds']:.0f} s (final loss "
         f"{metrics['training']['final_loss']:.4f}); its samples ({config.sampling_steps} steps, "
-        f"CFG {config.guidance_scale:g}): class accuracy {metrics['class_accuracy']:.1%}, "
-        f"FD {metrics['frechet_distance']:.2f}, precision {metrics['precision']:.2f}, "
-        f"recall {metrics['recall']:.2f}, perceptual diversity "
-        f"{metrics['perceptual_distance']:.3f}\nwrote {args.out} in {metrics['seconds']:.0f} s"
+        f"CFG {config.guidance_scale:g}): {_quality(metrics)}\n"
+        f"wrote {args.out} in {metrics['seconds']:.0f} s"
     )
     return 0
+
+
+def _quality(metrics: dict) -> str:
+    """The headline metrics, for the command line."""
+    if "mode_coverage" in metrics:
+        return (
+            f"mode coverage {metrics['mode_coverage']:.1%}, mass error mean "
+            f"{metrics['mass_error_mean']:.4f} (max {metrics['mass_error_max']:.4f}), on-mode "
+            f"{metrics['on_mode_fraction']:.1%}, FD {metrics['frechet_distance']:.4f}"
+        )
+    return (
+        f"class accuracy {metrics['class_accuracy']:.1%}, FD {metrics['frechet_distance']:.2f}, "
+        f"precision {metrics['precision']:.2f}, recall {metrics['recall']:.2f}, perceptual "
+        f"diversity {metrics['perceptual_distance']:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -11,7 +11,10 @@ generator.json, which says which expert takes each step), without guidance, as i
 Both write OUT/samples.npz ([conditions, seeds, C, H, W], model name, labels, value_range;
 phased_dmd_mp/eval/samples.py), which `python -m phased_dmd_mp.evaluate` reads, and
 OUT/grid.png (rows: conditions, columns: seeds). Seed j starts every condition from the same
-noise, so columns compare conditions and rows compare seeds.
+noise, so columns compare conditions and rows compare seeds. A teacher whose teacher.yaml has a
+mixture (a point teacher, data/mixture.py; for --checkpoint, the run's teacher) gives points
+instead: samples [conditions, seeds, D] with the mixture_* keys, and OUT/grid.png is a scatter
+over the modes.
 """
 
 from __future__ import annotations
@@ -33,13 +36,16 @@ from phased_dmd_mp.conditioning import Conditions, dit_velocity
 from phased_dmd_mp.config import ConfigError
 from phased_dmd_mp.data.conditions import ConditionSet
 from phased_dmd_mp.data.teacher import (
+    SPEC_FILE,
     load_diffusers_transformer,
     load_transformer,
     read_conditions,
     read_spec,
 )
+from phased_dmd_mp.eval.mixture import Mixture
 from phased_dmd_mp.eval.report import save_grid
 from phased_dmd_mp.eval.samples import SampleFile
+from phased_dmd_mp.evaluate import EvalConfig
 from phased_dmd_mp.sampling import ConditionedVelocityFn, guided, sample
 from phased_dmd_mp.schedule import timestep_table
 
@@ -58,6 +64,7 @@ class Source:
     latent_shape: tuple[int, ...]
     value_range: tuple[float, float]
     renoise: bool = False  # DMD2's few-step sampler: fresh noise after each step's x_0
+    mixture: Mixture | None = None  # a point teacher's (TeacherSpec): samples are points
 
 
 def guided_velocity(
@@ -97,6 +104,7 @@ def teacher_source(
         conditions=conditions,
         latent_shape=spec.latent_shape,
         value_range=spec.value_range,
+        mixture=spec.mixture(),
     )
 
 
@@ -112,6 +120,14 @@ def generator_source(run_dir: str | Path) -> Source:
             "when it finishes; an interrupted one finishes with pretrain_distill --resume"
         )
     summary = json.loads(summary_path.read_text())
+    teacher_dir = Path(summary["teacher"])
+    if not (teacher_dir / SPEC_FILE).is_file():
+        raise ConfigError(
+            f"the run's teacher {teacher_dir} ({summary_path}) has no {SPEC_FILE}, which says "
+            "whether samples are points: run from the directory the run was started in, or edit "
+            "`teacher` there"
+        )
+    mixture = read_spec(teacher_dir).mixture()
     conditions_dir = Path(summary["conditions"])
     if not conditions_dir.is_dir():
         raise ConfigError(
@@ -138,6 +154,7 @@ def generator_source(run_dir: str | Path) -> Source:
         latent_shape=tuple(summary["latent_shape"]),
         value_range=tuple(summary["value_range"]),
         renoise=summary["step_noise"] == "renoise",
+        mixture=mixture,
     )
 
 
@@ -190,13 +207,15 @@ def write_samples(
     out_dir: Path, source: Source, samples: Tensor, grid_name: str = "grid.png"
 ) -> Path:
     """OUT/samples.npz (eval format) and the grid OUT/grid_name; returns the npz path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if source.mixture is not None:
+        return _write_points(out_dir, source, samples, grid_name)
     if samples.shape[3] != 1:
         raise ConfigError(
             f"the evaluation takes images; these latents have {samples.shape[3]} frames "
             "(decode video latents with the model's VAE first)"
         )
     images = samples[:, :, :, 0]  # [conditions, seeds, C, H, W]
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "samples.npz"
     labels = labels_of(source.conditions)
     np.savez(
@@ -215,6 +234,33 @@ def write_samples(
         mixture=None,
     )
     save_grid(grid, out_dir / grid_name, coverage_radius=0.0)
+    return path
+
+
+def _write_points(out_dir: Path, source: Source, samples: Tensor, grid_name: str) -> Path:
+    """Point samples [conditions, seeds, D] (the latents flattened) with their mixture, and a
+    scatter of them over its modes."""
+    points = samples.flatten(2).double()
+    mixture = source.mixture
+    path = out_dir / "samples.npz"
+    labels = labels_of(source.conditions)
+    np.savez(
+        path,
+        samples=points.numpy(),
+        model=np.str_(source.name),
+        labels=labels,
+        mixture_means=mixture.means.numpy(),
+        mixture_weights=mixture.weights.numpy(),
+        mixture_std=np.float64(mixture.std),
+    )
+    scatter = SampleFile(
+        path=path,
+        model=source.name,
+        samples=points,
+        labels=[str(label) for label in labels],
+        mixture=mixture,
+    )
+    save_grid(scatter, out_dir / grid_name, EvalConfig.coverage_radius)
     return path
 
 

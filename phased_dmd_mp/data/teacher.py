@@ -4,7 +4,9 @@
                     what `WanTransformer3DModel.from_pretrained` reads), so the embedded default
                     and a downloaded Wan checkpoint load the same way
     conditions/     the condition set the distillation draws from (data/conditions.py)
-    teacher.yaml    TeacherSpec: latent shape, schedule shift, default steps and guidance
+    teacher.yaml    TeacherSpec: latent shape, schedule shift, default steps and guidance, and
+                    for a Gaussian mixture teacher (data/mixture.py) the mixture its samples, the
+                    flattened latents, should follow
 
 `python -m phased_dmd_mp.pretrain_teacher` writes one for the embedded default; for a released
 model, put its transformer folder, a precomputed condition set and a teacher.yaml side by side.
@@ -13,6 +15,7 @@ model, put its transformer folder, a precomputed condition set and a teacher.yam
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 
 from phased_dmd_mp.config import ConfigError, load_config
 from phased_dmd_mp.data.conditions import ConditionSet
+from phased_dmd_mp.eval.mixture import Mixture
 from phased_dmd_mp.models import ExecutionConfig, build, load_whole_state_dict
 from phased_dmd_mp.models.convert import diffusers_to_ours, read_diffusers_dir
 from phased_dmd_mp.models.dit import DiTStage
@@ -39,6 +43,12 @@ class TeacherSpec:
     guidance_scale: float  # CFG: uncond + scale (cond - uncond); 1 = no guidance
     sampling_steps: int = 40
     value_range: tuple[float, float] = (-1.0, 1.0)  # of the data (pixels or latents)
+    # Point teachers only: the Gaussian mixture (means [modes, D], weights, shared std) that the
+    # samples, latents flattened to D = C * F * H * W values, should follow. With it the sampler
+    # writes points and the evaluation measures modes; image and video teachers leave it out.
+    mixture_means: tuple[tuple[float, ...], ...] | None = None
+    mixture_weights: tuple[float, ...] | None = None
+    mixture_std: float | None = None
 
     def __post_init__(self):
         if any(d < 1 for d in self.latent_shape):
@@ -51,12 +61,41 @@ class TeacherSpec:
             raise ValueError(f"sampling_steps must be >= 1, got {self.sampling_steps}")
         if not self.value_range[0] < self.value_range[1]:
             raise ValueError(f"value_range must be [low, high], got {list(self.value_range)}")
+        given = [self.mixture_means, self.mixture_weights, self.mixture_std]
+        if any(value is None for value in given) and any(value is not None for value in given):
+            raise ValueError("give all of mixture_means, mixture_weights, mixture_std or none")
+        mixture = self.mixture()  # validates it
+        dims = math.prod(self.latent_shape)
+        if mixture is not None and mixture.means.shape[1] != dims:
+            raise ValueError(
+                f"mixture_means has {mixture.means.shape[1]} dims, but the points are latents "
+                f"{list(self.latent_shape)} flattened ({dims} values)"
+            )
+
+    def mixture(self) -> Mixture | None:
+        """The mixture a point teacher's samples follow; None for images and video."""
+        if self.mixture_means is None:
+            return None
+        return Mixture.from_values(self.mixture_means, self.mixture_weights, self.mixture_std)
+
+    @staticmethod
+    def mixture_fields(mixture: Mixture) -> dict:
+        """The TeacherSpec keyword arguments describing `mixture`."""
+        return {
+            "mixture_means": tuple(tuple(mean) for mean in mixture.means.tolist()),
+            "mixture_weights": tuple(mixture.weights.tolist()),
+            "mixture_std": mixture.std,
+        }
+
+
+def _plain(value):
+    """Tuples (nested too) as lists, which YAML writes without Python tags."""
+    return [_plain(item) for item in value] if isinstance(value, tuple) else value
 
 
 def write_spec(teacher_dir: str | Path, spec: TeacherSpec) -> None:
-    values = {
-        key: list(value) if isinstance(value, tuple) else value
-        for key, value in dataclasses.asdict(spec).items()
+    values = {  # unset optional keys (an image teacher's mixture) are left out
+        key: _plain(value) for key, value in dataclasses.asdict(spec).items() if value is not None
     }
     (Path(teacher_dir) / SPEC_FILE).write_text(yaml.safe_dump(values, sort_keys=False))
 
