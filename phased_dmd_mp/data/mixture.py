@@ -46,7 +46,8 @@ def posterior_means(mixture: Mixture, x_t: Tensor, t: Tensor) -> tuple[Tensor, T
 
     Their difference is the exact velocity, the minimiser of Eq. 4: regressing on it instead of
     on the drawn eps - x_0 trains the same model without the target's variance, which at this
-    mixture's sharp modes otherwise dominates (same steps: 50% of samples on a mode, not 90%).
+    mixture's sharp modes otherwise dominates (1000 steps of 512 put 89% of the teacher's samples
+    on a mode; with drawn targets no learning rate, batch or std tried passed 50%).
     Given its mode k, x_t ~ N(alpha mu_k, v I) with v = alpha^2 std^2 + sigma^2, from which the
     mode's posterior weight and the Gaussian conditional means follow.
     """
