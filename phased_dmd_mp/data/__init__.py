@@ -1,5 +1,6 @@
 """What the distillation reads instead of data: condition sets on disk (conditions.py), the
-embedded default's digits and class embeddings (digits.py) and teacher directories (teacher.py)."""
+embedded teachers' data (digits.py: scikit-learn's digits and class embeddings; mixture.py: a 2D
+Gaussian mixture) and teacher directories (teacher.py)."""
 
 from phased_dmd_mp.data.conditions import (
     ConditionSampler,
