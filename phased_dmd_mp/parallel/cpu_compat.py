@@ -46,3 +46,14 @@ def cuda_calls_on_cpu():
         _CudaFactoriesOnCpu(),
     ):
         yield
+
+
+@contextlib.contextmanager
+def model_code_outside_shim():
+    """Inside `cuda_calls_on_cpu`: run our own model code (which never asks for CUDA) without the
+    shim's Python call per torch op, which otherwise doubles the CPU step of a small model."""
+    if not isinstance(torch.overrides._get_current_function_mode(), _CudaFactoriesOnCpu):
+        yield
+        return
+    with torch.overrides._pop_mode_temporarily():
+        yield

@@ -17,7 +17,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor, nn
 
 from phased_dmd_mp.models.dit import DiTStage
-from phased_dmd_mp.parallel.cpu_compat import cuda_calls_on_cpu
+from phased_dmd_mp.parallel.cpu_compat import cuda_calls_on_cpu, model_code_outside_shim
 
 Inputs = dict  # keyword arguments of the stage's forward
 
@@ -56,7 +56,8 @@ def _run(model, microbatches: list[tuple[Inputs, Any]], loss_fn, forward_only: b
 
     def step(data_iterator, module):
         inputs, context = next(data_iterator)
-        output = module(**inputs)
+        with model_code_outside_shim():
+            output = module(**inputs)
         if loss_fn is None:
             return output, None
 
