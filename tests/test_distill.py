@@ -109,7 +109,7 @@ def test_non_finite_generator_update_is_skipped(tmp_path, teacher, monkeypatch):
 def test_user_mistakes_are_clean_errors(tmp_path, teacher, capsys):
     with pytest.raises(SystemExit) as info:
         run(tmp_path / "a", tmp_path / "no-teacher")
-    assert info.value.code == 2 and "lacks" in capsys.readouterr().err
+    assert info.value.code == 2 and "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         run(tmp_path / "a", teacher, "num_steps=4", "num_phases=3")
     assert "evenly" in capsys.readouterr().err

@@ -50,8 +50,9 @@ def cuda_calls_on_cpu():
 
 @contextlib.contextmanager
 def model_code_outside_shim():
-    """Inside `cuda_calls_on_cpu`: run our own model code (which never asks for CUDA) without the
-    shim's Python call per torch op, which otherwise doubles the CPU step of a small model."""
+    """Inside `cuda_calls_on_cpu`: run model code that never asks for CUDA (ours at tensor
+    parallel 1; megatron's TP mappings do allocate on CUDA) without the shim's Python call per
+    torch op, which otherwise doubles the CPU step of a small model."""
     if not isinstance(torch.overrides._get_current_function_mode(), _CudaFactoriesOnCpu):
         yield
         return

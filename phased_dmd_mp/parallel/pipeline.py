@@ -9,11 +9,13 @@ three run under `cpu_compat.cuda_calls_on_cpu`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_pg_size
 from torch import Tensor, nn
 
 from phased_dmd_mp.models.dit import DiTStage
@@ -54,9 +56,13 @@ def _run(model, microbatches: list[tuple[Inputs, Any]], loss_fn, forward_only: b
     first = microbatches[0][0]
     batch = next(v for v in first.values() if isinstance(v, Tensor)).shape[0]
 
+    tensor_parallel = get_pg_size(stage.pg_collection.tp)
+
     def step(data_iterator, module):
         inputs, context = next(data_iterator)
-        with model_code_outside_shim():
+        # Tensor-parallel mappings inside the model allocate on CUDA: they need the shim.
+        outside = model_code_outside_shim() if tensor_parallel == 1 else contextlib.nullcontext()
+        with outside:
             output = module(**inputs)
         if loss_fn is None:
             return output, None
