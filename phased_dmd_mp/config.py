@@ -100,3 +100,17 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
         values.update(loaded or {})
     values.update(parse_overrides(list(overrides)))
     return build_config(cls, values)
+
+
+def add_config_arguments(parser, cls: type, example: str) -> None:
+    """The CLIs' shared --config FILE and repeatable --set KEY=VALUE (into args.config and
+    args.overrides), for `load_config(cls, args.config, args.overrides)`."""
+    parser.add_argument("--config", type=Path, help=f"YAML file with {cls.__name__} keys")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override one config key (repeatable), e.g. --set {example}",
+    )

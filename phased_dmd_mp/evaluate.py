@@ -24,7 +24,7 @@ import yaml
 from torch import Tensor
 from tqdm import tqdm
 
-from phased_dmd_mp.config import ConfigError, load_config
+from phased_dmd_mp.config import ConfigError, add_config_arguments, load_config
 from phased_dmd_mp.eval.digits import DigitsExtractor, load_digits_images
 from phased_dmd_mp.eval.extractors import FeatureExtractor, PerceptualDistance, check_role, resolve
 from phased_dmd_mp.eval.metrics import (
@@ -288,15 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("samples", nargs="+", type=Path, help=".npz sample files")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
-    parser.add_argument("--config", type=Path, help="YAML file with EvalConfig keys")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config key (repeatable), e.g. --set knn_k=5",
-    )
+    add_config_arguments(parser, EvalConfig, "knn_k=5")
     parser.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     args = parser.parse_args(argv)
     if (args.out / "results.json").exists() and not args.overwrite:

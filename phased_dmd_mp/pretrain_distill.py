@@ -23,7 +23,7 @@ from pathlib import Path
 import torch.distributed as dist
 import yaml
 
-from phased_dmd_mp.config import ConfigError, load_config
+from phased_dmd_mp.config import ConfigError, add_config_arguments, load_config
 from phased_dmd_mp.distill import checkpoint
 from phased_dmd_mp.distill.config import DistillConfig
 
@@ -46,8 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m phased_dmd_mp.pretrain_distill", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--out", required=True, type=Path, help="run directory")
-    parser.add_argument("--config", type=Path, help="YAML file with DistillConfig keys")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_arguments(parser, DistillConfig, "iterations_per_phase=50")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     group.add_argument("--overwrite", action="store_true", help="discard what RUN holds")

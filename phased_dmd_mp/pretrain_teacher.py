@@ -46,7 +46,7 @@ import yaml
 from tqdm import tqdm
 
 from phased_dmd_mp.conditioning import Conditions, dit_velocity
-from phased_dmd_mp.config import ConfigError, load_config
+from phased_dmd_mp.config import ConfigError, add_config_arguments, load_config
 from phased_dmd_mp.data import mixture as mixture_data
 from phased_dmd_mp.data.conditions import ConditionSampler, ConditionSet, staging_dir
 from phased_dmd_mp.data.digits import (
@@ -382,15 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m phased_dmd_mp.pretrain_teacher", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--out", required=True, type=Path, help="teacher directory to write")
-    parser.add_argument("--config", type=Path, help="YAML file with TeacherConfig keys")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config key (repeatable), e.g. --set train_steps=500",
-    )
+    add_config_arguments(parser, TeacherConfig, "train_steps=500")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
     try:

@@ -32,7 +32,7 @@ import yaml
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from phased_dmd_mp.config import ConfigError, load_config
+from phased_dmd_mp.config import ConfigError, add_config_arguments, load_config
 from phased_dmd_mp.losses import DEFAULT_MAX_WEIGHT, flow_matching_loss, subinterval_flow_loss
 from phased_dmd_mp.schedule import FLOW_MATCHING, sample_timesteps
 
@@ -285,15 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m phased_dmd_mp.toy", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--out", required=True, type=Path, help="output directory")
-    parser.add_argument("--config", type=Path, help="YAML file with ToyConfig keys")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config key (repeatable), e.g. --set train_steps=500",
-    )
+    add_config_arguments(parser, ToyConfig, "train_steps=500")
     parser.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     args = parser.parse_args(argv)
     try:
