@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import run_cli
 from distill_helpers import run_distill
 
 from phased_dmd_mp import evaluate, pretrain_teacher, sample
@@ -29,14 +30,6 @@ def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "teacher"
     _, metrics = pretrain_teacher.run(config, out, progress=False)
     return config, out, metrics
-
-
-def _run(main, argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as exit_info:
-        code = exit_info.code
-    return code, capsys.readouterr().err
 
 
 def test_training_points_follow_the_grid_mixture():
@@ -105,7 +98,7 @@ def test_teacher_directory_samples_to_points_the_evaluation_measures(trained, tm
     assert teacher_samples.kind == "points" and (out / "samples.png").stat().st_size > 1000
 
     # More seeds than one sampling batch; the first ones are the teacher's own samples.
-    code, err = _run(
+    code, err = run_cli(
         sample.main, ["--teacher", str(out), "--out", str(tmp_path / "s"), "--seeds", "300"], capsys
     )
     assert code == 0, err
@@ -116,7 +109,7 @@ def test_teacher_directory_samples_to_points_the_evaluation_measures(trained, tm
         file.samples[:, : config.eval_seeds], teacher_samples.samples, rtol=1e-5, atol=1e-5
     )
 
-    code, err = _run(
+    code, err = run_cli(
         evaluate.main, [str(tmp_path / "s" / "samples.npz"), "--out", str(tmp_path / "e")], capsys
     )
     assert code == 0, err
@@ -131,7 +124,7 @@ def test_distilled_generator_samples_points(trained, tmp_path, capsys):
     _, teacher_dir, _ = trained
     assert run_distill(tmp_path / "run", teacher_dir, "num_steps=2", "num_phases=2") == 0
     out = tmp_path / "s"
-    code, err = _run(
+    code, err = run_cli(
         sample.main, ["--checkpoint", str(tmp_path / "run"), "--out", str(out)], capsys
     )
     assert code == 0, err
@@ -148,6 +141,6 @@ def test_config_mistakes_name_the_key(tmp_path, capsys):
         "dataset must be one of": ["--set", "dataset=moons"],
     }
     for message, argv in cases.items():
-        code, err = _run(pretrain_teacher.main, ["--out", str(tmp_path / "t"), *argv], capsys)
+        code, err = run_cli(pretrain_teacher.main, ["--out", str(tmp_path / "t"), *argv], capsys)
         assert code == 2 and message in err and "Traceback" not in err, err
     assert not (tmp_path / "t").exists()

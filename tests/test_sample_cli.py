@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import run_cli
 
 from phased_dmd_mp import evaluate, sample
 from phased_dmd_mp.conditioning import dit_velocity
@@ -43,18 +44,10 @@ def teacher_dir(tmp_path_factory):
     return path
 
 
-def _run(main, argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as exit_info:
-        code = exit_info.code
-    return code, capsys.readouterr().err
-
-
 def test_samples_are_the_guided_ode_and_evaluate_accepts_them(teacher_dir, tmp_path, capsys):
     out = tmp_path / "samples"
     argv = ["--teacher", str(teacher_dir), "--out", str(out), "--steps", "3", "--seeds", "3"]
-    code, err = _run(sample.main, [*argv, "--shift", "2"], capsys)
+    code, err = run_cli(sample.main, [*argv, "--shift", "2"], capsys)
     assert code == 0, err
     file = load_sample_file(out / "samples.npz")
     assert file.samples.shape == (10, 3, 1, 8, 8)
@@ -73,15 +66,15 @@ def test_samples_are_the_guided_ode_and_evaluate_accepts_them(teacher_dir, tmp_p
     # Same noise per seed for every condition: classes differ, but only through the condition.
     assert not torch.equal(file.samples[0, 2], file.samples[7, 2])
 
-    code, err = _run(sample.main, argv, capsys)
+    code, err = run_cli(sample.main, argv, capsys)
     assert code == 2 and "--overwrite" in err
-    code, err = _run(sample.main, [*argv, "--overwrite", "--guidance", "1"], capsys)
+    code, err = run_cli(sample.main, [*argv, "--overwrite", "--guidance", "1"], capsys)
     assert code == 0, err
     unguided = load_sample_file(out / "samples.npz")
     assert unguided.model == "teacher 3 steps, CFG 1"
     assert not torch.allclose(unguided.samples, file.samples)
 
-    code, err = _run(
+    code, err = run_cli(
         evaluate.main, [str(out / "samples.npz"), "--out", str(tmp_path / "eval")], capsys
     )
     assert code == 0, err
@@ -99,5 +92,5 @@ def test_user_mistakes_are_one_line_errors(teacher_dir, tmp_path, capsys):
         "guidance >= 1": ["--teacher", str(teacher_dir), "--out", out, "--guidance", "0.5"],
     }
     for message, argv in cases.items():
-        code, err = _run(sample.main, argv, capsys)
+        code, err = run_cli(sample.main, argv, capsys)
         assert code == 2 and message in err and "Traceback" not in err, err
