@@ -1,18 +1,15 @@
-"""benchmarks/reproduce.py on a seconds-long suite: every run x seed becomes one row with its seed
-count, the teacher is a row, reruns reuse finished work, and bad suites are clean errors."""
+"""python -m phased_dmd_mp.reproduce on a seconds-long suite: every run x seed becomes one row
+with its seed count, the teacher is a row, jobs run in parallel worker processes with their own
+logs, reruns reuse finished work, a failed run is reported without stopping the others, and bad
+suites are clean errors."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-spec = importlib.util.spec_from_file_location("reproduce", ROOT / "benchmarks" / "reproduce.py")
-reproduce = sys.modules["reproduce"] = importlib.util.module_from_spec(spec)  # for its dataclasses
-spec.loader.exec_module(reproduce)
+from phased_dmd_mp import reproduce
 
 SUITE = {
     "teacher_config": "configs/digits_teacher_smoke.yaml",
@@ -36,16 +33,34 @@ def _write(path: Path, suite: dict) -> Path:
 def test_suite_end_to_end_and_reuse(tmp_path):
     suite = _write(tmp_path / "smoke.yaml", SUITE)
     out = tmp_path / "out"
-    assert reproduce.main(["--suite", str(suite), "--out", str(out), "--no-progress"]) == 0
+    argv = ["--suite", str(suite), "--out", str(out), "--no-progress", "--jobs", "2"]
+    assert reproduce.main(argv) == 0
     results = json.loads((out / "smoke" / "eval" / "results.json").read_text())
     rows = {row["model"]: row["runs"] for row in results["models"]}
     assert rows == {"teacher 2 steps, CFG 1.5": 1, "DMD": 2, "Phased": 2}
     assert "## smoke" in (out / "report.md").read_text()
+    assert (
+        "done: 2 generator updates" in (out / "smoke" / "runs" / "phased" / "seed1.log").read_text()
+    )
     # A second call trains nothing: the exports are untouched.
     export = out / "smoke" / "runs" / "phased" / "seed1" / "export" / "expert_2"
     stamp = (export / "config.json").stat().st_mtime_ns
-    assert reproduce.main(["--suite", str(suite), "--out", str(out), "--no-progress"]) == 0
+    assert reproduce.main(argv) == 0
     assert (export / "config.json").stat().st_mtime_ns == stamp
+
+
+def test_a_failed_run_is_reported_and_the_others_finish(tmp_path, capsys):
+    # Tensor parallelism 2 in a one-process job passes the config check and fails when it runs.
+    broken = {"name": "broken", "set": ["tensor_parallel=2", "iterations_per_phase=1"]}
+    suite = _write(
+        tmp_path / "smoke.yaml", {**SUITE, "seeds": [0], "runs": [*SUITE["runs"], broken]}
+    )
+    out = tmp_path / "out"
+    assert reproduce.main(["--suite", str(suite), "--out", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "smoke: run 'broken' seed 0 failed" in err and "broken/seed0.log" in err
+    assert (out / "smoke" / "runs" / "phased" / "seed0" / "export" / "generator.json").is_file()
+    assert not (out / "smoke" / "eval").exists()  # no table from an incomplete suite
 
 
 @pytest.mark.parametrize(
@@ -54,6 +69,7 @@ def test_suite_end_to_end_and_reuse(tmp_path):
         ({"colour": 1}, "unknown keys ['colour']"),
         ({"runs": [{"name": "x", "set": ["num_phases=3"]}]}, "run 'x'"),
         ({"runs": [{"set": []}]}, "missing or malformed"),
+        ({"seeds": []}, "at least one run and one seed"),
     ],
 )
 def test_bad_suites_are_clean_errors(tmp_path, capsys, change, message):

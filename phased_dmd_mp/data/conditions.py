@@ -396,6 +396,8 @@ class ConditionSampler:
         self._epoch: tuple[int, np.ndarray] | None = None
 
     def _permutation(self, epoch: int) -> np.ndarray:
+        if self.num_items == 1:  # nothing to shuffle (a generator per one-item epoch is slow)
+            return np.zeros(1, dtype=np.int64)
         if self._epoch is None or self._epoch[0] != epoch:
             order = np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
             self._epoch = (epoch, order)

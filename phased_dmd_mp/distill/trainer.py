@@ -725,10 +725,15 @@ def model_parallel_grad_norm(parameters: list[Tensor]) -> float:
     """Global L2 norm of the gradients of a tensor/pipeline-parallel model: sharded parameters
     count on every tensor-parallel rank, replicated ones on the first only."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    grads = [
+        p.grad.detach()
+        for p in parameters
+        if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0)
+    ]
     total = torch.zeros((), dtype=torch.float64)
-    for p in parameters:
-        if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0):
-            total += p.grad.detach().double().square().sum().cpu()
+    if grads:  # one fused kernel for the per-tensor norms: a loop costs ~5 ms a step on CPU
+        norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).double()
+        total += norms.square().sum().cpu()
     group = parallel_state.get_model_parallel_group()
     if dist.get_world_size(group) > 1:
         total = total.to(parameters[0].device)
