@@ -242,10 +242,11 @@ def evaluate(paths: list[Path], config: EvalConfig, out_dir: Path, progress: boo
         first = next(file for file in files if file.model == row["model"])
         row["grid"] = f"grids/{_grid_name(row['model'], taken)}"
         save_grid(first, out_dir / row["grid"], config.coverage_radius)
-    if kind == "images" and len(rows) > 1:
+    if len(rows) > 1:
         save_comparison(
             [next(f for f in files if f.model == row["model"]) for row in rows],
             out_dir / "comparison.png",
+            config.coverage_radius,
         )
     results = {
         "kind": kind,
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     print(
         (args.out / "results.md").read_text()
-        + f"\nwrote {args.out}/results.md, results.json, grids/ (and comparison.png for images)"
+        + f"\nwrote {args.out}/results.md, results.json, grids/ (and comparison.png for several models)"
     )
     return 0
 

@@ -220,3 +220,21 @@ def test_image_models_side_by_side(tmp_path, capsys, monkeypatch):
 
     with Image.open(out / "comparison.png") as both, Image.open(out / "grids/teacher.png") as one:
         assert both.width > 1.8 * one.width  # two grids side by side
+
+
+def test_point_models_side_by_side_four_to_a_row(tmp_path, capsys):
+    spec = {**MIXTURE, "mixture_std": np.float64(0.1)}
+    files = [
+        _save(
+            tmp_path / f"m{i}.npz", samples=_points(range(8), 100, i)[None], model=f"m{i}", **spec
+        )
+        for i in range(5)
+    ]
+    out = tmp_path / "out"
+    code, err = _run([*files, "--out", str(out), "--set", "mixture_reference_samples=200"], capsys)
+    assert code == 0, err
+    from PIL import Image
+
+    with Image.open(out / "comparison.png") as all5, Image.open(out / "grids/m0.png") as one:
+        # 390 px panels: four in a row (1620 px wide), the fifth in a second row.
+        assert (all5.width, all5.height) == (1620, 780) and one.size == (500, 500)

@@ -25,6 +25,7 @@ MIXTURE_COLUMNS = [
 ]
 GRID_CONDITIONS, GRID_SEEDS = 10, 8  # images: the first rows and columns drawn
 GRID_POINTS = 5000  # points: at most this many drawn
+COMPARISON_COLUMNS = 4  # models per row of comparison.png
 
 
 def summarize(runs: list[dict]) -> list[dict]:
@@ -84,23 +85,31 @@ def save_grid(sample_file: SampleFile, path: Path, coverage_radius: float) -> No
     plt.close(fig)
 
 
-def save_comparison(sample_files: list[SampleFile], path: Path) -> None:
-    """The image grids of several models side by side (same conditions and seeds), e.g. the
-    teacher at 40 steps next to the 4-step student."""
+def save_comparison(sample_files: list[SampleFile], path: Path, coverage_radius: float) -> None:
+    """Every model's grid (images) or scatter (points) side by side, COMPARISON_COLUMNS to a
+    row, e.g. the teacher at 40 steps next to each student."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows, cols = _mosaic_size(sample_files[0])
+    columns = min(COMPARISON_COLUMNS, len(sample_files))
+    rows = -(-len(sample_files) // columns)
+    if sample_files[0].kind == "images":
+        mosaic_rows, mosaic_cols = _mosaic_size(sample_files[0])
+        size = (0.5 * mosaic_cols + 0.6, 0.5 * mosaic_rows + 0.8)
+    else:
+        size = (3.9, 3.9)
     fig, axes = plt.subplots(
-        1,
-        len(sample_files),
-        figsize=(len(sample_files) * (0.5 * cols + 0.6) + 0.6, 0.5 * rows + 0.8),
-        squeeze=False,
+        rows, columns, figsize=(columns * size[0] + 0.6, rows * size[1]), squeeze=False
     )
-    for ax, sample_file in zip(axes[0], sample_files):
-        _draw_mosaic(ax, sample_file)
+    for ax, sample_file in zip(axes.flat, sample_files):
+        if sample_file.kind == "images":
+            _draw_mosaic(ax, sample_file)
+        else:
+            _draw_scatter(plt, ax, sample_file, coverage_radius)
+    for ax in axes.flat[len(sample_files) :]:
+        ax.axis("off")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -141,6 +150,12 @@ def _image_grid(plt, sample_file: SampleFile):
 
 def _point_scatter(plt, sample_file: SampleFile, coverage_radius: float):
     fig, ax = plt.subplots(figsize=(5, 5))
+    _draw_scatter(plt, ax, sample_file, coverage_radius)
+    fig.tight_layout()
+    return fig
+
+
+def _draw_scatter(plt, ax, sample_file: SampleFile, coverage_radius: float) -> None:
     points = sample_file.samples.flatten(0, 1)[:GRID_POINTS, :2].numpy()
     condition = torch.arange(sample_file.conditions).repeat_interleave(sample_file.seeds)
     condition = condition[:GRID_POINTS].numpy()
@@ -156,5 +171,3 @@ def _point_scatter(plt, sample_file: SampleFile, coverage_radius: float):
         f"circles: {coverage_radius:g} std around each mode",
         fontsize=9,
     )
-    fig.tight_layout()
-    return fig
