@@ -29,6 +29,7 @@ import multiprocessing
 import os
 import sys
 import time
+import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 
@@ -158,8 +159,8 @@ def _init_worker() -> None:
 
 
 def _logged(log: Path, job, *args) -> float:
-    """Run job(*args) with this process's stdout and stderr (C level too) appended to log;
-    returns its minutes."""
+    """Run job(*args) with this process's stdout and stderr (C level too, and the traceback of a
+    failure) appended to log; returns its minutes."""
     log.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -169,7 +170,11 @@ def _logged(log: Path, job, *args) -> float:
         with open(log, "a") as file:
             os.dup2(file.fileno(), 1)
             os.dup2(file.fileno(), 2)
-            job(*args)
+            try:
+                job(*args)
+            except BaseException:
+                traceback.print_exc()  # into the log: the parent only gets the exception
+                raise
             return (time.perf_counter() - start) / 60
     finally:
         sys.stdout.flush()
