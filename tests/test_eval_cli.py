@@ -1,10 +1,12 @@
 """`python -m phased_dmd_mp.evaluate` on point samples, plugged-in extractors and bad input."""
 
+import functools
 import json
 import math
 
 import numpy as np
 import pytest
+from cli_helpers import run_cli
 
 from phased_dmd_mp import evaluate
 from phased_dmd_mp.eval import extractors
@@ -26,13 +28,7 @@ def _save(path, **arrays):
     return str(path)
 
 
-def _run(argv, capsys):
-    """Run the CLI; return (exit code, stderr)."""
-    try:
-        code = evaluate.main(argv)
-    except SystemExit as exit_info:
-        code = exit_info.code
-    return code, capsys.readouterr().err
+_run = functools.partial(run_cli, evaluate.main)  # (exit code, stderr)
 
 
 def test_point_samples_end_to_end(tmp_path, capsys):

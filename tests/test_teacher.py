@@ -1,12 +1,14 @@
 """`python -m phased_dmd_mp.pretrain_teacher` with the smoke config: the teacher directory it
 writes is complete, loads back as the same model, and is never half-written or overwritten."""
 
+import functools
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cli_helpers import run_cli
 
 from phased_dmd_mp import pretrain_teacher
 from phased_dmd_mp.conditioning import dit_velocity
@@ -69,12 +71,7 @@ def test_reloaded_teacher_is_the_trained_ema_model(trained):
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
 
-def _run(argv, capsys):
-    try:
-        code = pretrain_teacher.main(argv)
-    except SystemExit as exit_info:
-        code = exit_info.code
-    return code, capsys.readouterr().err
+_run = functools.partial(run_cli, pretrain_teacher.main)  # (exit code, stderr)
 
 
 def test_cli_refuses_to_overwrite_and_reports_config_errors(trained, tmp_path, capsys):
