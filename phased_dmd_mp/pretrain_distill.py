@@ -75,7 +75,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from phased_dmd_mp.distill.trainer import Distiller  # imports megatron: after arg checks
 
-    distiller = Distiller(config, args.out, progress=not args.no_progress)
+    try:
+        distiller = Distiller(config, args.out, progress=not args.no_progress)
+    except ConfigError as error:  # what only the launched job can check, e.g. its world size
+        parser.error(str(error))
     if dist.get_rank() == 0:
         if args.overwrite:
             shutil.rmtree(args.out, ignore_errors=True)

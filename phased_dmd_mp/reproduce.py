@@ -138,8 +138,12 @@ def run_job(suite: Suite, out: Path, run: Run, seed: int) -> None:
         args = ["--out", str(run_dir), "--no-progress", resume]
         for item in (*suite.common, *run.overrides, f"seed={seed}", f"teacher={out / 'teacher'}"):
             args += ["--set", item]
-        if pretrain_distill.main(args) != 0:
-            raise RuntimeError("pretrain_distill exited with an error")
+        try:
+            code = pretrain_distill.main(args)
+        except SystemExit as exit_info:  # argparse's error exit; its message is in the log
+            code = exit_info.code
+        if code != 0:
+            raise RuntimeError(f"pretrain_distill exited with code {code}")
     path = _samples(out, run, seed)
     if not path.is_file():
         source = dataclasses.replace(generator_source(run_dir), name=run.name)

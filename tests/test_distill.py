@@ -116,6 +116,10 @@ def test_user_mistakes_are_clean_errors(tmp_path, teacher, capsys):
     with pytest.raises(SystemExit):
         run(tmp_path / "a", teacher, "algorithm=dmd")
     assert "num_steps must be 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # found only once the job runs: one process, TP 2
+        run(tmp_path / "a", teacher, "tensor_parallel=2")
+    err = capsys.readouterr().err
+    assert "not divisible by tensor_parallel" in err and "Traceback" not in err
     assert run(tmp_path / "b", teacher, "algorithm=dmd", "num_steps=1", "num_phases=1") == 0
     with pytest.raises(SystemExit):
         run(tmp_path / "b", teacher, "algorithm=dmd", "num_steps=1", "num_phases=1")
