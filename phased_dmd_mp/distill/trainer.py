@@ -18,9 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
-import signal
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,22 +25,24 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from safetensors.torch import save_file
 from torch import Tensor
 from tqdm import tqdm
 
 from phased_dmd_mp import ops
 from phased_dmd_mp.conditioning import Conditions, model_inputs, velocity_from_output
 from phased_dmd_mp.data.conditions import ConditionSampler, ConditionSet
-from phased_dmd_mp.data.teacher import CONDITIONS_DIR, TRANSFORMER_DIR, read_conditions, read_spec
+from phased_dmd_mp.data.teacher import TRANSFORMER_DIR, read_conditions, read_spec
 from phased_dmd_mp.distill import checkpoint
 from phased_dmd_mp.distill.config import DistillConfig
+from phased_dmd_mp.distill.export import export_generator
 from phased_dmd_mp.distill.models import RoutedVelocity, VelocityModel, average_gradients
+from phased_dmd_mp.distill.previews import log_samples
+from phased_dmd_mp.distill.signals import agree, stop_on_signals
 from phased_dmd_mp.losses import dmd_generator_loss, flow_matching_loss, subinterval_flow_loss
 from phased_dmd_mp.models import ExecutionConfig, build, convert
 from phased_dmd_mp.models.convert import diffusers_to_ours, read_diffusers_dir
 from phased_dmd_mp.models.loading import load_checkpoint, load_whole_state_dict
-from phased_dmd_mp.models.lora import add_lora, save_lora
+from phased_dmd_mp.models.lora import add_lora
 from phased_dmd_mp.parallel.state import initialize
 from phased_dmd_mp.schedule import (
     FLOW_MATCHING,
@@ -396,7 +395,7 @@ class Distiller:
                 average.lerp_(p.detach(), 1.0 - self.config.ema_decay)
 
     @contextlib.contextmanager
-    def _ema_weights(self, k: int):
+    def ema_weights(self, k: int):
         """Expert k with its EMA weights (when kept) for the duration of the block."""
         if k not in self.ema:
             yield
@@ -460,7 +459,7 @@ class Distiller:
                     last = self._log(window)
                     window = []
                 if state.iteration % config.sample_every == 0 or done:
-                    self._log_samples()
+                    log_samples(self)
                 if state.iteration % config.checkpoint_every == 0 or done or stop:
                     self.save_checkpoint()
                 if stop:
@@ -525,39 +524,10 @@ class Distiller:
             x = self._advance(self._expert_for_step(i), x, t[i], t[i + 1], cond, step_noise)
         return x
 
-    def _log_samples(self) -> None:
-        """A fixed-seed grid (conditions x seeds) and a cheap diversity proxy: the mean pairwise
-        distance between the seeds of a condition, so mode collapse shows while training."""
-        conditions, seeds = min(10, len(self.conditions)), 4
-        cond = self.conditions.batch(torch.arange(conditions).repeat_interleave(seeds)).to(
-            self.device
-        )
-        noise = torch.randn(
-            (conditions * seeds, *self.latent_shape),
-            generator=torch.Generator().manual_seed(self.config.seed),
-        ).to(self.device)
-        images = self.sample(noise, cond).float().cpu().unflatten(0, (conditions, seeds))
-        flat = images.flatten(2)
-        diversity = torch.cdist(flat, flat).sum() / (conditions * seeds * (seeds - 1))
-        if self.is_logger:
-            self.writer.add_scalar(
-                "samples/pairwise_distance", float(diversity), self.state.iteration
-            )
-            if self.latent_shape[:2] == (1, 1):  # one-channel single frames: show them
-                low, high = self.value_range
-                grid = ((images[:, :, :, 0] - low) / (high - low)).clamp(
-                    0, 1
-                )  # [cond, seed, 1, H, W]
-                rows = [torch.cat(list(row), dim=-1) for row in grid]  # each [1, H, seeds * W]
-                grid = torch.cat(rows, dim=-2)  # [1, cond * H, seeds * W]
-                self.writer.add_image("samples/grid", grid, self.state.iteration)
-                save_grid_png(
-                    grid[0], self.run_dir / "samples" / f"iter_{self.state.iteration:06d}.png"
-                )
-            if self.state.history:
-                self.state.history[-1]["pairwise_distance"] = float(diversity)
-
     # --- checkpoints and export ---------------------------------------------------------------
+
+    def export(self) -> Path:
+        return export_generator(self)
 
     def _model_state(self) -> dict:
         def module_state(model):
@@ -616,109 +586,6 @@ class Distiller:
         self.state = Progress(**model_state["progress"])
         self.rng.set_state(rank_state["rng"])
         self.sampler.load_state_dict(rank_state["sampler"])
-
-    def export(self) -> Path:
-        """The MoE generator (EMA weights when kept) as one diffusers-format transformer per
-        expert, plus generator.json: timesteps and which expert runs each step."""
-        folder = self.run_dir / "export"
-        tp = parallel_state.get_tensor_model_parallel_rank()
-        pp = parallel_state.get_pipeline_model_parallel_rank()
-        for k, expert in enumerate(self.generator, start=1):
-            sharded = folder / f"expert_{k}.sharded"
-            with self._ema_weights(k):
-                weights = expert.weights()
-                if expert.adapter is not None:
-                    save_lora(expert.module, expert.adapter, folder / f"expert_{k}_lora")
-            if dist.get_rank() == 0:
-                sharded.mkdir(parents=True, exist_ok=True)
-                convert.write_layout(
-                    sharded, expert.arch, self.config.tensor_parallel, self.config.pipeline_parallel
-                )
-            dist.barrier()
-            if self.dp_rank == 0:
-                save_file(
-                    {n: t.contiguous().cpu() for n, t in weights.items()},
-                    sharded / convert.shard_file(tp, pp),
-                )
-            dist.barrier()
-            if dist.get_rank() == 0:
-                target = folder / f"expert_{k}"
-                shutil.rmtree(target, ignore_errors=True)
-                convert.to_diffusers(sharded, target)
-                shutil.rmtree(sharded)
-        if dist.get_rank() == 0:
-            summary = {
-                "timesteps": self.timesteps,
-                "expert_of_step": [
-                    next(k for k in range(1, len(self.bounds)) if i < self.bounds[k])
-                    for i in range(self.config.num_steps)
-                ],
-                "experts": [f"expert_{k}" for k in range(1, self.config.num_phases + 1)],
-                "shift": self.shift,
-                "step_noise": self.config.step_noise,
-                "latent_shape": list(self.latent_shape),
-                "value_range": list(self.value_range),
-                "teacher": str(self.config.teacher),
-                "conditions": str(
-                    self.config.conditions or Path(self.config.teacher) / CONDITIONS_DIR
-                ),
-                "algorithm": self.config.algorithm,
-                "iterations": self.state.iteration,
-                # With LoRA, expert_k is the merged model and expert_k_lora the adapter alone
-                # (diffusers' load_lora_weights reads it) on the teacher expert it started from.
-                "lora": None
-                if self.config.generator_adapter == "full"
-                else {"rank": self.config.lora_rank, "alpha": self.config.lora_alpha},
-            }
-            (folder / "generator.json").write_text(json.dumps(summary, indent=2) + "\n")
-        dist.barrier()
-        return folder
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """Yields a function telling whether SIGTERM or SIGUSR1 arrived (handlers restored after)."""
-    received = []
-    handled = (signal.SIGTERM, signal.SIGUSR1)
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
-        return
-    previous = {
-        sig: signal.signal(sig, lambda number, frame: received.append(number)) for sig in handled
-    }
-    try:
-        yield lambda: bool(received)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def agree(flag: bool) -> bool:
-    """True on every rank if it is true on any (so all ranks stop at the same iteration)."""
-    if dist.get_world_size() == 1:
-        return flag
-    value = torch.tensor([float(flag)])
-    if dist.get_backend() == "nccl":
-        value = value.cuda()
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
-def save_grid_png(grid: Tensor, path: Path) -> None:
-    """A [H, W] image in [0, 1] as a PNG (pixels enlarged for viewing)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    plt.imsave(
-        path,
-        grid.repeat_interleave(4, 0).repeat_interleave(4, 1).numpy(),
-        cmap="gray",
-        vmin=0,
-        vmax=1,
-    )
 
 
 def model_parallel_grad_norm(parameters: list[Tensor]) -> float:

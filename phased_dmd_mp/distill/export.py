@@ -1,0 +1,71 @@
+"""The trained generator as diffusers-format experts plus generator.json (run mechanics)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+from megatron.core import parallel_state
+from safetensors.torch import save_file
+
+from phased_dmd_mp.data.teacher import CONDITIONS_DIR
+from phased_dmd_mp.models import convert
+from phased_dmd_mp.models.lora import save_lora
+
+
+def export_generator(d) -> Path:
+    """The MoE generator (EMA weights when kept) as one diffusers-format transformer per
+    expert, plus generator.json: timesteps and which expert runs each step."""
+    folder = d.run_dir / "export"
+    tp = parallel_state.get_tensor_model_parallel_rank()
+    pp = parallel_state.get_pipeline_model_parallel_rank()
+    for k, expert in enumerate(d.generator, start=1):
+        sharded = folder / f"expert_{k}.sharded"
+        with d.ema_weights(k):
+            weights = expert.weights()
+            if expert.adapter is not None:
+                save_lora(expert.module, expert.adapter, folder / f"expert_{k}_lora")
+        if dist.get_rank() == 0:
+            sharded.mkdir(parents=True, exist_ok=True)
+            convert.write_layout(
+                sharded, expert.arch, d.config.tensor_parallel, d.config.pipeline_parallel
+            )
+        dist.barrier()
+        if d.dp_rank == 0:
+            save_file(
+                {n: t.contiguous().cpu() for n, t in weights.items()},
+                sharded / convert.shard_file(tp, pp),
+            )
+        dist.barrier()
+        if dist.get_rank() == 0:
+            target = folder / f"expert_{k}"
+            shutil.rmtree(target, ignore_errors=True)
+            convert.to_diffusers(sharded, target)
+            shutil.rmtree(sharded)
+    if dist.get_rank() == 0:
+        summary = {
+            "timesteps": d.timesteps,
+            "expert_of_step": [
+                next(k for k in range(1, len(d.bounds)) if i < d.bounds[k])
+                for i in range(d.config.num_steps)
+            ],
+            "experts": [f"expert_{k}" for k in range(1, d.config.num_phases + 1)],
+            "shift": d.shift,
+            "step_noise": d.config.step_noise,
+            "latent_shape": list(d.latent_shape),
+            "value_range": list(d.value_range),
+            "teacher": str(d.config.teacher),
+            "conditions": str(d.config.conditions or Path(d.config.teacher) / CONDITIONS_DIR),
+            "algorithm": d.config.algorithm,
+            "iterations": d.state.iteration,
+            # With LoRA, expert_k is the merged model and expert_k_lora the adapter alone
+            # (diffusers' load_lora_weights reads it) on the teacher expert it started from.
+            "lora": None
+            if d.config.generator_adapter == "full"
+            else {"rank": d.config.lora_rank, "alpha": d.config.lora_alpha},
+        }
+        (folder / "generator.json").write_text(json.dumps(summary, indent=2) + "\n")
+    dist.barrier()
+    return folder

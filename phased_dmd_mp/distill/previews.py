@@ -1,0 +1,51 @@
+"""Sample previews while training: a fixed-seed grid and a diversity proxy (run mechanics,
+kept apart from the distillation step)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+
+def log_samples(d) -> None:
+    """A fixed-seed grid (conditions x seeds) and a cheap diversity proxy: the mean pairwise
+    distance between the seeds of a condition, so mode collapse shows while training."""
+    conditions, seeds = min(10, len(d.conditions)), 4
+    cond = d.conditions.batch(torch.arange(conditions).repeat_interleave(seeds)).to(d.device)
+    noise = torch.randn(
+        (conditions * seeds, *d.latent_shape),
+        generator=torch.Generator().manual_seed(d.config.seed),
+    ).to(d.device)
+    images = d.sample(noise, cond).float().cpu().unflatten(0, (conditions, seeds))
+    flat = images.flatten(2)
+    diversity = torch.cdist(flat, flat).sum() / (conditions * seeds * (seeds - 1))
+    if d.is_logger:
+        d.writer.add_scalar("samples/pairwise_distance", float(diversity), d.state.iteration)
+        if d.latent_shape[:2] == (1, 1):  # one-channel single frames: show them
+            low, high = d.value_range
+            grid = ((images[:, :, :, 0] - low) / (high - low)).clamp(0, 1)  # [cond, seed, 1, H, W]
+            rows = [torch.cat(list(row), dim=-1) for row in grid]  # each [1, H, seeds * W]
+            grid = torch.cat(rows, dim=-2)  # [1, cond * H, seeds * W]
+            d.writer.add_image("samples/grid", grid, d.state.iteration)
+            save_grid_png(grid[0], d.run_dir / "samples" / f"iter_{d.state.iteration:06d}.png")
+        if d.state.history:
+            d.state.history[-1]["pairwise_distance"] = float(diversity)
+
+
+def save_grid_png(grid: Tensor, path: Path) -> None:
+    """A [H, W] image in [0, 1] as a PNG (pixels enlarged for viewing)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plt.imsave(
+        path,
+        grid.repeat_interleave(4, 0).repeat_interleave(4, 1).numpy(),
+        cmap="gray",
+        vmin=0,
+        vmax=1,
+    )
