@@ -106,6 +106,17 @@ def test_non_finite_generator_update_is_skipped(tmp_path, teacher, monkeypatch):
     assert all(torch.isfinite(v).all() for v in state["generator"][0])
 
 
+def test_history_records_each_measurement_under_its_own_iteration(tmp_path, teacher):
+    # Logged at 2 and 4, sampled at 3 and 4: the diversity measured at 3 belongs to 3, not 2.
+    overrides = ["algorithm=dmd", "num_steps=1", "num_phases=1", "iterations_per_phase=4"]
+    assert run(tmp_path, teacher, *overrides, "log_every=2", "sample_every=3") == 0
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [h["iteration"] for h in history] == [2, 3, 4]
+    assert "pairwise_distance" not in history[0] and "generator_loss" in history[0]
+    assert set(history[1]) == {"iteration", "pairwise_distance"}
+    assert "pairwise_distance" in history[2] and "generator_loss" in history[2]
+
+
 def test_user_mistakes_are_clean_errors(tmp_path, teacher, capsys):
     with pytest.raises(SystemExit) as info:
         run(tmp_path / "a", tmp_path / "no-teacher")

@@ -30,8 +30,16 @@ def log_samples(d) -> None:
             grid = torch.cat(rows, dim=-2)  # [1, cond * H, seeds * W]
             d.writer.add_image("samples/grid", grid, d.state.iteration)
             save_grid_png(grid[0], d.run_dir / "samples" / f"iter_{d.state.iteration:06d}.png")
-        if d.state.history:
-            d.state.history[-1]["pairwise_distance"] = float(diversity)
+    record_measurement(d.state.history, d.state.iteration, pairwise_distance=float(diversity))
+
+
+def record_measurement(history: list[dict], iteration: int, **values: float) -> None:
+    """Add `values` to the history entry of `iteration`: the one the log just wrote when it
+    logged this iteration too, otherwise a new entry (never an earlier iteration's)."""
+    if history and history[-1].get("iteration") == iteration:
+        history[-1].update(values)
+    else:
+        history.append({"iteration": iteration, **values})
 
 
 def save_grid_png(grid: Tensor, path: Path) -> None:
