@@ -1,7 +1,7 @@
 """The paper's diversity comparison (Table 2) and its ablations, reproduced on the embedded teachers.
 
-    python -m phased_dmd_mp.reproduce [--suite configs/reproduce/digits.yaml ...]
-                                      [--out results/runs] [--jobs N]
+    python -m phased_dmd_mp.reproduce --out OUT [--suite configs/reproduce/digits.yaml ...]
+                                      [--jobs N]
 
 For each suite (a YAML file in configs/reproduce/): train its teacher, distill it with every
 listed run x training seed under the same settings and generator-update budget, sample every
@@ -250,19 +250,40 @@ def reproduce_all(
     return minutes, failures
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m phased_dmd_mp.reproduce", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--suite", type=Path, nargs="+", default=DEFAULT_SUITES)
-    parser.add_argument("--out", type=Path, default=ROOT / "results" / "runs")
+    parser.add_argument(
+        "--suite",
+        type=Path,
+        nargs="+",
+        default=DEFAULT_SUITES,
+        metavar="YAML",
+        help="suite files (configs/reproduce/*.yaml); each writes OUT/<file name>/ "
+        "(default: the digits and mixture suites)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output directory (relative to the current directory), e.g. results/runs; rerun "
+        "with the same OUT to continue an interrupted reproduction",
+    )
     parser.add_argument(
         "--jobs",
         type=int,
         default=os.cpu_count(),
         help="jobs at once, one CPU thread each (default: the number of CPUs)",
     )
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (the per-job logs stay)"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")

@@ -65,6 +65,16 @@ def test_a_failed_run_is_reported_and_the_others_finish(tmp_path, capsys):
     assert not (out / "smoke" / "eval").exists()  # no table from an incomplete suite
 
 
+def test_every_argument_has_help_and_out_is_required(tmp_path, capsys, monkeypatch):
+    for action in reproduce.build_parser()._actions:
+        assert action.help, f"{action.option_strings} has no help text"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:  # no default that writes into the source tree
+        reproduce.main(["--suite", str(_write(tmp_path / "smoke.yaml", SUITE))])
+    assert info.value.code == 2 and "--out" in capsys.readouterr().err
+    assert not (Path(reproduce.__file__).parent.parent / "results" / "runs").exists()
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
