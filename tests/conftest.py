@@ -17,3 +17,19 @@ def single_process_runs(tmp_path_factory, teacher):
     for name, overrides in ALGORITHMS.items():
         assert run_distill(root / name, teacher, *overrides) == 0
     return {name: root / name for name in ALGORITHMS}
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """tiny_pipeline(kind) -> folder of a tiny random diffusers pipeline saved once per session;
+    kinds: tiny_pipelines.BUILDERS (wan22_t2v, wan21_i2v, qwen_image)."""
+    from tiny_pipelines import BUILDERS
+
+    folders = {}
+
+    def get(kind: str):
+        if kind not in folders:
+            folders[kind] = BUILDERS[kind](tmp_path_factory.mktemp(kind))
+        return folders[kind]
+
+    return get
