@@ -112,6 +112,6 @@ def test_bad_settings_are_clear_errors():
     with pytest.raises(ConfigError, match="fp8 must be one of"):
         load_config(ExecutionConfig, overrides=["fp8=int8"])
     with pytest.raises(ConfigError, match="divisible by tensor_parallel"):
-        megatron_config(WAN, ExecutionConfig(), 32, 4, 1, init_weights=False)
+        megatron_config(WAN, ExecutionConfig(), 4, 1, init_weights=False)
     with pytest.raises(ConfigError, match="divisible by pipeline_parallel"):
-        megatron_config(WAN, ExecutionConfig(), 32, 1, 2, init_weights=False)
+        megatron_config(WAN, ExecutionConfig(), 1, 2, init_weights=False)

@@ -60,7 +60,7 @@ def test_a_failed_run_is_reported_and_the_others_finish(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "smoke: run 'broken' seed 0 failed" in err and "broken/seed0.log" in err
     log = (out / "smoke" / "runs" / "broken" / "seed0.log").read_text()
-    assert "world size 1 is not divisible by tensor_parallel x pipeline_parallel" in log
+    assert "world size = 1 is not divisible by tensor_parallel x pipeline_parallel = 2" in log
     assert (out / "smoke" / "runs" / "phased" / "seed0" / "export" / "generator.json").is_file()
     assert not (out / "smoke" / "eval").exists()  # no table from an incomplete suite
 

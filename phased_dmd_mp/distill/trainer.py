@@ -43,6 +43,7 @@ from phased_dmd_mp.models import ExecutionConfig, build, convert
 from phased_dmd_mp.models.convert import diffusers_to_ours, read_diffusers_dir
 from phased_dmd_mp.models.loading import load_checkpoint, load_whole_state_dict
 from phased_dmd_mp.models.lora import add_lora
+from phased_dmd_mp.parallel.layout import rank_batch_size
 from phased_dmd_mp.parallel.state import initialize
 from phased_dmd_mp.schedule import (
     FLOW_MATCHING,
@@ -80,12 +81,7 @@ class Distiller:
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.is_logger = dist.get_rank() == 0
-        if config.batch_size % self.dp_size:
-            raise ValueError(
-                f"batch_size {config.batch_size} must be divisible by the {self.dp_size} "
-                "data-parallel ranks"
-            )
-        self.rank_batch = config.batch_size // self.dp_size
+        self.rank_batch = rank_batch_size(config.batch_size, self.dp_size, config.micro_batch_size)
         self.micro = config.micro_batch_size or self.rank_batch
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from phased_dmd_mp.config import ConfigError
+from phased_dmd_mp.parallel.layout import check_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -130,6 +131,11 @@ class QwenImageConfig:
     def hidden_size(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
 
+    @property
+    def ffn_dim(self) -> int:
+        """The MLP width of both streams (diffusers' FeedForward default, 4 x hidden)."""
+        return 4 * self.hidden_size
+
     @classmethod
     def from_diffusers(cls, config) -> QwenImageConfig:
         for name in ("guidance_embeds", "zero_cond_t", "use_additional_t_cond", "use_layer3d_rope"):
@@ -169,36 +175,21 @@ class ExecutionConfig:
 def megatron_config(
     arch: WanConfig | QwenImageConfig,
     execution: ExecutionConfig,
-    ffn_hidden_size: int,
     tensor_parallel: int,
     pipeline_parallel: int,
     init_weights: bool,
 ) -> TransformerConfig:
-    """megatron-core's TransformerConfig for a DiT on the given parallel layout."""
-    heads = arch.num_attention_heads
-    if heads % tensor_parallel:
-        raise ConfigError(
-            f"num_attention_heads ({heads}) must be divisible by tensor_parallel "
-            f"({tensor_parallel})"
-        )
-    if ffn_hidden_size % tensor_parallel:
-        raise ConfigError(
-            f"the FFN width ({ffn_hidden_size}) must be divisible by tensor_parallel "
-            f"({tensor_parallel})"
-        )
-    if arch.num_layers % pipeline_parallel:
-        raise ConfigError(
-            f"num_layers ({arch.num_layers}) must be divisible by pipeline_parallel "
-            f"({pipeline_parallel})"
-        )
+    """megatron-core's TransformerConfig for a DiT on the given parallel layout (ConfigError
+    when the layout does not divide the model: phased_dmd_mp.parallel.layout)."""
+    check_model(arch, tensor_parallel, pipeline_parallel)
     dtype = execution.torch_dtype
     std = 0.02
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
-        num_attention_heads=heads,
+        num_attention_heads=arch.num_attention_heads,
         kv_channels=arch.attention_head_dim,
-        ffn_hidden_size=ffn_hidden_size,
+        ffn_hidden_size=arch.ffn_dim,
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
         params_dtype=dtype,

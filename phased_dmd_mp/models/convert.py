@@ -28,6 +28,7 @@ from torch import Tensor
 
 from phased_dmd_mp.config import ConfigError
 from phased_dmd_mp.models.config import QwenImageConfig, WanConfig
+from phased_dmd_mp.parallel.layout import check_model
 
 Split = Literal["column", "row", "norm"] | None
 MODEL_KINDS = {"wan": WanConfig, "qwen_image": QwenImageConfig}
@@ -257,24 +258,11 @@ def _tp_dim(rule: Rule, param: str) -> int | None:
     return None
 
 
-def _layout(arch, tensor_parallel: int, pipeline_parallel: int) -> None:
-    if arch.num_attention_heads % tensor_parallel:
-        raise ConfigError(
-            f"num_attention_heads ({arch.num_attention_heads}) is not divisible by "
-            f"tensor_parallel ({tensor_parallel})"
-        )
-    if arch.num_layers % pipeline_parallel:
-        raise ConfigError(
-            f"num_layers ({arch.num_layers}) is not divisible by pipeline_parallel "
-            f"({pipeline_parallel})"
-        )
-
-
 def shard(
     state_dict: dict[str, Tensor], arch, tensor_parallel: int, pipeline_parallel: int
 ) -> dict[tuple[int, int], dict[str, Tensor]]:
     """Whole-model state dict -> {(tp_rank, pp_rank): that rank's module state dict}."""
-    _layout(arch, tensor_parallel, pipeline_parallel)
+    check_model(arch, tensor_parallel, pipeline_parallel)
     per_stage = arch.num_layers // pipeline_parallel
     shards = {(t, p): {} for t in range(tensor_parallel) for p in range(pipeline_parallel)}
     for rule, index in _expanded(arch):
@@ -303,7 +291,7 @@ def unshard(shards: dict[tuple[int, int], dict[str, Tensor]], arch) -> dict[str,
     """Inverse of `shard`: the whole-model state dict."""
     tensor_parallel = 1 + max(t for t, _ in shards)
     pipeline_parallel = 1 + max(p for _, p in shards)
-    _layout(arch, tensor_parallel, pipeline_parallel)
+    check_model(arch, tensor_parallel, pipeline_parallel)
     per_stage = arch.num_layers // pipeline_parallel
     whole = {}
     for rule, index in _expanded(arch):
@@ -324,8 +312,8 @@ def unshard(shards: dict[tuple[int, int], dict[str, Tensor]], arch) -> dict[str,
 # --- files -----------------------------------------------------------------------------------
 
 
-def read_diffusers_dir(path: str | Path) -> tuple[str, object, dict[str, Tensor]]:
-    """(model kind, arch config, state dict) of a diffusers transformer directory."""
+def read_diffusers_config(path: str | Path) -> tuple[str, object]:
+    """(model kind, arch config) of a diffusers transformer directory, from its config.json."""
     path = Path(path)
     config_path = path / "config.json"
     if not config_path.is_file():
@@ -338,7 +326,13 @@ def read_diffusers_dir(path: str | Path) -> tuple[str, object, dict[str, Tensor]
             f"{config_path}: _class_name {class_name!r} is not one of {sorted(kinds)}"
         )
     kind = kinds[class_name]
-    arch = MODEL_KINDS[kind].from_diffusers(config)
+    return kind, MODEL_KINDS[kind].from_diffusers(config)
+
+
+def read_diffusers_dir(path: str | Path) -> tuple[str, object, dict[str, Tensor]]:
+    """(model kind, arch config, state dict) of a diffusers transformer directory."""
+    path = Path(path)
+    kind, arch = read_diffusers_config(path)
     index_path = path / f"{DIFFUSERS_WEIGHTS}.index.json"
     if index_path.is_file():
         files = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
@@ -409,7 +403,9 @@ def read_sharded_dir(path: str | Path) -> tuple[object, dict[tuple[int, int], di
 
 
 def to_ours(source: str | Path, target: str | Path, tensor_parallel: int, pipeline_parallel: int):
-    _, arch, state_dict = read_diffusers_dir(source)
+    _, arch = read_diffusers_config(source)
+    check_model(arch, tensor_parallel, pipeline_parallel)  # before reading any weights
+    _, _, state_dict = read_diffusers_dir(source)
     whole = diffusers_to_ours(state_dict, arch)
     write_sharded_dir(target, arch, shard(whole, arch, tensor_parallel, pipeline_parallel))
 

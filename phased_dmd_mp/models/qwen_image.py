@@ -175,7 +175,6 @@ class QwenImageDiT(DiTStage):
         config = megatron_config(
             arch,
             execution,
-            ffn_hidden_size=4 * arch.hidden_size,
             tensor_parallel=get_pg_size(pg_collection.tp),
             pipeline_parallel=get_pg_size(pg_collection.pp),
             init_weights=init_weights,

@@ -222,7 +222,6 @@ class WanDiT(DiTStage):
         config = megatron_config(
             arch,
             execution,
-            ffn_hidden_size=arch.ffn_dim,
             tensor_parallel=get_pg_size(pg_collection.tp),
             pipeline_parallel=get_pg_size(pg_collection.pp),
             init_weights=init_weights,

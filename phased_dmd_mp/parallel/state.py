@@ -17,6 +17,7 @@ from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from phased_dmd_mp.config import ConfigError
+from phased_dmd_mp.parallel.layout import check_sizes, data_parallel_size
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
 
@@ -33,11 +34,7 @@ def initialize(
     Data parallelism is what is left: world_size / (tensor_parallel * pipeline_parallel).
     Calling it again with the same sizes is a no-op; with other sizes it is an error.
     """
-    if tensor_parallel < 1 or pipeline_parallel < 1:
-        raise ConfigError(
-            f"tensor_parallel and pipeline_parallel must be >= 1, got "
-            f"{tensor_parallel} and {pipeline_parallel}"
-        )
+    check_sizes(tensor_parallel, pipeline_parallel)
     if not dist.is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -48,12 +45,7 @@ def initialize(
             dist.init_process_group(
                 backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
             )
-    world = dist.get_world_size()
-    if world % (tensor_parallel * pipeline_parallel):
-        raise ConfigError(
-            f"world size {world} is not divisible by tensor_parallel x pipeline_parallel = "
-            f"{tensor_parallel} x {pipeline_parallel}"
-        )
+    data_parallel_size(dist.get_world_size(), tensor_parallel, pipeline_parallel)
     if parallel_state.model_parallel_is_initialized():
         current = (
             parallel_state.get_tensor_model_parallel_world_size(),
