@@ -4,9 +4,10 @@
                     what `WanTransformer3DModel.from_pretrained` reads), so the embedded default
                     and a downloaded Wan checkpoint load the same way
     conditions/     the condition set the distillation draws from (data/conditions.py)
-    teacher.yaml    TeacherSpec: latent shape, schedule shift, default steps and guidance, and
-                    for a Gaussian mixture teacher (data/mixture.py) the mixture its samples, the
-                    flattened latents, should follow
+    teacher.yaml    TeacherSpec: latent shape, schedule shift, default steps and guidance, the
+                    diffusers pipeline folder the teacher came from (if any), and for a Gaussian
+                    mixture teacher (data/mixture.py) the mixture its samples, the flattened
+                    latents, should follow
 
 `python -m phased_dmd_mp.pretrain_teacher` writes one for the embedded default; for a released
 model, put its transformer folder, a precomputed condition set and a teacher.yaml side by side.
@@ -43,6 +44,10 @@ class TeacherSpec:
     guidance_scale: float  # CFG: uncond + scale (cond - uncond); 1 = no guidance
     sampling_steps: int = 40
     value_range: tuple[float, float] = (-1.0, 1.0)  # of the data (pixels or latents)
+    # The diffusers pipeline folder (model_index.json) the teacher's transformer came from,
+    # relative to the teacher directory or absolute: its VAE decodes samples to pixels and the
+    # export writes the student's pipeline from it (distill/diffusers_pipeline.py).
+    pipeline: str | None = None
     # Point teachers only: the Gaussian mixture (means [modes, D], weights, shared std) that the
     # samples, latents flattened to D = C * F * H * W values, should follow. With it the sampler
     # writes points and the evaluation measures modes; image and video teachers leave it out.
@@ -111,6 +116,19 @@ def read_spec(teacher_dir: str | Path) -> TeacherSpec:
             "python -m phased_dmd_mp.pretrain_teacher)"
         )
     return load_config(TeacherSpec, path)
+
+
+def pipeline_dir(teacher_dir: str | Path, spec: TeacherSpec) -> Path | None:
+    """The teacher's diffusers pipeline folder (None for teachers without one, e.g. the digits)."""
+    if spec.pipeline is None:
+        return None
+    path = Path(teacher_dir) / spec.pipeline  # an absolute `pipeline` replaces teacher_dir
+    if not (path / "model_index.json").is_file():
+        raise ConfigError(
+            f"{Path(teacher_dir) / SPEC_FILE}: pipeline {spec.pipeline} is not a diffusers "
+            f"pipeline folder ({path / 'model_index.json'} is missing)"
+        )
+    return path
 
 
 def read_conditions(teacher_dir: str | Path) -> ConditionSet:

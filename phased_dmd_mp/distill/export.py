@@ -1,4 +1,5 @@
-"""The trained generator as diffusers-format experts plus generator.json (run mechanics)."""
+"""The trained generator as diffusers-format experts, generator.json and, for a teacher taken
+from a diffusers pipeline folder, the student's own pipeline folder (run mechanics)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,24 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from safetensors.torch import save_file
 
-from phased_dmd_mp.data.teacher import CONDITIONS_DIR
+from phased_dmd_mp.data.teacher import CONDITIONS_DIR, pipeline_dir, read_spec
+from phased_dmd_mp.distill.diffusers_pipeline import (
+    PIPELINE_DIR,
+    PipelineUnsupported,
+    write_comfy_lora,
+    write_pipeline,
+)
+from phased_dmd_mp.distill.models import RoutedVelocity
 from phased_dmd_mp.models import convert
 from phased_dmd_mp.models.lora import save_lora
 
 
 def export_generator(d) -> Path:
     """The MoE generator (EMA weights when kept) as one diffusers-format transformer per
-    expert, plus generator.json: timesteps and which expert runs each step."""
+    expert (with LoRA also the adapter alone, in diffusers' and ComfyUI's formats), plus
+    generator.json (timesteps, which expert runs each step) and, when the teacher names its
+    diffusers pipeline folder, export/pipeline/ (distill/diffusers_pipeline.py), or in
+    generator.json's `pipeline_unsupported` why stock diffusers cannot run this generator."""
     folder = d.run_dir / "export"
     tp = parallel_state.get_tensor_model_parallel_rank()
     pp = parallel_state.get_pipeline_model_parallel_rank()
@@ -27,6 +38,8 @@ def export_generator(d) -> Path:
             weights = expert.weights()
             if expert.adapter is not None:
                 save_lora(expert.module, expert.adapter, folder / f"expert_{k}_lora")
+                if dist.get_rank() == 0:
+                    write_comfy_lora(folder / f"expert_{k}_lora", convert.model_kind(expert.arch))
         if dist.get_rank() == 0:
             sharded.mkdir(parents=True, exist_ok=True)
             convert.write_layout(
@@ -61,11 +74,34 @@ def export_generator(d) -> Path:
             "algorithm": d.config.algorithm,
             "iterations": d.state.iteration,
             # With LoRA, expert_k is the merged model and expert_k_lora the adapter alone
-            # (diffusers' load_lora_weights reads it) on the teacher expert it started from.
+            # (diffusers' load_lora_weights reads it) on the teacher expert it started from:
+            # `base` names that expert as the teacher pipeline's component.
             "lora": None
             if d.config.generator_adapter == "full"
-            else {"rank": d.config.lora_rank, "alpha": d.config.lora_alpha},
+            else {
+                "rank": d.config.lora_rank,
+                "alpha": d.config.lora_alpha,
+                "base": [_base_component(d, expert) for expert in d.generator],
+            },
         }
         (folder / "generator.json").write_text(json.dumps(summary, indent=2) + "\n")
+        source = pipeline_dir(d.config.teacher, read_spec(d.config.teacher))
+        if source is not None:
+            try:
+                summary["pipeline"] = write_pipeline(folder, source).name
+            except PipelineUnsupported as reason:
+                shutil.rmtree(folder / PIPELINE_DIR, ignore_errors=True)
+                summary["pipeline_unsupported"] = str(reason)
+                print(f"no export/{PIPELINE_DIR}: {reason}")
+            (folder / "generator.json").write_text(json.dumps(summary, indent=2) + "\n")
     dist.barrier()
     return folder
+
+
+def _base_component(d, expert) -> str:
+    """The teacher pipeline's component a LoRA expert's base weights are: `transformer_2` for
+    Wan2.2's low-noise expert, else `transformer`."""
+    teacher = d.teacher
+    if isinstance(teacher, RoutedVelocity) and expert.module is teacher.low.module:
+        return "transformer_2"
+    return "transformer"
