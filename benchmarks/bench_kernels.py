@@ -1,22 +1,29 @@
 """Fused kernels vs eager PyTorch vs torch.compile, forward + backward, in one run.
 
-    python benchmarks/bench_kernels.py [--device cpu|cuda] [--sizes 1M 16M 64M]
-                                      [--dtypes float32 bfloat16] [--json results.json]
+    python benchmarks/bench_kernels.py [--device cpu|cuda] [--sizes 16M 64M]
+                                      [--dtypes float32 bfloat16] [--rounds 5] [--json FILE]
 
 Ops (semantics: phased_dmd_mp/losses.py; B = 8 samples of N / 8 elements each):
   subinterval_loss  clamped Eq. 13 loss and its gradient w.r.t. the fake velocity
   dmd_loss          guided DMD generator loss (CFG teacher) and its gradient w.r.t. x_s
   noising           x_t = alpha_{t|s} x_s + sigma_{t|s} eps (forward only)
-For each it prints the median time, the effective bandwidth (bytes that must move / time: the
-inputs read and outputs written once) and the speed-up over eager, all from the same process;
-`copy` rows time a plain tensor copy of N elements as a bandwidth reference.
+and `copy`, a plain copy of N elements into a preallocated tensor: the bandwidth reference.
+
+Repetitions are interleaved: each round times copy, fused, eager and compile once each, one
+after the other, so load from other processes hits all of them alike; every ratio is taken
+within a round and reported as the median [min-max] over rounds. Bandwidth = bytes the op must
+move (each input read once, each full-size output written once) / time; "of copy" divides it
+by the same round's copy bandwidth (2 N elements moved).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import re
+import statistics
 
 import torch
 from torch.utils.benchmark import Timer
@@ -60,11 +67,11 @@ def make_cases(n: int, dtype: torch.dtype, device: str):
     def noising(backend):
         return ops.add_noise_from(x_s, eps, t, s, backend=backend)
 
-    # forward reads 3, backward reads 3 and writes 1 | forward reads 3, writes g; backward
-    # reads g, writes the gradient | reads 2, writes 1
+    # The least any implementation must move: read pred, x_s, eps and write the gradient |
+    # read cond, uncond, fake and write the gradient | read x_s, eps and write x_t.
     return {
-        "subinterval_loss": (subinterval_loss, 7),
-        "dmd_loss": (dmd_loss, 6),
+        "subinterval_loss": (subinterval_loss, 4),
+        "dmd_loss": (dmd_loss, 4),
         "noising": (noising, 3),
     }
 
@@ -74,34 +81,82 @@ def measure(fn, min_run_time: float) -> float:
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
-def row(op, dtype, elements, variant, seconds, bytes_moved, eager_seconds=None) -> dict:
-    return {
-        "op": op,
-        "dtype": dtype,
-        "elements": elements,
-        "variant": variant,
-        "ms": seconds * 1e3,
-        "gbps": bytes_moved / seconds / 1e9,
-        "speedup": None if eager_seconds is None else eager_seconds / seconds,
-    }
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def show(stat: dict, unit: str = "x") -> str:
+    if unit == "%":
+        return f"{100 * stat['median']:.0f}% [{100 * stat['min']:.0f}-{100 * stat['max']:.0f}]"
+    return f"{stat['median']:.2f}{unit} [{stat['min']:.2f}-{stat['max']:.2f}]"
+
+
+def bench_group(n, dtype, device, variants_wanted, rounds, min_run_time) -> list[dict]:
+    """All ops at one size and dtype: per-round times, then per-round ratios."""
+    bytes_per_element = torch.finfo(dtype).bits // 8
+    source = torch.randn(n, device=device).to(dtype)
+    target = torch.empty_like(source)
+
+    def copy():
+        target.copy_(source)
+
+    cases = make_cases(n, dtype, device)
+    variants = {}
+    for op, (fn, _) in cases.items():
+        for name in variants_wanted:
+            backend = "fused" if name == "fused" else "reference"
+            variants[op, name] = functools.partial(fn, backend)
+            if name == "compile":
+                variants[op, name] = torch.compile(variants[op, name])
+    for variant in variants.values():
+        variant()  # warm-up (and compilation)
+    times = {key: [] for key in [("copy", "copy"), *variants]}
+    for _ in range(rounds):
+        times["copy", "copy"].append(measure(copy, min_run_time))
+        for key, variant in variants.items():
+            times[key].append(measure(variant, min_run_time))
+    copy_gbps = [2 * n * bytes_per_element / t / 1e9 for t in times["copy", "copy"]]
+    rows = [
+        {
+            "op": "copy",
+            "dtype": str(dtype).split(".")[1],
+            "elements": n,
+            "ms": spread([1e3 * t for t in times["copy", "copy"]]),
+            "gbps": spread(copy_gbps),
+        }
+    ]
+    for op, (_, tensors_moved) in cases.items():
+        fused = times[op, "fused"]
+        gbps = [tensors_moved * n * bytes_per_element / t / 1e9 for t in fused]
+        row = {
+            "op": op,
+            "dtype": str(dtype).split(".")[1],
+            "elements": n,
+            "ms": spread([1e3 * t for t in fused]),
+            "gbps": spread(gbps),
+            "of_copy": spread([g / c for g, c in zip(gbps, copy_gbps)]),
+        }
+        for name in variants_wanted:
+            if name != "fused":
+                row[f"vs_{name}"] = spread([o / f for o, f in zip(times[op, name], fused)])
+        rows.append(row)
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
-        "--sizes",
-        nargs="+",
-        type=parse_size,
-        default=None,
-        help="elements per tensor (default 1M 4M 16M 64M; on CUDA also 256M)",
-    )
+        "--sizes", nargs="+", type=parse_size, default=None,
+        help="elements per tensor (default 16M 64M; on CUDA also 256M)",
+    )  # fmt: skip
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per measurement")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved repetitions")
+    parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds per timing")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
-    sizes = args.sizes or [parse_size(s) for s in ("1M", "4M", "16M", "64M")] + (
+    sizes = args.sizes or [parse_size(s) for s in ("16M", "64M")] + (
         [parse_size("256M")] if args.device == "cuda" else []
     )
     device_name = (
@@ -109,43 +164,34 @@ def main() -> None:
         if args.device == "cuda"
         else f"CPU, {torch.get_num_threads()} threads"
     )
-    print(f"{device_name}, torch {torch.__version__}; loss ops timed forward + backward")
-    print("| op | dtype | elements | variant | median ms | GB/s | vs eager |")
-    print("|---|---|---|---|---|---|---|")
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    print(
+        f"{device_name}, torch {torch.__version__}; loss ops timed forward + backward; "
+        f"load average at start {load}; {args.rounds} interleaved rounds, median [min-max]"
+    )
+    variants = ["fused", "eager"] + ([] if args.no_compile else ["compile"])
+    print("| op | dtype | elements | fused ms | GB/s | of copy | vs eager | vs compile |")
+    print("|---|---|---|---|---|---|---|---|")
     rows = []
     for dtype_name in args.dtypes:
-        dtype = getattr(torch, dtype_name)
-        for n in sizes:
-            cases = make_cases(n, dtype, args.device)
-            bytes_per_element = torch.finfo(dtype).bits // 8
-            source = torch.empty(n, device=args.device, dtype=dtype)
-            target = torch.empty_like(source)
-            copy_time = measure(lambda a=source, b=target: b.copy_(a), args.min_run_time)
-            group = [row("copy", dtype_name, n, "copy", copy_time, 2 * n * bytes_per_element)]
-            for op, (fn, tensors_moved) in cases.items():
-                variants = {"eager": lambda f=fn: f("reference"), "fused": lambda f=fn: f("fused")}
-                if not args.no_compile:
-                    variants["compile"] = torch.compile(lambda f=fn: f("reference"))
-                times = {}
-                for name, variant in variants.items():
-                    variant()  # warm-up (and compilation)
-                    times[name] = measure(variant, args.min_run_time)
-                for name, seconds in times.items():
-                    moved = tensors_moved * n * bytes_per_element
-                    group.append(row(op, dtype_name, n, name, seconds, moved, times["eager"]))
+        for n in args.sizes or sizes:
+            group = bench_group(n, getattr(torch, dtype_name), args.device, variants,
+                                args.rounds, args.min_run_time)  # fmt: skip
             for r in group:
-                speedup = "" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+                cells = [show(r["ms"], ""), show(r["gbps"], "")]
+                cells += [show(r[k], "%" if k == "of_copy" else "x") if k in r else ""
+                          for k in ("of_copy", "vs_eager", "vs_compile")]  # fmt: skip
                 print(
-                    f"| {r['op']} | {dtype_name} | {n / 2**20:g}M | {r['variant']} | "
-                    f"{r['ms']:.3f} | {r['gbps']:.1f} | {speedup} |",
+                    f"| {r['op']} | {dtype_name} | {n / 2**20:g}M | " + " | ".join(cells) + " |",
                     flush=True,
                 )
             rows += group
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
-                {"device": device_name, "torch": torch.__version__, "rows": rows}, f, indent=1
-            )
+                {"device": device_name, "torch": torch.__version__, "load_at_start": load,
+                 "rows": rows}, f, indent=1,
+            )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -31,23 +31,17 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "phased_dmd_mp fused kernels; csrc/*/*.h document each op's reference semantics";
   const auto release = py::call_guard<py::gil_scoped_release>();
   m.attr("max_cuda_parts") = phased_dmd::kMaxCudaParts;
+  // Bumped whenever a kernel's signature changes; phased_dmd_mp/ops/backend.py refuses a build
+  // of another version (a stale _C next to newer Python code) and names the rebuild command.
+  m.attr("abi_version") = 2;
 
   m.def(
-      "residual_sq_sums_cpu",
-      [](int dtype, Ptr pred, Ptr x_s, Ptr eps, Ptr scale, Ptr xs_coef, Ptr eps_coef, Ptr sums,
-         int64_t batch, int64_t per_sample, int threads) {
-        phased_dmd::residual_sq_sums_cpu(dtype_of(dtype), in(pred), in(x_s), in(eps), in(scale),
-                                         in(xs_coef), in(eps_coef), out(sums), batch, per_sample,
-                                         threads);
-      },
-      release);
-  m.def(
-      "residual_grad_cpu",
-      [](int dtype, Ptr gscale, Ptr pred, Ptr x_s, Ptr eps, Ptr scale, Ptr xs_coef, Ptr eps_coef,
-         Ptr grad, int64_t batch, int64_t per_sample, int threads) {
-        phased_dmd::residual_grad_cpu(dtype_of(dtype), in(gscale), in(pred), in(x_s), in(eps),
-                                      in(scale), in(xs_coef), in(eps_coef), out(grad), batch,
-                                      per_sample, threads);
+      "residual_loss_cpu",
+      [](int dtype, Ptr pred, Ptr x_s, Ptr eps, Ptr scale, Ptr xs_coef, Ptr eps_coef, Ptr gscale,
+         Ptr grad, Ptr sums, int64_t batch, int64_t per_sample, int threads) {
+        phased_dmd::residual_loss_cpu(dtype_of(dtype), in(pred), in(x_s), in(eps), in(scale),
+                                      in(xs_coef), in(eps_coef), in(gscale), out(grad), out(sums),
+                                      batch, per_sample, threads);
       },
       release);
   m.def(
@@ -60,11 +54,11 @@ PYBIND11_MODULE(_C, m) {
       release);
   m.def(
       "dmd_direction_cpu",
-      [](int dtype, Ptr cond, Ptr uncond, double guidance, Ptr fake, Ptr weight, Ptr g,
-         Ptr sq_sums, int64_t batch, int64_t per_sample, int threads) {
+      [](int dtype, Ptr cond, Ptr uncond, double guidance, Ptr fake, Ptr weight,
+         double out_scale, Ptr g, Ptr sq_sums, int64_t batch, int64_t per_sample, int threads) {
         phased_dmd::dmd_direction_cpu(dtype_of(dtype), in(cond), in(uncond), guidance, in(fake),
-                                      in(weight), out(g), out(sq_sums), batch, per_sample,
-                                      threads);
+                                      in(weight), out_scale, out(g), out(sq_sums), batch,
+                                      per_sample, threads);
       },
       release);
   m.def(
@@ -80,21 +74,14 @@ PYBIND11_MODULE(_C, m) {
 #ifdef PHASED_DMD_WITH_CUDA
   m.attr("built_with_cuda") = true;
   m.def(
-      "residual_sq_sums_cuda",
-      [](int dtype, Ptr pred, Ptr x_s, Ptr eps, Ptr scale, Ptr xs_coef, Ptr eps_coef, Ptr sums,
-         Ptr workspace, int64_t batch, int64_t per_sample, int device, Ptr stream) {
-        phased_dmd::residual_sq_sums_cuda(dtype_of(dtype), in(pred), in(x_s), in(eps),
-                                          in(scale), in(xs_coef), in(eps_coef), out(sums),
-                                          out(workspace), batch, per_sample, device, stream);
-      },
-      release);
-  m.def(
-      "residual_grad_cuda",
-      [](int dtype, Ptr gscale, Ptr pred, Ptr x_s, Ptr eps, Ptr scale, Ptr xs_coef, Ptr eps_coef,
-         Ptr grad, int64_t batch, int64_t per_sample, int device, Ptr stream) {
-        phased_dmd::residual_grad_cuda(dtype_of(dtype), in(gscale), in(pred), in(x_s), in(eps),
-                                       in(scale), in(xs_coef), in(eps_coef), out(grad), batch,
-                                       per_sample, device, stream);
+      "residual_loss_cuda",
+      [](int dtype, Ptr pred, Ptr x_s, Ptr eps, Ptr scale, Ptr xs_coef, Ptr eps_coef, Ptr gscale,
+         Ptr grad, Ptr sums, Ptr workspace, int64_t batch, int64_t per_sample, int device,
+         Ptr stream) {
+        phased_dmd::residual_loss_cuda(dtype_of(dtype), in(pred), in(x_s), in(eps), in(scale),
+                                       in(xs_coef), in(eps_coef), in(gscale), out(grad),
+                                       out(sums), out(workspace), batch, per_sample, device,
+                                       stream);
       },
       release);
   m.def(
@@ -107,11 +94,12 @@ PYBIND11_MODULE(_C, m) {
       release);
   m.def(
       "dmd_direction_cuda",
-      [](int dtype, Ptr cond, Ptr uncond, double guidance, Ptr fake, Ptr weight, Ptr g,
-         Ptr sq_sums, Ptr workspace, int64_t batch, int64_t per_sample, int device, Ptr stream) {
+      [](int dtype, Ptr cond, Ptr uncond, double guidance, Ptr fake, Ptr weight,
+         double out_scale, Ptr g, Ptr sq_sums, Ptr workspace, int64_t batch, int64_t per_sample,
+         int device, Ptr stream) {
         phased_dmd::dmd_direction_cuda(dtype_of(dtype), in(cond), in(uncond), guidance, in(fake),
-                                       in(weight), out(g), out(sq_sums), out(workspace), batch,
-                                       per_sample, device, stream);
+                                       in(weight), out_scale, out(g), out(sq_sums),
+                                       out(workspace), batch, per_sample, device, stream);
       },
       release);
   m.def(

@@ -168,15 +168,22 @@ def _clamped_subinterval_loss(
     )
     dtype = compute_dtype(pred)
     if ops.use_fused(backend, (pred, x_s, eps), constants=(x_s, eps)):
-        sums = ops.residual_sq_sums(pred, x_s, eps, scale, xs_coef, eps_coef)
-        sample_loss = sums.to(dtype) / pred[0].numel()
-    else:
-        residual = (
-            per_sample(scale, pred) * pred.to(dtype)
-            - per_sample(xs_coef, pred) * x_s.to(dtype)
-            - per_sample(eps_coef, pred) * eps.to(dtype)
-        )
-        sample_loss = _sample_mean(residual.square())
+        # The per-sample mean, the weight and the batch mean are folded into one coefficient,
+        # so the gradient the kernel writes in the forward pass is the one backward returns.
+        loss_coef = weight / pred[0].numel()
+        if reduction == "mean":
+            loss_coef = loss_coef / pred.shape[0]
+        elif reduction != "none":
+            _reduce(loss_coef, reduction)  # raises, naming the valid reductions
+        sample_loss = ops.residual_loss(pred, x_s, eps, scale, xs_coef, eps_coef, loss_coef)
+        sample_loss = sample_loss.to(dtype)
+        return sample_loss.sum() if reduction == "mean" else sample_loss
+    residual = (
+        per_sample(scale, pred) * pred.to(dtype)
+        - per_sample(xs_coef, pred) * x_s.to(dtype)
+        - per_sample(eps_coef, pred) * eps.to(dtype)
+    )
+    sample_loss = _sample_mean(residual.square())
     return _reduce(weight.to(device=pred.device, dtype=dtype) * sample_loss, reduction)
 
 
@@ -326,9 +333,12 @@ def dmd_generator_loss(
             weight = -jump_v.to(normalizer) / normalizer
         else:
             weight = schedule.dmd_weight(t, s)
-        g, sq_sums = ops.dmd_direction(v_teacher, v_teacher_uncond, guidance_scale, v_fake, weight)
+        # The kernel writes g / x_s.numel(), the surrogate's gradient w.r.t. x_s, directly.
+        grad, sq_sums = ops.dmd_direction(
+            v_teacher, v_teacher_uncond, guidance_scale, v_fake, weight, 1.0 / x_s.numel()
+        )
         value = 0.5 * sq_sums.sum().to(compute_dtype(x_s)) / x_s.numel()
-        return ops.dmd_surrogate_loss(x_s, g, value)
+        return ops.dmd_surrogate_loss(x_s, grad.view_as(x_s), value)
     teacher = (
         v_teacher
         if v_teacher_uncond is None

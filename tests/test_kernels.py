@@ -200,3 +200,46 @@ def test_cuda_kernels_are_built_wherever_nvcc_is():
     if wanted == "OFF":
         pytest.skip("PHASED_DMD_CUDA=OFF: the build was asked to skip CUDA")
     assert _C.built_with_cuda == (shutil.which("nvcc") is not None)
+
+
+@pytest.mark.parametrize("op", ["subinterval", "dmd"])
+def test_fused_gradient_is_written_once_and_never_overwritten_while_held(op):
+    """The forward pass writes the gradient; backward hands that very buffer to autograd when
+    the upstream gradient is 1 and rescales it otherwise. Reused CPU buffers are taken only
+    once nothing holds them: a gradient the caller keeps stays intact."""
+    generator = torch.Generator().manual_seed(5)
+    a, b, c = (torch.randn(4, 3000, generator=generator) for _ in range(3))
+    t, s = torch.tensor([0.6, 0.7, 0.8, 0.9]), torch.full((4,), 0.5)
+
+    def grad_of(backend, scale=1.0):
+        x = a.clone().requires_grad_(True)
+        if op == "subinterval":
+            loss = losses.subinterval_flow_loss(x, b, c, t, s, backend=backend)
+        else:
+            loss = losses.dmd_generator_loss(x, b, c, t, s, backend=backend)
+        (scale * loss).backward()
+        return x.grad
+
+    kept = [grad_of("fused") for _ in range(3)]
+    assert len({g.data_ptr() for g in kept}) == 3  # held results never share memory
+    expected = grad_of("reference")
+    for g in kept:
+        torch.testing.assert_close(g, expected)
+    pointer = kept[0].data_ptr()
+    del kept
+    assert grad_of("fused").data_ptr() == pointer  # a buffer nothing holds is reused as it is
+    torch.testing.assert_close(grad_of("fused", scale=-2.5), -2.5 * expected)
+
+
+def test_a_stale_extension_falls_back_with_the_rebuild_command(monkeypatch):
+    from phased_dmd_mp.ops import backend
+
+    class Stale:  # a _C built from older sources: no abi_version, old kernel signatures
+        built_with_cuda = False
+
+    monkeypatch.setattr(backend, "extension", lambda: Stale())
+    x = torch.randn(2, 3)
+    assert "stale build" in backend.unsupported_reason((x,))
+    assert not ops.use_fused("auto", (x,))
+    with pytest.raises(RuntimeError, match="build_ext --inplace"):
+        ops.use_fused("fused", (x,))

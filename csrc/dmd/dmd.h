@@ -6,12 +6,15 @@
 //
 //   T[b,d] = uncond + guidance (cond - uncond)   (guided; with no uncond, T = cond)
 //   dmd_direction:        g[b,d] = weight[b] (T[b,d] - fake[b,d]),  sq_sums[b] = sum_d g^2
-//                         (sq_sums from the unrounded g, so the loss value is exact)
+//                         out[b,d] = out_scale g[b,d]
+//                         (sq_sums from the unrounded g, so the loss value is exact; with
+//                         out_scale = 1 / numel, out is the surrogate loss's gradient w.r.t.
+//                         x_s, written once and handed to autograd as it is)
 //   dmd_normalizer_sums:  sums[b] = sum_d |x_s - (jump_x[b] x_t + jump_v[b] T)|
 //
 // Plain DMD: weight = w_{t|s}. DMD2-normalised: weight = k_{t|s} / max(sums / per_sample, min),
 // with the teacher's jump back to s being x^_s = jump_x x_t + jump_v T (losses.py derives it).
-// The op returns g, not the target x - g: in bf16 the target rounds at the scale of x and
+// The op returns (a multiple of) g, not the target x - g: in bf16 the target rounds at the scale of x and
 // x - target would lose g wherever |g| << |x|.
 //
 // Layout and types as in subinterval_loss.h; `uncond` may be null.
@@ -24,7 +27,8 @@
 namespace phased_dmd {
 
 void dmd_direction_cpu(DType dtype, const void* cond, const void* uncond, double guidance,
-                       const void* fake, const void* weight, void* g, void* sq_sums,
+                       const void* fake, const void* weight, double out_scale, void* out,
+                       void* sq_sums,
                        int64_t batch, int64_t per_sample, int num_threads);
 
 void dmd_normalizer_sums_cpu(DType dtype, const void* x_s, const void* x_t, const void* cond,
@@ -34,7 +38,8 @@ void dmd_normalizer_sums_cpu(DType dtype, const void* x_s, const void* x_t, cons
 
 #ifdef PHASED_DMD_WITH_CUDA
 void dmd_direction_cuda(DType dtype, const void* cond, const void* uncond, double guidance,
-                        const void* fake, const void* weight, void* g, void* sq_sums,
+                        const void* fake, const void* weight, double out_scale, void* out,
+                        void* sq_sums,
                         void* workspace, int64_t batch, int64_t per_sample, int device,
                         uintptr_t stream);
 

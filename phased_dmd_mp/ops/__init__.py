@@ -21,7 +21,7 @@ from phased_dmd_mp.ops.kernels import (
     dmd_direction,
     dmd_normalizer_sums,
     dmd_surrogate_loss,
-    residual_sq_sums,
+    residual_loss,
 )
 from phased_dmd_mp.schedule import FLOW_MATCHING, NoiseSchedule, TimeLike
 
@@ -50,7 +50,7 @@ __all__ = [
     "dmd_normalizer_sums",
     "dmd_surrogate_loss",
     "kernel_backend",
-    "residual_sq_sums",
+    "residual_loss",
     "set_kernel_backend",
     "unsupported_reason",
     "use_fused",

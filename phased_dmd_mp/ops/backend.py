@@ -23,6 +23,7 @@ from torch import Tensor
 Backend = Literal["auto", "fused", "reference"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+ABI_VERSION = 2  # csrc/bindings.cpp's abi_version, which this Python code calls
 
 
 def _checked(name: str) -> Backend:
@@ -71,6 +72,12 @@ def unsupported_reason(data: tuple[Tensor, ...], constants: tuple[Tensor, ...] =
     ext = extension()
     if ext is None:
         return "phased_dmd_mp._C is not built (install the package with `pip install -e .`)"
+    if getattr(ext, "abi_version", 1) != ABI_VERSION:
+        return (
+            f"phased_dmd_mp._C is a stale build (kernel ABI {getattr(ext, 'abi_version', 1)}, "
+            f"this code needs {ABI_VERSION}): rebuild it with `pip install -e .` or "
+            "`python setup.py build_ext --inplace`"
+        )
     device, dtype = data[0].device, data[0].dtype
     if any(x.device != device for x in data):
         return f"inputs are on several devices: {sorted({str(x.device) for x in data})}"
@@ -103,7 +110,7 @@ def use_fused(
         return True
     if backend == "fused":
         raise RuntimeError(f"fused kernels cannot run these inputs: {reason}")
-    if extension() is None and not _warned_missing_extension:
+    if reason.startswith("phased_dmd_mp._C") and not _warned_missing_extension:
         _warned_missing_extension = True
         warnings.warn(f"{reason}; using the pure-torch reference losses", stacklevel=3)
     return False

@@ -5,9 +5,16 @@ Each op is registered with `torch.library.custom_op` and a fake (meta) implement
 per-sample coefficients of shape () or (B,) in any float dtype; they make the data contiguous
 (non-contiguous inputs are copied) and bring the coefficients to the accumulation dtype
 (float64 for float64 data, float32 otherwise) on the data's device.
+
+The losses compute their gradient in the forward pass, in the same read of the data, and keep
+it for backward, which hands it to autograd as it is when the upstream gradient is 1 (a loss
+that is `.backward()`-ed directly) and rescales it otherwise (as Liger-Kernel's fused
+cross-entropy). Full-size CPU outputs come from a few buffers reused across calls (`_output_like`).
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 from torch import Tensor
@@ -46,57 +53,84 @@ def _call(name: str, like: Tensor, args: list, reduces: bool) -> None:
         getattr(ext, f"{name}_cpu")(*args, batch, per_sample, torch.get_num_threads())
 
 
+# CPU buffers kept for reuse, per size in bytes (the most recently used sizes only). A fresh
+# CPU allocation this large comes from mmap and pays a page fault per 4 KiB page on first touch:
+# measured, ~40% of a fused op's time at 64 MiB. CUDA's caching allocator already reuses memory.
+_POOL_SIZES, _POOL_BUFFERS_PER_SIZE = 4, 4
+_pool: OrderedDict[int, list[torch.UntypedStorage]] = OrderedDict()
+
+
+def _output_like(x: Tensor) -> Tensor:
+    """An uninitialised contiguous tensor like x; on CPU backed by a buffer no tensor still uses.
+
+    A buffer is reused only when this pool holds its sole reference (the tensor handed out
+    earlier and all its views are gone), so a result the caller keeps is never overwritten.
+    """
+    if x.device.type != "cpu":
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    nbytes = x.numel() * x.element_size()
+    buffers = _pool.pop(nbytes, [])
+    _pool[nbytes] = buffers  # most recently used last
+    while len(_pool) > _POOL_SIZES:
+        _pool.popitem(last=False)
+    free = (b for b in buffers if torch._C._storage_Use_Count(b._cdata) == 1)
+    storage = next(free, None)
+    if storage is None:
+        storage = torch.UntypedStorage(nbytes)
+        if len(buffers) < _POOL_BUFFERS_PER_SIZE:
+            buffers.append(storage)
+    return torch.empty(0, dtype=x.dtype).set_(storage, 0, x.shape)
+
+
+def _rescaled(grad: Tensor, upstream: Tensor) -> Tensor:
+    """grad precomputed for an upstream gradient of 1, times the actual per-sample `upstream`
+    (shape () or (B,)): grad itself when upstream is all ones (outside torch.compile, which
+    cannot branch on data)."""
+    if not torch.compiler.is_compiling() and bool((upstream == 1).all()):
+        return grad
+    factor = upstream.reshape(-1, *[1] * (grad.ndim - 1)) if upstream.ndim else upstream
+    return (grad * factor).to(grad.dtype)
+
+
 # --- clamped subinterval loss ----------------------------------------------------------------
 
 
-@torch.library.custom_op("phased_dmd::residual_sq_sums", mutates_args=())
-def _residual_sq_sums(
-    pred: Tensor, x_s: Tensor, eps: Tensor, scale: Tensor, xs_coef: Tensor, eps_coef: Tensor
-) -> Tensor:
-    sums = torch.empty(pred.shape[0], dtype=scale.dtype, device=pred.device)
-    _call("residual_sq_sums", pred, [pred, x_s, eps, scale, xs_coef, eps_coef, sums], True)
-    return sums
-
-
-@_residual_sq_sums.register_fake
-def _(pred, x_s, eps, scale, xs_coef, eps_coef):
-    return pred.new_empty(pred.shape[0], dtype=scale.dtype)
-
-
-@torch.library.custom_op("phased_dmd::residual_grad", mutates_args=())
-def _residual_grad(
-    gscale: Tensor,
+@torch.library.custom_op("phased_dmd::residual_loss", mutates_args=())
+def _residual_loss(
     pred: Tensor,
     x_s: Tensor,
     eps: Tensor,
     scale: Tensor,
     xs_coef: Tensor,
     eps_coef: Tensor,
-) -> Tensor:
-    grad = torch.empty_like(pred)
-    _call("residual_grad", pred, [gscale, pred, x_s, eps, scale, xs_coef, eps_coef, grad], False)
-    return grad
+    loss_coef: Tensor,
+) -> tuple[Tensor, Tensor]:
+    sums = torch.empty(pred.shape[0], dtype=scale.dtype, device=pred.device)
+    grad = _output_like(pred)
+    gscale = (2 * loss_coef * scale).contiguous()
+    args = [pred, x_s, eps, scale, xs_coef, eps_coef, gscale, grad, sums]
+    _call("residual_loss", pred, args, True)
+    return loss_coef * sums, grad
 
 
-@_residual_grad.register_fake
-def _(gscale, pred, x_s, eps, scale, xs_coef, eps_coef):
-    return torch.empty_like(pred)
+@_residual_loss.register_fake
+def _(pred, x_s, eps, scale, xs_coef, eps_coef, loss_coef):
+    return pred.new_empty(pred.shape[0], dtype=scale.dtype), torch.empty_like(pred)
 
 
-def _residual_sq_sums_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+class _ResidualLoss(torch.autograd.Function):
+    """loss[b] = loss_coef[b] sum_d r^2; its gradient w.r.t. pred comes from the forward pass."""
 
+    @staticmethod
+    def forward(ctx, pred, x_s, eps, scale, xs_coef, eps_coef, loss_coef):
+        loss, grad = _residual_loss(pred, x_s, eps, scale, xs_coef, eps_coef, loss_coef)
+        ctx.save_for_backward(grad)
+        return loss
 
-def _residual_sq_sums_backward(ctx, grad_sums):
-    pred, x_s, eps, scale, xs_coef, eps_coef = ctx.saved_tensors
-    gscale = (2 * grad_sums * scale).contiguous()
-    grad = _residual_grad(gscale, pred, x_s, eps, scale, xs_coef, eps_coef)
-    return grad, None, None, None, None, None
-
-
-_residual_sq_sums.register_autograd(
-    _residual_sq_sums_backward, setup_context=_residual_sq_sums_setup
-)
+    @staticmethod
+    def backward(ctx, upstream):
+        (grad,) = ctx.saved_tensors
+        return _rescaled(grad, upstream), None, None, None, None, None, None
 
 
 # --- conditional noising -----------------------------------------------------------------------
@@ -104,7 +138,7 @@ _residual_sq_sums.register_autograd(
 
 @torch.library.custom_op("phased_dmd::axpby", mutates_args=())
 def _axpby(x: Tensor, y: Tensor, a: Tensor, c: Tensor) -> Tensor:
-    out = torch.empty_like(x)
+    out = _output_like(x)
     _call("axpby", x, [x, y, a, c, out], False)
     return out
 
@@ -133,16 +167,22 @@ _axpby.register_autograd(_axpby_backward, setup_context=_axpby_setup)
 
 @torch.library.custom_op("phased_dmd::dmd_direction", mutates_args=())
 def _dmd_direction(
-    cond: Tensor, uncond: Tensor | None, guidance: float, fake: Tensor, weight: Tensor
+    cond: Tensor,
+    uncond: Tensor | None,
+    guidance: float,
+    fake: Tensor,
+    weight: Tensor,
+    out_scale: float,
 ) -> tuple[Tensor, Tensor]:
-    g = torch.empty_like(cond)
+    g = _output_like(cond)
     sq_sums = torch.empty(cond.shape[0], dtype=weight.dtype, device=cond.device)
-    _call("dmd_direction", cond, [cond, uncond, guidance, fake, weight, g, sq_sums], True)
+    args = [cond, uncond, guidance, fake, weight, out_scale, g, sq_sums]
+    _call("dmd_direction", cond, args, True)
     return g, sq_sums
 
 
 @_dmd_direction.register_fake
-def _(cond, uncond, guidance, fake, weight):
+def _(cond, uncond, guidance, fake, weight, out_scale):
     return torch.empty_like(cond), cond.new_empty(cond.shape[0], dtype=weight.dtype)
 
 
@@ -197,12 +237,20 @@ def _coefficients(like: Tensor, *coefs: Tensor) -> list[Tensor]:
     return out
 
 
-def residual_sq_sums(
-    pred: Tensor, x_s: Tensor, eps: Tensor, scale: Tensor, xs_coef: Tensor, eps_coef: Tensor
+def residual_loss(
+    pred: Tensor,
+    x_s: Tensor,
+    eps: Tensor,
+    scale: Tensor,
+    xs_coef: Tensor,
+    eps_coef: Tensor,
+    loss_coef: Tensor,
 ) -> Tensor:
-    """sums[b] = sum over sample b of (scale pred - xs_coef x_s - eps_coef eps)^2; differentiable in pred."""
+    """loss[b] = loss_coef[b] * sum over sample b of (scale pred - xs_coef x_s - eps_coef eps)^2,
+    shape (B,) in the accumulation dtype; differentiable in pred (gradient from the same pass)."""
     pred, x_s, eps = _data(pred, x_s, eps)
-    return _residual_sq_sums(pred, x_s, eps, *_coefficients(pred, scale, xs_coef, eps_coef))
+    coefs = _coefficients(pred, scale, xs_coef, eps_coef, loss_coef)
+    return _ResidualLoss.apply(pred, x_s, eps, *coefs)
 
 
 def axpby(x: Tensor, y: Tensor, a: Tensor, c: Tensor) -> Tensor:
@@ -212,11 +260,18 @@ def axpby(x: Tensor, y: Tensor, a: Tensor, c: Tensor) -> Tensor:
 
 
 def dmd_direction(
-    cond: Tensor, uncond: Tensor | None, guidance: float, fake: Tensor, weight: Tensor
+    cond: Tensor,
+    uncond: Tensor | None,
+    guidance: float,
+    fake: Tensor,
+    weight: Tensor,
+    out_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
-    """g = weight (T - fake), T = uncond + guidance (cond - uncond) (or cond); and sum_b g^2."""
+    """(out_scale g, sum over each sample of g^2) with g = weight (T - fake) and
+    T = uncond + guidance (cond - uncond) (or cond)."""
     cond, uncond, fake = _data(cond, uncond, fake)
-    return _dmd_direction(cond, uncond, float(guidance), fake, *_coefficients(cond, weight))
+    weight = _coefficients(cond, weight)[0]
+    return _dmd_direction(cond, uncond, float(guidance), fake, weight, float(out_scale))
 
 
 def dmd_normalizer_sums(
@@ -236,19 +291,19 @@ def dmd_normalizer_sums(
 
 
 class _DmdSurrogate(torch.autograd.Function):
-    """Forward: the precomputed loss value; backward: d loss / d x_s = g / x_s.numel()."""
+    """Forward: the precomputed loss value; backward: the precomputed d loss / d x_s."""
 
     @staticmethod
-    def forward(ctx, x_s: Tensor, g: Tensor, value: Tensor) -> Tensor:
-        ctx.save_for_backward(g)
-        ctx.numel, ctx.dtype = x_s.numel(), x_s.dtype
+    def forward(ctx, x_s: Tensor, grad: Tensor, value: Tensor) -> Tensor:
+        ctx.save_for_backward(grad)
         return value.clone()
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        (g,) = ctx.saved_tensors
-        return (g * (grad / ctx.numel)).to(ctx.dtype), None, None
+    def backward(ctx, upstream: Tensor):
+        (grad,) = ctx.saved_tensors
+        return _rescaled(grad, upstream), None, None
 
 
-def dmd_surrogate_loss(x_s: Tensor, g: Tensor, value: Tensor) -> Tensor:
-    return _DmdSurrogate.apply(x_s, g, value)
+def dmd_surrogate_loss(x_s: Tensor, grad: Tensor, value: Tensor) -> Tensor:
+    """A loss with the given value whose gradient w.r.t. x_s is `grad` (x_s's shape and dtype)."""
+    return _DmdSurrogate.apply(x_s, grad, value)

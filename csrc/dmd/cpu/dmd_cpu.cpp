@@ -18,11 +18,12 @@ PHASED_DMD_ALWAYS_INLINE Acc<T> teacher_at(const T* cond, const T* uncond, Acc<T
 template <bool kGuided, typename T>
 PHASED_DMD_ALWAYS_INLINE double direction_chunk_impl(const T* cond, const T* uncond,
                                                      Acc<T> guidance, const T* fake,
-                                                     Acc<T> weight, T* g, int64_t n) {
+                                                     Acc<T> weight, Acc<T> out_scale, T* g,
+                                                     int64_t n) {
   return blocked_sum<Acc<T>>(n, [&](int64_t i) {
     const Acc<T> value =
         weight * (teacher_at<kGuided>(cond, uncond, guidance, i) - Io<T>::load(fake[i]));
-    g[i] = Io<T>::store(value);
+    g[i] = Io<T>::store(out_scale * value);
     return value * value;
   });
 }
@@ -41,8 +42,9 @@ PHASED_DMD_ALWAYS_INLINE double normalizer_chunk_impl(const T* x_s, const T* x_t
 #define PHASED_DMD_DMD_CHUNKS(T, GUIDED)                                                        \
   PHASED_DMD_CPU_CLONES double direction_chunk(std::integral_constant<bool, GUIDED>,           \
                                                const T* cond, const T* uncond, Acc<T> guidance, \
-                                               const T* fake, Acc<T> weight, T* g, int64_t n) { \
-    return direction_chunk_impl<GUIDED>(cond, uncond, guidance, fake, weight, g, n);           \
+                                               const T* fake, Acc<T> weight, Acc<T> out_scale,  \
+                                               T* g, int64_t n) {                               \
+    return direction_chunk_impl<GUIDED>(cond, uncond, guidance, fake, weight, out_scale, g, n); \
   }                                                                                             \
   PHASED_DMD_CPU_CLONES double normalizer_chunk(                                                \
       std::integral_constant<bool, GUIDED>, const T* x_s, const T* x_t, const T* cond,          \
@@ -73,7 +75,8 @@ void dispatch_guided(const void* uncond, Fn&& fn) {
 }  // namespace cpu
 
 void dmd_direction_cpu(DType dtype, const void* cond, const void* uncond, double guidance,
-                       const void* fake, const void* weight, void* g, void* sq_sums,
+                       const void* fake, const void* weight, double out_scale, void* g,
+                       void* sq_sums,
                        int64_t batch, int64_t per_sample, int num_threads) {
   cpu::dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -87,8 +90,8 @@ void dmd_direction_cpu(DType dtype, const void* cond, const void* uncond, double
           batch, per_sample, num_threads, static_cast<A*>(sq_sums),
           [&](int64_t b, int64_t begin, int64_t end) {
             return cpu::direction_chunk(guided, c + begin, guided ? u + begin : nullptr,
-                                        static_cast<A>(guidance), f + begin, w[b], out + begin,
-                                        end - begin);
+                                        static_cast<A>(guidance), f + begin, w[b],
+                                        static_cast<A>(out_scale), out + begin, end - begin);
           });
     });
   });

@@ -19,7 +19,7 @@ __device__ __forceinline__ void load_teacher(const T* cond, const T* uncond, Acc
 
 template <typename T, int kVec, bool kGuided>
 __global__ void direction_kernel(const T* cond, const T* uncond, Acc<T> guidance, const T* fake,
-                                 const Acc<T>* weight, T* g, double* partials,
+                                 const Acc<T>* weight, Acc<T> out_scale, T* g, double* partials,
                                  int64_t per_sample) {
   using A = Acc<T>;
   const int64_t b = blockIdx.y;
@@ -31,12 +31,15 @@ __global__ void direction_kernel(const T* cond, const T* uncond, Acc<T> guidance
     A teacher[kVec], f[kVec], out[kVec];
     load_teacher<kGuided, kVec>(cond, uncond, guidance, base + v * kVec, teacher);
     load_pack<kVec>(fake, base + v * kVec, f);
+    A pack_sum = 0;  // at most 8 terms in the accumulation type, then into the double sum
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
-      out[j] = w * (teacher[j] - f[j]);
-      sum += static_cast<double>(out[j] * out[j]);
+      const A value = w * (teacher[j] - f[j]);
+      pack_sum += value * value;
+      out[j] = out_scale * value;
     }
     store_pack<kVec>(g, base + v * kVec, out);
+    sum += static_cast<double>(pack_sum);
   }
   sum = block_sum(sum);
   if (threadIdx.x == 0) partials[b * gridDim.x + blockIdx.x] = sum;
@@ -79,7 +82,8 @@ void dispatch_guided(const void* uncond, Fn&& fn) {
 }  // namespace cuda
 
 void dmd_direction_cuda(DType dtype, const void* cond, const void* uncond, double guidance,
-                        const void* fake, const void* weight, void* g, void* sq_sums,
+                        const void* fake, const void* weight, double out_scale, void* g,
+                        void* sq_sums,
                         void* workspace, int64_t batch, int64_t per_sample, int device,
                         uintptr_t stream) {
   cuda::dispatch_dtype(dtype, [&](auto tag) {
@@ -93,7 +97,8 @@ void dmd_direction_cuda(DType dtype, const void* cond, const void* uncond, doubl
         const cuda::Launch launch = cuda::make_launch(batch, per_sample / kVec, device, stream);
         cuda::direction_kernel<T, kVec, kGuided><<<launch.grid, cuda::kThreads, 0, launch.stream>>>(
             static_cast<const T*>(cond), static_cast<const T*>(uncond), static_cast<A>(guidance),
-            static_cast<const T*>(fake), static_cast<const A*>(weight), static_cast<T*>(g),
+            static_cast<const T*>(fake), static_cast<const A*>(weight),
+            static_cast<A>(out_scale), static_cast<T*>(g),
             static_cast<double*>(workspace), per_sample);
         cuda::finalize_sums_kernel<A><<<static_cast<unsigned>(batch), 32, 0, launch.stream>>>(
             static_cast<const double*>(workspace), launch.parts, static_cast<A*>(sq_sums));
