@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -26,19 +27,6 @@ import yaml
 from phased_dmd_mp.config import ConfigError, add_config_arguments, load_config
 from phased_dmd_mp.distill import checkpoint
 from phased_dmd_mp.distill.config import DistillConfig
-
-
-def _check_teacher(config: DistillConfig) -> None:
-    """A teacher directory (data/teacher.py): a valid teacher.yaml and a transformer."""
-    from phased_dmd_mp.data.teacher import TRANSFORMER_DIR, read_spec
-
-    read_spec(config.teacher)
-    if not (Path(config.teacher) / TRANSFORMER_DIR).is_dir():
-        raise ConfigError(
-            f"teacher {config.teacher!r} has no {TRANSFORMER_DIR}/: point `teacher` at a "
-            "directory written by `python -m phased_dmd_mp.pretrain_teacher` (or laid out "
-            "like one)"
-        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(DistillConfig, args.config, args.overrides)
-        _check_teacher(config)
+        from phased_dmd_mp.distill.validate import validate_run  # imports megatron
+
+        # every path and shape the config implies, before any rank loads a model
+        validate_run(config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as error:
         parser.error(str(error))
     steps = checkpoint.complete_steps(args.out)

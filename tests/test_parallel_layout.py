@@ -2,8 +2,6 @@
 one-line ConfigError naming the quantity, its value and the divisor, wherever it is found
 first: the converter (before it writes anything), the model build and the distillation runner."""
 
-import dataclasses
-
 import pytest
 import torch
 

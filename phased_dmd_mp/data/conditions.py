@@ -89,7 +89,9 @@ def _shard_name(index: int) -> str:
 # --- reading -----------------------------------------------------------------------------------
 
 
-def _read_manifest(path: Path) -> dict:
+def read_manifest(path: Path) -> dict:
+    """The checked manifest of the condition set at `path`: {count, specs (name: (per-item
+    shape, dtype)), shards, uncond}; reads conditions.json only."""
     manifest_path = path / MANIFEST
     if not path.is_dir():
         raise ConfigError(f"condition set {path} does not exist (expected a directory)")
@@ -175,7 +177,7 @@ class ConditionSet:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        manifest = _read_manifest(self.path)
+        manifest = read_manifest(self.path)
         self.specs: dict[str, tuple[tuple[int, ...], str]] = manifest["specs"]
         self._count = manifest["count"]
         self._files = [self.path / name for name, _ in manifest["shards"]]

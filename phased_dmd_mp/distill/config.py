@@ -57,7 +57,7 @@ class DistillConfig:
     iterations_per_phase: int = 200  # generator updates per phase
     fake_updates: int = 5  # fake updates per generator update
     batch_size: int = 64  # samples per update, over all data-parallel ranks
-    micro_batch_size: int | None = None  # per rank and forward, divides the rank batch; default: all of it
+    micro_batch_size: int | None = None  # per rank and forward, divides the rank batch
     generator_lr: float = 1e-4
     fake_lr: float = 1e-4
     betas: tuple[float, float] = (0.0, 0.999)

@@ -41,7 +41,10 @@ def require_divisible(quantity: str, value: int, divisor_name: str, divisor: int
 
 def check_sizes(tensor_parallel: int, pipeline_parallel: int) -> None:
     """Parallel sizes are positive integers."""
-    for name, value in (("tensor_parallel", tensor_parallel), ("pipeline_parallel", pipeline_parallel)):
+    for name, value in (
+        ("tensor_parallel", tensor_parallel),
+        ("pipeline_parallel", pipeline_parallel),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
 

@@ -1,0 +1,179 @@
+"""Everything a distillation config points at, checked before any model loads.
+
+`validate_run(config, world_size)` reads only small files: the teacher's teacher.yaml, the
+config.json of each teacher transformer (diffusers format or our sharded one) and the condition
+set's manifest. It raises `phased_dmd_mp.config.ConfigError`, one line naming the key or file and
+both values, for what would otherwise fail after every rank loaded a 14B teacher:
+
+- paths: `teacher` (with teacher.yaml and transformer/config.json), `teacher_low_noise` (a
+  transformer folder), `conditions` (default <teacher>/conditions);
+- the latent shape of teacher.yaml against the transformer: Wan takes latent channels (+ the
+  conditions' image-latent channels, I2V) as in_channels and returns the latent channels as
+  out_channels; Qwen-Image packs 2x2 patches of single-frame latents, so in_channels = 4 x
+  channels; patch sizes divide frames/height/width;
+- the conditions against the transformer: text width = text_dim (Wan) / joint_attention_dim
+  (Qwen-Image), image latents on the latent grid, CLIP image tokens exactly when the model has
+  an image embedder (Wan2.1 I2V);
+- a two-expert teacher's experts have the same architecture;
+- the parallel layout (phased_dmd_mp/parallel/layout.py) on `world_size` ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from phased_dmd_mp.config import ConfigError
+from phased_dmd_mp.data.conditions import MANIFEST, read_manifest
+from phased_dmd_mp.data.teacher import CONDITIONS_DIR, SPEC_FILE, TRANSFORMER_DIR, read_spec
+from phased_dmd_mp.distill.config import DistillConfig
+from phased_dmd_mp.models.config import QwenImageConfig, WanConfig
+from phased_dmd_mp.models.convert import read_diffusers_config, read_layout
+from phased_dmd_mp.parallel.layout import check_layout
+
+
+def read_transformer_arch(directory: Path, key: str) -> WanConfig | QwenImageConfig:
+    """The architecture in a transformer folder's config.json: diffusers format or our sharded
+    checkpoint (`python -m phased_dmd_mp.models.convert to-ours`)."""
+    config_path = directory / "config.json"
+    if not directory.is_dir():
+        raise ConfigError(f"{key}: {directory} does not exist (expected a transformer folder)")
+    if not config_path.is_file():
+        raise ConfigError(f"{key}: {directory} has no config.json (expected a transformer folder)")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{config_path} is not valid JSON: {error}") from error
+    if "_class_name" in config:
+        return read_diffusers_config(directory)[1]
+    return read_layout(directory)[0]
+
+
+def _check_experts_agree(high, low, high_file: Path, low_file: Path) -> None:
+    if type(high) is not type(low):
+        raise ConfigError(
+            f"teacher_low_noise: {low_file} is a {type(low).__name__}, {high_file} a "
+            f"{type(high).__name__}"
+        )
+    for field in dataclasses.fields(high):
+        a, b = getattr(high, field.name), getattr(low, field.name)
+        if a != b:
+            raise ConfigError(
+                f"teacher_low_noise: {field.name} = {b} in {low_file}, but {a} in the "
+                f"high-noise expert's {high_file}; the two experts must share an architecture"
+            )
+
+
+def _check_latents(arch, latent_shape, image_channels: int, spec_file: Path, arch_file: Path):
+    channels, *grid = latent_shape
+    if isinstance(arch, WanConfig):
+        patch = arch.patch_size
+        expected_in = channels + image_channels
+        what = f"latent channels {channels}" + (
+            f" + image-latent channels {image_channels}" if image_channels else ""
+        )
+        if arch.in_channels != expected_in:
+            raise ConfigError(
+                f"in_channels = {arch.in_channels} in {arch_file}, but {what} = {expected_in} "
+                f"from {spec_file}"
+            )
+    else:
+        patch = (1, arch.patch_size, arch.patch_size)
+        if grid[0] != 1:
+            raise ConfigError(
+                f"latent_shape {list(latent_shape)} in {spec_file} has {grid[0]} frames; "
+                f"Qwen-Image ({arch_file}) takes single-frame latents"
+            )
+        expected_in = channels * arch.patch_size**2
+        if arch.in_channels != expected_in:
+            raise ConfigError(
+                f"in_channels = {arch.in_channels} in {arch_file}, but latent channels {channels} "
+                f"from {spec_file} packed in {arch.patch_size}x{arch.patch_size} patches give "
+                f"{expected_in}"
+            )
+    if arch.out_channels != channels:
+        raise ConfigError(
+            f"out_channels = {arch.out_channels} in {arch_file}, but latent_shape in {spec_file} "
+            f"has {channels} channels"
+        )
+    for name, size, p in zip(("frames", "height", "width"), grid, patch):
+        if size % p:
+            raise ConfigError(
+                f"latent {name} = {size} in {spec_file} is not divisible by the patch size {p} "
+                f"of {arch_file}"
+            )
+
+
+def _check_conditions(arch, specs: dict, latent_shape, manifest: Path, arch_file: Path) -> None:
+    text_dim = arch.text_dim if isinstance(arch, WanConfig) else arch.joint_attention_dim
+    key = "text_dim" if isinstance(arch, WanConfig) else "joint_attention_dim"
+    width = specs["text"][0][-1]
+    if width != text_dim:
+        raise ConfigError(
+            f"the text embeddings in {manifest} are {width} wide, but {key} = {text_dim} in "
+            f"{arch_file}"
+        )
+    if "image_latents" in specs:
+        shape = specs["image_latents"][0]
+        if isinstance(arch, QwenImageConfig):
+            raise ConfigError(
+                f"{manifest} has image_latents, which Qwen-Image ({arch_file}) does not take"
+            )
+        if len(shape) != 4 or list(shape[1:]) != list(latent_shape[1:]):
+            raise ConfigError(
+                f"image_latents in {manifest} are {list(shape)} per item, but [channels, "
+                f"*{list(latent_shape[1:])}] on the latent grid of teacher.yaml"
+            )
+    image_dim = getattr(arch, "image_dim", None)
+    if ("image_embeds" in specs) != (image_dim is not None):
+        raise ConfigError(
+            f"{manifest} has image_embeds but {arch_file} has no image embedder (image_dim)"
+            if image_dim is None
+            else f"{arch_file} attends to CLIP image tokens (image_dim = {image_dim}) but "
+            f"{manifest} has no image_embeds"
+        )
+    if image_dim is not None and specs["image_embeds"][0][-1] != image_dim:
+        raise ConfigError(
+            f"the image_embeds in {manifest} are {specs['image_embeds'][0][-1]} wide, but "
+            f"image_dim = {image_dim} in {arch_file}"
+        )
+
+
+def validate_run(config: DistillConfig, world_size: int) -> None:
+    """Check the files `config` points at and its layout on `world_size` ranks (module
+    docstring); reads JSON/YAML only. Raises ConfigError."""
+    teacher = Path(config.teacher)
+    spec = read_spec(teacher)  # the directory and teacher.yaml
+    spec_file = teacher / SPEC_FILE
+    transformer = teacher / TRANSFORMER_DIR
+    if not transformer.is_dir():
+        raise ConfigError(
+            f"teacher {config.teacher!r} has no {TRANSFORMER_DIR}/: point `teacher` at a "
+            "directory written by `python -m phased_dmd_mp.pretrain_teacher` (or laid out "
+            "like one)"
+        )
+    arch = read_transformer_arch(transformer, "teacher")
+    arch_file = transformer / "config.json"
+    if config.teacher_low_noise is not None:
+        low = Path(config.teacher_low_noise)
+        low_arch = read_transformer_arch(low, "teacher_low_noise")
+        _check_experts_agree(arch, low_arch, arch_file, low / "config.json")
+
+    conditions = Path(config.conditions) if config.conditions else teacher / CONDITIONS_DIR
+    try:
+        specs = read_manifest(conditions)["specs"]
+    except ConfigError as error:
+        raise ConfigError(f"{'conditions' if config.conditions else 'teacher'}: {error}") from None
+    image_channels = specs["image_latents"][0][0] if "image_latents" in specs else 0
+    _check_latents(arch, spec.latent_shape, image_channels, spec_file, arch_file)
+    _check_conditions(arch, specs, spec.latent_shape, conditions / MANIFEST, arch_file)
+
+    check_layout(
+        arch,
+        tensor_parallel=config.tensor_parallel,
+        pipeline_parallel=config.pipeline_parallel,
+        world_size=world_size,
+        batch_size=config.batch_size,
+        micro_batch_size=config.micro_batch_size,
+    )

@@ -1,0 +1,139 @@
+"""validate_run: every path a distillation config names and every shape the teacher's files
+imply is checked from config.json / teacher.yaml / conditions.json alone, before any model loads;
+each mismatch is one line naming both values and the file."""
+
+import json
+from pathlib import Path
+
+import pytest
+from cli_helpers import run_cli
+from distill_helpers import distill_args
+
+from phased_dmd_mp import pretrain_distill
+from phased_dmd_mp.config import ConfigError, load_config
+from phased_dmd_mp.data.conditions import FORMAT, MANIFEST, VERSION
+from phased_dmd_mp.data.teacher import TeacherSpec, write_spec
+from phased_dmd_mp.distill.config import DistillConfig
+from phased_dmd_mp.distill.validate import validate_run
+from phased_dmd_mp.models import QwenImageConfig, WanConfig
+from phased_dmd_mp.models.convert import DIFFUSERS_CLASSES, model_kind
+
+WAN = WanConfig(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                text_dim=8, freq_dim=16, ffn_dim=32, num_layers=2)  # fmt: skip
+WAN_I2V = WanConfig(num_attention_heads=2, attention_head_dim=8, in_channels=9, out_channels=4,
+                    text_dim=8, freq_dim=16, ffn_dim=32, num_layers=2, image_dim=6,
+                    added_kv_proj_dim=16)  # fmt: skip
+QWEN = QwenImageConfig(in_channels=64, out_channels=16, num_layers=2, attention_head_dim=8,
+                       num_attention_heads=2, joint_attention_dim=12, axes_dims_rope=(2, 2, 4))  # fmt: skip
+
+
+def write_transformer(path: Path, arch) -> Path:
+    path.mkdir(parents=True)
+    config = {"_class_name": DIFFUSERS_CLASSES[model_kind(arch)], **arch.to_diffusers()}
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def write_manifest(path: Path, tensors: dict) -> Path:
+    """A condition set's manifest only: validation never opens the tensors."""
+    path.mkdir(parents=True)
+    manifest = {
+        "format": FORMAT, "version": VERSION, "count": 1,
+        "tensors": {name: {"shape": shape, "dtype": "float32"} for name, shape in tensors.items()},
+        "shards": [{"file": "items-00000.safetensors", "count": 1}], "uncond": "uncond.safetensors",
+    }  # fmt: skip
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    return path
+
+
+def teacher_dir(root: Path, arch, latent_shape, tensors) -> Path:
+    """teacher.yaml, transformer/config.json and conditions/conditions.json; no weights."""
+    root.mkdir(parents=True)
+    write_transformer(root / "transformer", arch)
+    write_manifest(root / "conditions", tensors)
+    write_spec(root, TeacherSpec(latent_shape=latent_shape, shift=3.0, guidance_scale=2.0))
+    return root
+
+
+def config(teacher: Path, *overrides: str) -> DistillConfig:
+    return load_config(DistillConfig, None, [f"teacher={teacher}", "batch_size=4", *overrides])
+
+
+WAN_TEXT = {"text": [5, 8]}
+I2V = {"text": [5, 8], "image_latents": [5, 3, 8, 8], "image_embeds": [7, 6]}
+
+
+def test_consistent_runs_validate_from_config_files_alone(tmp_path):
+    validate_run(config(teacher_dir(tmp_path / "wan", WAN, (4, 3, 8, 8), WAN_TEXT)), 1)
+    validate_run(config(teacher_dir(tmp_path / "i2v", WAN_I2V, (4, 3, 8, 8), I2V)), 1)
+    qwen = teacher_dir(tmp_path / "qwen", QWEN, (16, 1, 8, 6), {"text": [5, 12], "text_mask": [5]})
+    validate_run(config(qwen), 1)
+    low = write_transformer(tmp_path / "low", WAN)
+    wan = tmp_path / "wan"
+    validate_run(config(wan, f"teacher_low_noise={low}", "moe_boundary=0.875"), 1)
+    validate_run(config(wan, "tensor_parallel=2", "micro_batch_size=2"), 4)
+
+
+CASES = {
+    "qwen_odd_height": (QWEN, (16, 1, 7, 8), {"text": [5, 12]}, (),
+                        "latent height = 7 in {t}/teacher.yaml is not divisible by the patch size 2 of {t}/transformer/config.json"),
+    "qwen_frames": (QWEN, (16, 2, 8, 8), {"text": [5, 12]}, (), "has 2 frames; Qwen-Image"),
+    "qwen_in_channels": (QWEN, (8, 1, 8, 8), {"text": [5, 12]}, (),
+                         "in_channels = 64 in {t}/transformer/config.json, but latent channels 8 from {t}/teacher.yaml packed in 2x2 patches give 32"),
+    "wan_in_channels": (WAN, (3, 3, 8, 8), WAN_TEXT, (), "in_channels = 4 in {t}/transformer/config.json, but latent channels 3"),
+    "wan_patch": (WAN, (4, 3, 8, 7), WAN_TEXT, (), "latent width = 7 in {t}/teacher.yaml is not divisible by the patch size 2"),
+    "text_width": (WAN, (4, 3, 8, 8), {"text": [5, 16]}, (),
+                   "the text embeddings in {t}/conditions/conditions.json are 16 wide, but text_dim = 8 in {t}/transformer/config.json"),
+    "i2v_channels": (WAN_I2V, (4, 3, 8, 8), {**I2V, "image_latents": [4, 3, 8, 8]}, (),
+                     "in_channels = 9 in {t}/transformer/config.json, but latent channels 4 + image-latent channels 4 = 8"),
+    "i2v_grid": (WAN_I2V, (4, 3, 8, 8), {**I2V, "image_latents": [5, 1, 8, 8]}, (), "image_latents in {t}/conditions/conditions.json are [5, 1, 8, 8] per item"),
+    "clip_missing": (WAN_I2V, (4, 3, 8, 8), {"text": [5, 8], "image_latents": [5, 3, 8, 8]}, (),
+                     "attends to CLIP image tokens (image_dim = 6) but {t}/conditions/conditions.json has no image_embeds"),
+    "clip_width": (WAN_I2V, (4, 3, 8, 8), {**I2V, "image_embeds": [7, 5]}, (), "image_embeds in {t}/conditions/conditions.json are 5 wide, but image_dim = 6"),
+    "placeholder_low_noise": (WAN, (4, 3, 8, 8), WAN_TEXT, ("teacher_low_noise=/path/to/wan22/transformer_2", "moe_boundary=0.875"),
+                              "teacher_low_noise: /path/to/wan22/transformer_2 does not exist"),
+    "missing_conditions": (WAN, (4, 3, 8, 8), WAN_TEXT, ("conditions=/path/to/conditions",), "conditions: condition set /path/to/conditions does not exist"),
+    "layout": (WAN, (4, 3, 8, 8), WAN_TEXT, ("tensor_parallel=2",), "world size = 3 is not divisible by tensor_parallel x pipeline_parallel = 2"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_mismatches_are_one_line_errors_naming_values_and_file(tmp_path, name):
+    arch, latent, tensors, overrides, message = CASES[name]
+    teacher = teacher_dir(tmp_path / "t", arch, latent, tensors)
+    with pytest.raises(ConfigError) as info:
+        validate_run(config(teacher, *overrides), 3 if name == "layout" else 1)
+    assert message.format(t=teacher) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_out_channels_and_two_expert_disagreement(tmp_path):
+    wide_out = WanConfig(**{**WAN.to_diffusers(), "patch_size": (1, 2, 2), "out_channels": 8})
+    teacher = teacher_dir(tmp_path / "t", wide_out, (4, 3, 8, 8), WAN_TEXT)
+    with pytest.raises(
+        ConfigError, match="out_channels = 8 in .*, but latent_shape in .* has 4 channels"
+    ):
+        validate_run(config(teacher), 1)
+    teacher = teacher_dir(tmp_path / "wan", WAN, (4, 3, 8, 8), WAN_TEXT)
+    deeper = WanConfig(**{**WAN.to_diffusers(), "patch_size": (1, 2, 2), "num_layers": 4})
+    low = write_transformer(tmp_path / "low", deeper)
+    with pytest.raises(ConfigError) as info:
+        validate_run(config(teacher, f"teacher_low_noise={low}", "moe_boundary=0.875"), 1)
+    assert f"num_layers = 4 in {low}/config.json, but 2 in the high-noise expert's " in str(
+        info.value
+    )
+
+
+def test_cli_refuses_a_placeholder_expert_before_loading_any_model(
+    tmp_path, teacher, capsys, monkeypatch
+):
+    from phased_dmd_mp.distill import trainer
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the config was validated")
+
+    monkeypatch.setattr(trainer.Distiller, "__init__", no_loading)
+    args = distill_args(tmp_path / "run", teacher, "teacher_low_noise=/path/to/wan22/transformer_2",
+                        "moe_boundary=0.875")  # fmt: skip
+    code, err = run_cli(pretrain_distill.main, args, capsys)
+    assert code == 2 and "teacher_low_noise: /path/to/wan22/transformer_2 does not exist" in err
+    assert "Traceback" not in err
