@@ -39,6 +39,7 @@ from phased_dmd_mp.eval.samples import SampleFile, SampleFileError, load_sample_
 
 FEATURE_BATCH = 512
 AUTO_EXTRACTOR = {"images": "digits", "points": "points"}
+DIGITS_SHAPE = (1, 8, 8)  # channels, height, width of what the digits extractor was trained on
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,21 @@ def _with_mixtures(files: list[SampleFile], config: EvalConfig) -> tuple[list[Sa
     if not all(file.mixture.same_as(resolved[0].mixture) for file in resolved):
         raise EvaluationError("the sample files describe different mixtures; compare them apart")
     return resolved, resolved[0].mixture
+
+
+def _check_digits_shape(files: list[SampleFile], config: EvalConfig) -> None:
+    """The automatic extractor knows the 8x8 gray digits only: other images (a Wan or
+    Qwen-Image model's frames) would be squeezed into it and scored as if they were digits."""
+    if "auto" not in (config.features, config.perceptual):
+        return
+    for file in files:
+        shape = tuple(file.samples.shape[2:])
+        if shape != DIGITS_SHAPE:
+            raise EvaluationError(
+                f"{file.path}: images {list(shape)} are not the 8x8 gray digits the default "
+                "extractor knows; plug in one for them with --set features=module:factory --set "
+                "perceptual=module:factory (README 'Evaluation', phased_dmd_mp/eval/extractors.py)"
+            )
 
 
 def _extractors(config: EvalConfig, kind: str) -> tuple[FeatureExtractor, PerceptualDistance]:
@@ -219,6 +235,8 @@ def evaluate(paths: list[Path], config: EvalConfig, out_dir: Path, progress: boo
     """Evaluate every sample file, write the table, the JSON and the grids; return the JSON."""
     files = [load_sample_file(path) for path in paths]
     kind = _common_kind(files)
+    if kind == "images":
+        _check_digits_shape(files, config)
     extractor, perceptual = _extractors(config, kind)
     if kind == "points":
         files, mixture = _with_mixtures(files, config)

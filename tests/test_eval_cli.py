@@ -125,6 +125,21 @@ def test_plugged_in_extractor(tmp_path, capsys, monkeypatch):
     assert code == 2 and "768 features per sample, the reference 64" in err, err
 
 
+def test_images_without_an_extractor_are_refused(tmp_path, capsys):
+    """A video model's RGB frames are not digits: the automatic extractor would score them
+    against the digits anyway (random RGB noise got FD 1808 and exit 0)."""
+    rgb = np.random.default_rng(0).uniform(-1, 1, (2, 4, 3, 16, 16))
+    path = _save(tmp_path / "rgb.npz", samples=rgb)
+    code, err = _run([path, "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and "not the 8x8 gray digits" in err and "features=module:factory" in err
+    assert len(err.strip().splitlines()[-1]) > 0 and "Traceback" not in err
+    assert not (tmp_path / "out" / "results.json").exists()
+    # naming the digits extractor is a choice: it resizes and averages to gray, as documented
+    code, err = _run([path, "--out", str(tmp_path / "explicit"), "--set", "features=digits",
+                      "--set", "perceptual=digits"], capsys)
+    assert code == 0, err
+
+
 POINTS = {"samples": np.zeros((2, 4, 2))}
 IMAGES = {"samples": np.zeros((2, 4, 1, 8, 8))}
 
