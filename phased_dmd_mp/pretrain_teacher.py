@@ -352,7 +352,9 @@ def _build(config: TeacherConfig, out_dir: Path, progress: bool) -> tuple[DiTSta
     sampling_start = time.perf_counter()
     source = Source(
         name=f"teacher {config.sampling_steps} steps, CFG {config.guidance_scale:g}",
-        velocity=guided_velocity(teacher, arch, conditions, config.guidance_scale),
+        velocity=guided_velocity(
+            dit_velocity(teacher, arch), conditions, config.guidance_scale, "cpu"
+        ),
         timesteps=timestep_table(config.sampling_steps, config.shift),
         conditions=conditions,
         latent_shape=spec.latent_shape,

@@ -1,8 +1,9 @@
 """Sample a model for every condition of its condition set x seeds, in the evaluation's format.
 
-    python -m phased_dmd_mp.sample --teacher DIR --out OUT [--steps 40] [--guidance G]
-                                   [--seeds 8] [--shift S] [--overwrite]
-    python -m phased_dmd_mp.sample --checkpoint RUN --out OUT [--seeds 8] [--overwrite]
+    [torchrun --nproc_per_node=N] python -m phased_dmd_mp.sample --teacher DIR --out OUT
+        [--steps 40] [--guidance G] [--seeds 8] [--shift S] [--dtype D] [--overwrite]
+    [torchrun --nproc_per_node=N] python -m phased_dmd_mp.sample --checkpoint RUN --out OUT
+        [--seeds 8] [--dtype D] [--overwrite]
 
 --teacher runs the teacher of a teacher directory (data/teacher.py) with many steps and
 classifier-free guidance (defaults from its teacher.yaml); --checkpoint runs the N-step MoE
@@ -15,6 +16,16 @@ noise, so columns compare conditions and rows compare seeds. A teacher whose tea
 mixture (a point teacher, data/mixture.py; for --checkpoint, the run's teacher) gives points
 instead: samples [conditions, seeds, D] with the mixture_* keys, and OUT/grid.png is a scatter
 over the modes.
+
+A teacher prepared from a diffusers pipeline folder (python -m phased_dmd_mp.prepare; for
+--checkpoint, the run's teacher) is decoded with that pipeline's VAE (phased_dmd_mp.media):
+OUT/media/c{condition}_s{seed}.png for images or .mp4 for video, OUT/grid.png (first frames,
+conditions x seeds) and, for images, OUT/samples.npz of the pixels [conditions, seeds, 3, H, W]
+in [-1, 1].
+
+It runs on the GPU when there is one, in bfloat16 there (--dtype float32 to change), on the CPU
+in float32. Under torchrun it takes the run's tensor/pipeline-parallel layout (a teacher's:
+--tensor-parallel / --pipeline-parallel) and splits the samples over the data-parallel rest.
 """
 
 from __future__ import annotations
@@ -29,23 +40,31 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import yaml
+from megatron.core import parallel_state
 from torch import Tensor
 from tqdm import tqdm
 
-from phased_dmd_mp.conditioning import Conditions, dit_velocity
+from phased_dmd_mp import media
+from phased_dmd_mp.conditioning import Conditions
 from phased_dmd_mp.config import ConfigError
 from phased_dmd_mp.data.conditions import ConditionSet
 from phased_dmd_mp.data.teacher import (
     SPEC_FILE,
+    TRANSFORMER_DIR,
     load_diffusers_transformer,
-    load_transformer,
+    pipeline_dir,
     read_conditions,
     read_spec,
 )
+from phased_dmd_mp.distill.models import VelocityModel
 from phased_dmd_mp.eval.mixture import Mixture
 from phased_dmd_mp.eval.report import save_grid
 from phased_dmd_mp.eval.samples import SampleFile
 from phased_dmd_mp.evaluate import EvalConfig
+from phased_dmd_mp.models import ExecutionConfig
+from phased_dmd_mp.parallel.state import initialize
 from phased_dmd_mp.sampling import ConditionedVelocityFn, guided, sample
 from phased_dmd_mp.schedule import timestep_table
 
@@ -65,16 +84,43 @@ class Source:
     value_range: tuple[float, float]
     renoise: bool = False  # DMD2's few-step sampler: fresh noise after each step's x_0
     mixture: Mixture | None = None  # a point teacher's (TeacherSpec): samples are points
+    pipeline: Path | None = None  # the diffusers pipeline folder whose VAE decodes the latents
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how models run: device, dtype and (under torchrun) the parallel layout."""
+
+    device: torch.device
+    execution: ExecutionConfig
+
+    @staticmethod
+    def start(tensor_parallel: int = 1, pipeline_parallel: int = 1, dtype: str | None = None):
+        """Join the process group (a world of one outside torchrun); dtype None: bfloat16 on
+        a GPU, float32 on the CPU."""
+        initialize(tensor_parallel, pipeline_parallel)
+        cuda = torch.cuda.is_available()
+        dtype = dtype or ("bfloat16" if cuda else "float32")
+        device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        return Runtime(device, ExecutionConfig(dtype=dtype))
+
+    def load(self, directory: Path) -> VelocityModel:
+        """A diffusers transformer folder as this rank's shard, frozen, on the device."""
+        module = load_diffusers_transformer(directory, self.execution).to(self.device)
+        return VelocityModel(module.eval().requires_grad_(False))
+
+
+def _predict(model: VelocityModel):
+    return lambda x, t, cond: model.predict(x, t, cond)
 
 
 def guided_velocity(
-    model, arch, conditions: ConditionSet, guidance_scale: float
+    velocity: ConditionedVelocityFn, conditions: ConditionSet, guidance_scale: float, device
 ) -> ConditionedVelocityFn:
-    """The DiT's velocity under classifier-free guidance with the set's unconditional entry."""
-    velocity = dit_velocity(model, arch)
+    """The velocity under classifier-free guidance with the set's unconditional entry."""
 
     def fn(x: Tensor, t: Tensor, cond: Conditions) -> Tensor:
-        uncond = conditions.uncond(cond.batch_size, like=cond)
+        uncond = conditions.uncond(cond.batch_size, like=cond).to(device)
         return guided(velocity, cond, uncond, guidance_scale)(x, t)
 
     return fn
@@ -85,8 +131,10 @@ def teacher_source(
     steps: int | None = None,
     guidance_scale: float | None = None,
     shift: float | None = None,
+    runtime: Runtime | None = None,
 ) -> Source:
     """The teacher of a teacher directory; unset options take its teacher.yaml values."""
+    runtime = runtime or Runtime.start()
     spec = read_spec(teacher_dir)
     steps = spec.sampling_steps if steps is None else steps
     guidance_scale = spec.guidance_scale if guidance_scale is None else guidance_scale
@@ -96,20 +144,31 @@ def teacher_source(
             f"need steps >= 1, guidance >= 1 and shift > 0, got {steps}, {guidance_scale}, {shift}"
         )
     conditions = read_conditions(teacher_dir)
-    model = load_transformer(teacher_dir).eval()
+    model = runtime.load(Path(teacher_dir) / TRANSFORMER_DIR)
     return Source(
         name=f"teacher {steps} steps, CFG {guidance_scale:g}",
-        velocity=guided_velocity(model, model.arch, conditions, guidance_scale),
+        velocity=guided_velocity(_predict(model), conditions, guidance_scale, runtime.device),
         timesteps=timestep_table(steps, shift),
         conditions=conditions,
         latent_shape=spec.latent_shape,
         value_range=spec.value_range,
         mixture=spec.mixture(),
+        pipeline=pipeline_dir(teacher_dir, spec),
     )
 
 
-def generator_source(run_dir: str | Path) -> Source:
+def run_layout(run_dir: str | Path) -> tuple[int, int]:
+    """(tensor_parallel, pipeline_parallel) of a distillation run (RUN/config.yaml)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        path = Path(run_dir).parent / "config.yaml"  # RUN/export given
+    config = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    return config.get("tensor_parallel", 1), config.get("pipeline_parallel", 1)
+
+
+def generator_source(run_dir: str | Path, runtime: Runtime | None = None) -> Source:
     """The MoE generator a distillation run exported (RUN or RUN/export)."""
+    runtime = runtime or Runtime.start(*run_layout(run_dir))
     folder = Path(run_dir)
     if not (folder / "generator.json").is_file():
         folder = folder / "export"
@@ -127,24 +186,20 @@ def generator_source(run_dir: str | Path) -> Source:
             "whether samples are points: run from the directory the run was started in, or edit "
             "`teacher` there"
         )
-    mixture = read_spec(teacher_dir).mixture()
+    spec = read_spec(teacher_dir)
     conditions_dir = Path(summary["conditions"])
     if not conditions_dir.is_dir():
         raise ConfigError(
             f"the run's condition set {conditions_dir} ({summary_path}) does not exist: run "
             "from the directory the run was started in, or edit `conditions` there"
         )
-    experts = [
-        load_diffusers_transformer(folder / name).eval().requires_grad_(False)
-        for name in summary["experts"]
-    ]
-    velocities = [dit_velocity(expert, expert.arch) for expert in experts]
+    experts = [runtime.load(folder / name) for name in summary["experts"]]
     timesteps = torch.tensor(summary["timesteps"], dtype=torch.float64)  # as trained
     expert_of_step = summary["expert_of_step"]  # 1-based, one per step
 
     def velocity(x: Tensor, t: Tensor, cond: Conditions) -> Tensor:
         step = int((timesteps[:-1] - t[0].item()).abs().argmin())
-        return velocities[expert_of_step[step] - 1](x, t, cond)
+        return experts[expert_of_step[step] - 1].predict(x, t, cond)
 
     return Source(
         name=f"{summary['algorithm']} {len(expert_of_step)} steps, {len(experts)} experts",
@@ -154,7 +209,8 @@ def generator_source(run_dir: str | Path) -> Source:
         latent_shape=tuple(summary["latent_shape"]),
         value_range=tuple(summary["value_range"]),
         renoise=summary["step_noise"] == "renoise",
-        mixture=mixture,
+        mixture=spec.mixture(),
+        pipeline=pipeline_dir(teacher_dir, spec),
     )
 
 
@@ -175,26 +231,51 @@ def seed_noise(latent_shape: tuple[int, ...], seeds: int) -> Tensor:
 
 
 @torch.no_grad()
-def generate(source: Source, seeds: int, progress: bool = True) -> Tensor:
-    """Samples [conditions, seeds, *latent_shape] for every condition of the source's set."""
+def generate(
+    source: Source,
+    seeds: int,
+    progress: bool = True,
+    device: torch.device | str = "cpu",
+    batch: int = SAMPLE_BATCH,
+) -> Tensor:
+    """Samples [conditions, seeds, *latent_shape] (float32, CPU) for every condition of the
+    source's set, `batch` (condition, seed) pairs at a time; data-parallel ranks take every
+    dp-th batch and all receive every sample."""
     noise = seed_noise(source.latent_shape, seeds)
     count = len(source.conditions)
     pairs = torch.cartesian_prod(torch.arange(count), torch.arange(seeds))  # condition-major
-    chunks = pairs.split(SAMPLE_BATCH)
-    out = []
-    for chunk in tqdm(
-        chunks, desc=f"sample {source.name}", disable=not progress or len(chunks) < 2
+    chunks = list(enumerate(pairs.split(batch)))
+    dp_rank, dp_size = _data_parallel()
+    mine = chunks[dp_rank::dp_size]
+    out = {}
+    for index, chunk in tqdm(
+        mine, desc=f"sample {source.name}", disable=not progress or len(mine) < 2
     ):
-        velocity = functools.partial(
-            _with_conditions, source.velocity, source.conditions.batch(chunk[:, 0])
-        )
+        cond = source.conditions.batch(chunk[:, 0]).to(device)
+        velocity = functools.partial(_with_conditions, source.velocity, cond)
         renoise = torch.Generator().manual_seed(int(chunk[0, 0])) if source.renoise else None
-        out.append(
-            sample(
-                velocity, noise[chunk[:, 1]], source.timesteps, renoise=renoise, progress=progress
-            )
+        x = sample(
+            velocity,
+            noise[chunk[:, 1]].to(device),
+            source.timesteps,
+            renoise=renoise,
+            progress=progress,
         )
-    return torch.cat(out).view(count, seeds, *source.latent_shape)
+        out[index] = x.float().cpu()
+    if dp_size > 1:
+        gathered = [None] * dp_size
+        dist.all_gather_object(gathered, out, group=parallel_state.get_data_parallel_group())
+        out = {k: v for part in gathered for k, v in part.items()}
+    return torch.cat([out[i] for i in range(len(chunks))]).view(count, seeds, *source.latent_shape)
+
+
+def _data_parallel() -> tuple[int, int]:
+    if not parallel_state.model_parallel_is_initialized():
+        return 0, 1
+    return (
+        parallel_state.get_data_parallel_rank(),
+        parallel_state.get_data_parallel_world_size(),
+    )
 
 
 def labels_of(conditions: ConditionSet) -> np.ndarray:
@@ -235,6 +316,34 @@ def write_samples(
     )
     save_grid(grid, out_dir / grid_name, coverage_radius=0.0)
     return path
+
+
+def write_decoded(
+    out_dir: Path, source: Source, samples: Tensor, runtime: Runtime, micro_batch: int = 1
+) -> Path:
+    """Latents [conditions, seeds, C, F, H, W] decoded with the source pipeline's VAE:
+    OUT/media/c{condition}_s{seed}.png (or .mp4), OUT/grid.png of first frames and, for
+    images, OUT/samples.npz of the pixels in [-1, 1]; returns the grid's path."""
+    conditions, seeds = samples.shape[:2]
+    vae = media.load_vae(source.pipeline, runtime.device, runtime.execution.torch_dtype)
+    pixels = media.decode_latents(vae, samples.flatten(0, 1), micro_batch)  # [n, F, H, W, 3]
+    pixels = pixels.unflatten(0, (conditions, seeds))
+    for c in range(conditions):
+        for j in range(seeds):
+            stem = out_dir / "media" / f"c{c:04d}_s{j}"
+            if pixels.shape[2] == 1:
+                media.write_png(pixels[c, j, 0], stem.with_suffix(".png"))
+            else:
+                media.write_mp4(pixels[c, j], stem.with_suffix(".mp4"))
+    grid = media.write_png(media.image_grid(pixels[:, :, 0]), out_dir / "grid.png")
+    if pixels.shape[2] == 1:
+        np.savez(
+            out_dir / "samples.npz",
+            samples=(pixels[:, :, 0].permute(0, 1, 4, 2, 3) * 2 - 1).numpy(),
+            model=np.str_(source.name),
+            labels=labels_of(source.conditions),
+        )
+    return grid
 
 
 def _write_points(out_dir: Path, source: Source, samples: Tensor, grid_name: str) -> Path:
@@ -278,11 +387,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, help="CFG scale, 1 = none (default: teacher's)")
     parser.add_argument("--shift", type=float, help="timestep shift (default: teacher.yaml's)")
     parser.add_argument("--seeds", type=int, default=8, help="samples per condition (>= 2)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        help=f"samples integrated together per rank (default: 1 for a diffusers pipeline's "
+        f"model, else {SAMPLE_BATCH})",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        help="model dtype (default: bfloat16 on a GPU, float32 on the CPU)",
+    )
+    parser.add_argument(
+        "--tensor-parallel", type=int, help="teacher layout under torchrun (default 1)"
+    )
+    parser.add_argument(
+        "--pipeline-parallel", type=int, help="teacher layout under torchrun (default 1)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--overwrite", action="store_true", help="replace samples already in --out")
     args = parser.parse_args(argv)
     if args.seeds < 2:
         parser.error("--seeds must be >= 2 (the evaluation measures diversity over seed pairs)")
-    if (args.out / "samples.npz").exists() and not args.overwrite:
+    if args.batch is not None and args.batch < 1:
+        parser.error("--batch must be >= 1")
+    if args.checkpoint and (args.tensor_parallel, args.pipeline_parallel) != (None, None):
+        parser.error("--checkpoint runs in the run's own layout (its config.yaml)")
+    done = (args.out / "samples.npz").exists() or (args.out / "grid.png").exists()
+    if done and not args.overwrite:
         parser.error(f"{args.out} already holds samples; pass --overwrite or choose another --out")
     if args.checkpoint and (args.steps, args.guidance, args.shift) != (None, None, None):
         parser.error(
@@ -292,16 +424,28 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         if args.checkpoint:
-            source = generator_source(args.checkpoint)
+            runtime = Runtime.start(*run_layout(args.checkpoint), args.dtype)
+            source = generator_source(args.checkpoint, runtime)
         else:
-            source = teacher_source(args.teacher, args.steps, args.guidance, args.shift)
-        path = write_samples(args.out, source, generate(source, args.seeds))
+            layout = (args.tensor_parallel or 1, args.pipeline_parallel or 1)
+            runtime = Runtime.start(*layout, args.dtype)
+            source = teacher_source(args.teacher, args.steps, args.guidance, args.shift, runtime)
+        batch = args.batch or (1 if source.pipeline is not None else SAMPLE_BATCH)
+        progress = not args.no_progress and dist.get_rank() == 0
+        samples = generate(source, args.seeds, progress, runtime.device, batch)
+        if dist.get_rank() == 0:
+            if source.pipeline is not None:
+                path = write_decoded(args.out, source, samples, runtime, batch)
+            else:
+                path = write_samples(args.out, source, samples)
     except ConfigError as error:
         parser.error(str(error))
-    print(
-        f"sampled {len(source.conditions)} conditions x {args.seeds} seeds ({source.name}) in "
-        f"{time.perf_counter() - start:.1f} s\nwrote {path} and {args.out / 'grid.png'}"
-    )
+    if dist.get_rank() == 0:
+        print(
+            f"sampled {len(source.conditions)} conditions x {args.seeds} seeds ({source.name}) "
+            f"in {time.perf_counter() - start:.1f} s\nwrote {path.parent}: "
+            + ", ".join(sorted(entry.name for entry in path.parent.iterdir()))
+        )
     return 0
 
 

@@ -60,6 +60,6 @@ def sample(
         v = velocity(x, t_batch)
         noise = None
         if renoise is not None and t_next > 0:
-            noise = torch.randn(x.shape, generator=renoise, device=x.device, dtype=x.dtype)
+            noise = torch.randn(x.shape, generator=renoise, dtype=x.dtype).to(x.device)
         x = schedule.denoise_step(x, v, t, t_next, noise=noise)
     return x
