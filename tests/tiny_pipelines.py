@@ -86,8 +86,14 @@ def umt5_encoder(vocab_size: int):
 
     _seeded()
     config = UMT5Config(
-        vocab_size=vocab_size, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
-        relative_attention_num_buckets=8, relative_attention_max_distance=32,
+        vocab_size=vocab_size,
+        d_model=16,
+        d_kv=8,
+        d_ff=32,
+        num_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
     )
     return UMT5EncoderModel(config).eval()
 
@@ -97,7 +103,10 @@ def wan_vae():
 
     _seeded()
     return AutoencoderKLWan(
-        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+        base_dim=3,
+        z_dim=16,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
         temperal_downsample=[False, True, True],
     ).eval()
 
@@ -108,10 +117,19 @@ def wan_transformer(in_channels=16, image_dim=None, seed=0):
     torch.manual_seed(seed)
     heads, head_dim = 2, 12
     return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim,
-        in_channels=in_channels, out_channels=16, text_dim=16, freq_dim=256, ffn_dim=32,
-        num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32, image_dim=image_dim,
+        patch_size=(1, 2, 2),
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        in_channels=in_channels,
+        out_channels=16,
+        text_dim=16,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+        image_dim=image_dim,
         added_kv_proj_dim=None if image_dim is None else heads * head_dim,
     ).eval()
 
@@ -120,7 +138,9 @@ def unipc(flow_shift: float):
     from diffusers import UniPCMultistepScheduler
 
     return UniPCMultistepScheduler(
-        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000,
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        num_train_timesteps=1000,
         flow_shift=flow_shift,
     )
 
@@ -154,8 +174,13 @@ def build_wan21_i2v(folder: str | Path) -> Path:
     _seeded()
     image_encoder = CLIPVisionModel(
         CLIPVisionConfig(
-            hidden_size=4, projection_dim=4, num_hidden_layers=2, num_attention_heads=2,
-            image_size=32, intermediate_size=16, patch_size=8,
+            hidden_size=4,
+            projection_dim=4,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            intermediate_size=16,
+            patch_size=8,
         )
     ).eval()
     pipe = WanImageToVideoPipeline(
@@ -185,43 +210,77 @@ def build_qwen_image(folder: str | Path) -> Path:
     _seeded()
     vocab = len(tokenizer)
     text_config = {
-        "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
-        "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": vocab,
-        "bos_token_id": 0, "eos_token_id": 0,
-        "rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 2],
-                            "rope_theta": 1e6},
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "vocab_size": vocab,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e6},
     }
     config = Qwen2_5_VLConfig(
         text_config=text_config,
-        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
-                       "out_hidden_size": 16},
-        vocab_size=vocab, image_token_id=vocab - 1, video_token_id=vocab - 1,
-        vision_start_token_id=vocab - 1, vision_end_token_id=vocab - 1,
+        vision_config={
+            "depth": 1,
+            "hidden_size": 16,
+            "intermediate_size": 16,
+            "num_heads": 2,
+            "out_hidden_size": 16,
+        },
+        vocab_size=vocab,
+        image_token_id=vocab - 1,
+        video_token_id=vocab - 1,
+        vision_start_token_id=vocab - 1,
+        vision_end_token_id=vocab - 1,
     )
     text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
     _seeded()
     vae = AutoencoderKLQwenImage(
-        base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
-        temperal_downsample=[False, True], latents_mean=[0.1, -0.2, 0.0, 0.3],
+        base_dim=24,
+        z_dim=4,
+        dim_mult=[1, 2, 4],
+        num_res_blocks=1,
+        temperal_downsample=[False, True],
+        latents_mean=[0.1, -0.2, 0.0, 0.3],
         latents_std=[1.5, 0.5, 1.0, 2.0],
     ).eval()
     _seeded()
     transformer = QwenImageTransformer2DModel(
-        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(8, 4, 4),
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        axes_dims_rope=(8, 4, 4),
     ).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5,
-        max_shift=0.9, base_image_seq_len=256, max_image_seq_len=8192,
-        shift_terminal=0.02, time_shift_type="exponential",
+        num_train_timesteps=1000,
+        shift=1.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=0.9,
+        base_image_seq_len=256,
+        max_image_seq_len=8192,
+        shift_terminal=0.02,
+        time_shift_type="exponential",
     )
     pipe = QwenImagePipeline(
-        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
         transformer=transformer,
     )
     pipe.save_pretrained(folder)
     return Path(folder)
 
 
-BUILDERS = {"wan22_t2v": build_wan22_t2v, "wan21_i2v": build_wan21_i2v,
-            "qwen_image": build_qwen_image}
+BUILDERS = {
+    "wan22_t2v": build_wan22_t2v,
+    "wan21_i2v": build_wan21_i2v,
+    "qwen_image": build_qwen_image,
+}

@@ -70,6 +70,7 @@ SAFETENSORS_DTYPES = {
     "uint8": "U8",
     "bool": "BOOL",
 }
+SAFETENSORS_DTYPE_NAMES = {code: name for name, code in SAFETENSORS_DTYPES.items()}
 DEFAULT_SHARD_BYTES = 1 << 30
 
 
@@ -82,7 +83,7 @@ def staging_dir(final: Path) -> Path:
     return staging
 
 
-def _shard_name(index: int) -> str:
+def shard_name(index: int) -> str:
     return f"items-{index:05d}.safetensors"
 
 
@@ -322,7 +323,7 @@ class ConditionSetWriter:
         joined = {name: torch.cat([p[name] for p in self._pending]) for name in self._specs}
         shard = {name: tensor[:rows].contiguous() for name, tensor in joined.items()}
         rest = {name: tensor[rows:] for name, tensor in joined.items()}
-        name = _shard_name(len(self._shards))
+        name = shard_name(len(self._shards))
         save_file(shard, self._staging / name)
         self._shards.append({"file": name, "count": rows})
         self._pending_rows -= rows
@@ -334,27 +335,36 @@ class ConditionSetWriter:
             raise ConfigError("a condition set needs at least one item")
         if self._pending_rows:
             self._flush(self._pending_rows)
-        save_file(
-            {name: t[None].contiguous() for name, t in self._uncond.items()},
-            self._staging / UNCOND_FILE,
-        )
-        manifest = {
-            "format": FORMAT,
-            "version": VERSION,
-            "count": sum(shard["count"] for shard in self._shards),
-            "tensors": {
-                name: {"shape": list(shape), "dtype": dtype}
-                for name, (shape, dtype) in self._specs.items()
-            },
-            "shards": self._shards,
-            "uncond": UNCOND_FILE,
-        }
-        (self._staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        os.rename(self._staging, self.path)
-        return ConditionSet(self.path)
+        counts = [shard["count"] for shard in self._shards]
+        return publish(self._staging, self._specs, counts, self._uncond, self.path)
 
     def discard(self) -> None:
         shutil.rmtree(self._staging, ignore_errors=True)
+
+
+def publish(
+    staging: Path,
+    specs: dict[str, tuple[tuple[int, ...], str]],
+    counts: list[int],
+    uncond: Mapping[str, Tensor],
+    path: Path,
+) -> ConditionSet:
+    """Finish a set whose shards `shard_name(0..)` (holding `counts` items) are in `staging`:
+    write the unconditional entry and the manifest, then rename `staging` to `path`."""
+    save_file({name: t[None].contiguous() for name, t in uncond.items()}, staging / UNCOND_FILE)
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "count": sum(counts),
+        "tensors": {
+            name: {"shape": list(shape), "dtype": dtype} for name, (shape, dtype) in specs.items()
+        },
+        "shards": [{"file": shard_name(i), "count": n} for i, n in enumerate(counts)],
+        "uncond": UNCOND_FILE,
+    }
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    os.rename(staging, path)
+    return ConditionSet(path)
 
 
 def write_condition_set(

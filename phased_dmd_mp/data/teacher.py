@@ -2,15 +2,19 @@
 
     transformer/    the DiT in diffusers format (config.json + diffusion_pytorch_model.safetensors,
                     what `WanTransformer3DModel.from_pretrained` reads), so the embedded default
-                    and a downloaded Wan checkpoint load the same way
+                    and a downloaded Wan checkpoint load the same way; optional when
+                    teacher.yaml names the transformer folder instead (`transformer:`)
     conditions/     the condition set the distillation draws from (data/conditions.py)
-    teacher.yaml    TeacherSpec: latent shape, schedule shift, default steps and guidance, the
-                    diffusers pipeline folder the teacher came from (if any), and for a Gaussian
-                    mixture teacher (data/mixture.py) the mixture its samples, the flattened
-                    latents, should follow
+    teacher.yaml    TeacherSpec: latent shape, schedule shift, default steps and guidance, and
+                    for a Gaussian mixture teacher (data/mixture.py) the mixture its samples, the
+                    flattened latents, should follow; for a teacher made from a diffusers
+                    pipeline folder also `pipeline` (its VAE decodes previews), `transformer`
+                    and for Wan2.2 `transformer_2` + `boundary_ratio` (the low-noise expert and
+                    where it takes over), referring to that folder instead of copying it
 
-`python -m phased_dmd_mp.pretrain_teacher` writes one for the embedded default; for a released
-model, put its transformer folder, a precomputed condition set and a teacher.yaml side by side.
+`python -m phased_dmd_mp.pretrain_teacher` writes one for the embedded default;
+`python -m phased_dmd_mp.prepare` writes one from a diffusers pipeline folder and a prompt file.
+Relative paths in teacher.yaml are relative to the teacher directory.
 """
 
 from __future__ import annotations
@@ -54,6 +58,13 @@ class TeacherSpec:
     mixture_means: tuple[tuple[float, ...], ...] | None = None
     mixture_weights: tuple[float, ...] | None = None
     mixture_std: float | None = None
+    # Teachers made from a diffusers pipeline folder (python -m phased_dmd_mp.prepare) refer to
+    # its transformer folder(s) (relative to the teacher directory or absolute) and Wan2.2's
+    # boundary_ratio (the low-noise expert `transformer_2` scores t < boundary_ratio, t in
+    # [0, 1] = timestep / 1000).
+    transformer: str | None = None  # default: <teacher>/transformer
+    transformer_2: str | None = None
+    boundary_ratio: float | None = None
 
     def __post_init__(self):
         if any(d < 1 for d in self.latent_shape):
@@ -66,6 +77,10 @@ class TeacherSpec:
             raise ValueError(f"sampling_steps must be >= 1, got {self.sampling_steps}")
         if not self.value_range[0] < self.value_range[1]:
             raise ValueError(f"value_range must be [low, high], got {list(self.value_range)}")
+        if (self.transformer_2 is None) != (self.boundary_ratio is None):
+            raise ValueError("transformer_2 and boundary_ratio go together (a two-expert teacher)")
+        if self.boundary_ratio is not None and not 0.0 < self.boundary_ratio < 1.0:
+            raise ValueError(f"boundary_ratio must be in (0, 1), got {self.boundary_ratio}")
         given = [self.mixture_means, self.mixture_weights, self.mixture_std]
         if any(value is None for value in given) and any(value is not None for value in given):
             raise ValueError("give all of mixture_means, mixture_weights, mixture_std or none")
@@ -135,6 +150,35 @@ def read_conditions(teacher_dir: str | Path) -> ConditionSet:
     return ConditionSet(Path(teacher_dir) / CONDITIONS_DIR)
 
 
+def transformer_dirs(teacher_dir: str | Path, spec: TeacherSpec) -> tuple[Path, Path | None]:
+    """(the teacher's transformer folder, Wan2.2's low-noise expert folder or None)."""
+    teacher_dir = Path(teacher_dir)  # an absolute path in teacher.yaml replaces it
+    high = teacher_dir / (spec.transformer or TRANSFORMER_DIR)
+    low = None if spec.transformer_2 is None else teacher_dir / spec.transformer_2
+    return high, low
+
+
+def teacher_experts(
+    teacher_dir: str | Path,
+    spec: TeacherSpec,
+    low_noise: str | None = None,
+    boundary: float | None = None,
+) -> tuple[Path, Path | None, float | None]:
+    """(transformer folder, low-noise expert folder or None, t where it takes over or None):
+    teacher.yaml's, each overridable (the runner's teacher_low_noise / moe_boundary keys).
+    Raises ConfigError for a low-noise expert without a boundary (validate.py checks the
+    folders)."""
+    high, spec_low = transformer_dirs(teacher_dir, spec)
+    low = Path(low_noise) if low_noise is not None else spec_low
+    boundary = boundary if boundary is not None else spec.boundary_ratio
+    if low is not None and boundary is None:
+        raise ConfigError(
+            "teacher_low_noise needs moe_boundary (neither the config nor teacher.yaml's "
+            "boundary_ratio sets it)"
+        )
+    return high, low, (boundary if low is not None else None)
+
+
 def load_transformer(
     teacher_dir: str | Path,
     execution: ExecutionConfig | None = None,
@@ -142,7 +186,8 @@ def load_transformer(
 ) -> DiTStage:
     """The teacher's DiT (this rank's shard under TP/PP), in train mode with gradients on, as
     `build` returns models: the runner also starts its fake score from these weights."""
-    return load_diffusers_transformer(Path(teacher_dir) / TRANSFORMER_DIR, execution, pg_collection)
+    high, _ = transformer_dirs(teacher_dir, read_spec(teacher_dir))
+    return load_diffusers_transformer(high, execution, pg_collection)
 
 
 def load_diffusers_transformer(

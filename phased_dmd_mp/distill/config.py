@@ -29,11 +29,14 @@ Algorithm = Literal["phased_dmd", "dmd", "few_step_dmd", "dmd_sgts"]
 @dataclass(frozen=True)
 class DistillConfig:
     # --- what to distill ---
-    teacher: str = (
-        "runs/teacher"  # pretrain_teacher output: transformer/, conditions/, teacher.yaml
+    teacher: str = (  # pretrain_teacher or prepare output: conditions/, teacher.yaml (+ weights)
+        "runs/teacher"
     )
-    teacher_low_noise: str | None = None  # a second diffusers dir: Wan2.2-style MoE teacher
-    moe_boundary: float | None = None  # t at which the MoE teacher switches (0.875 T2V, 0.9 I2V)
+    # A second diffusers dir: Wan2.2-style MoE teacher (default: teacher.yaml's transformer_2)
+    teacher_low_noise: str | None = None
+    # t at which the MoE teacher switches (0.875 T2V, 0.9 I2V; default: teacher.yaml's
+    # boundary_ratio)
+    moe_boundary: float | None = None
     conditions: str | None = None  # condition set; default <teacher>/conditions
     # --- algorithm ---
     algorithm: Algorithm = "phased_dmd"
@@ -117,10 +120,6 @@ class DistillConfig:
                 raise ValueError(
                     f"phase_t_ranges entries need 0 <= low < high <= 1, got {(lo, hi)}"
                 )
-        if (self.teacher_low_noise is None) != (self.moe_boundary is None):
-            raise ValueError(
-                "teacher_low_noise and moe_boundary go together (a two-expert teacher)"
-            )
         if self.moe_boundary is not None and not 0.0 < self.moe_boundary < 1.0:
             raise ValueError(f"moe_boundary must be in (0, 1), got {self.moe_boundary}")
         if self.shift is not None and not self.shift > 0:

@@ -1,5 +1,10 @@
 """Sample previews while training: a fixed-seed grid and a diversity proxy (run mechanics,
-kept apart from the distillation step)."""
+kept apart from the distillation step).
+
+Teachers prepared from a diffusers pipeline (teacher.yaml `pipeline`) are previewed in pixels,
+decoded through that pipeline's VAE on the logging rank (phased_dmd_mp.media):
+samples/iter_N.png, the first frames of the grid (conditions x seeds), and for video
+samples/iter_N.mp4, the first seed of up to VIDEO_CONDITIONS conditions side by side."""
 
 from __future__ import annotations
 
@@ -30,7 +35,30 @@ def log_samples(d) -> None:
             grid = torch.cat(rows, dim=-2)  # [1, cond * H, seeds * W]
             d.writer.add_image("samples/grid", grid, d.state.iteration)
             save_grid_png(grid[0], d.run_dir / "samples" / f"iter_{d.state.iteration:06d}.png")
+        elif d.pipeline_dir is not None:
+            write_pixel_previews(d, images)
     record_measurement(d.state.history, d.state.iteration, pairwise_distance=float(diversity))
+
+
+VIDEO_CONDITIONS = 4
+
+
+def write_pixel_previews(d, latents: Tensor) -> None:
+    """PNG grid of first frames and (video) an MP4 of `latents` [conditions, seeds, C, F, H, W],
+    decoded `d.micro` at a time with the VAE of the teacher's pipeline (loaded once)."""
+    from phased_dmd_mp import media
+
+    if getattr(d, "preview_vae", None) is None:
+        d.preview_vae = media.load_vae(d.pipeline_dir, d.device)
+    conditions, seeds = latents.shape[:2]
+    name = d.run_dir / "samples" / f"iter_{d.state.iteration:06d}"
+    # Wan's VAE is causal in time: the first latent frame alone decodes to the first frame
+    first = media.decode_latents(d.preview_vae, latents[:, :, :, :1].flatten(0, 1), d.micro)
+    media.write_png(media.image_grid(first[:, 0].unflatten(0, (conditions, seeds))), f"{name}.png")
+    if latents.shape[3] > 1:
+        shown = latents[: min(conditions, VIDEO_CONDITIONS), 0]
+        videos = media.decode_latents(d.preview_vae, shown, d.micro)  # [n, F, H, W, 3]
+        media.write_mp4(torch.cat(list(videos), dim=2), f"{name}.mp4")
 
 
 def record_measurement(history: list[dict], iteration: int, **values: float) -> None:

@@ -31,7 +31,12 @@ from tqdm import tqdm
 from phased_dmd_mp import ops
 from phased_dmd_mp.conditioning import Conditions, model_inputs, velocity_from_output
 from phased_dmd_mp.data.conditions import ConditionSampler, ConditionSet
-from phased_dmd_mp.data.teacher import TRANSFORMER_DIR, read_conditions, read_spec
+from phased_dmd_mp.data.teacher import (
+    pipeline_dir,
+    read_conditions,
+    read_spec,
+    teacher_experts,
+)
 from phased_dmd_mp.distill import checkpoint
 from phased_dmd_mp.distill.config import DistillConfig
 from phased_dmd_mp.distill.export import export_generator
@@ -89,6 +94,7 @@ class Distiller:
         spec = read_spec(teacher_dir)
         self.latent_shape = spec.latent_shape
         self.value_range = spec.value_range
+        self.pipeline_dir = pipeline_dir(teacher_dir, spec)  # its VAE decodes the previews
         self.shift = config.shift or spec.shift
         self.guidance = (
             config.guidance_scale if config.guidance_scale is not None else spec.guidance_scale
@@ -99,7 +105,9 @@ class Distiller:
             dtype=config.dtype, recompute=config.recompute, fp8=config.fp8
         )
 
-        self.teacher = self._load_teacher(teacher_dir / TRANSFORMER_DIR, config.teacher_low_noise)
+        self.teacher = self._load_teacher(
+            *teacher_experts(teacher_dir, spec, config.teacher_low_noise, config.moe_boundary)
+        )
         self.generator = self._generator_experts()
         self.fakes: dict[int, VelocityModel | RoutedVelocity] = {}
         self.optimizers: dict[tuple[str, int], torch.optim.Optimizer] = {}
@@ -125,7 +133,7 @@ class Distiller:
         module.requires_grad_(False)
         return VelocityModel(module)
 
-    def _load_teacher(self, path: Path, low_noise: str | None):
+    def _load_teacher(self, path: Path, low_noise: Path | None, boundary: float | None):
         def load(directory):
             """A diffusers-format transformer, or our sharded checkpoint (`python -m
             phased_dmd_mp.models.convert to-ours`), which each rank reads only its shard of."""
@@ -142,7 +150,7 @@ class Distiller:
         high = load(path)
         if low_noise is None:
             return high
-        return RoutedVelocity(high, load(low_noise), self.config.moe_boundary)
+        return RoutedVelocity(high, load(low_noise), boundary)
 
     def _teacher_at(self, t: float) -> VelocityModel:
         """The teacher (expert) that scores timestep t: a generator expert starts from the one
@@ -379,7 +387,8 @@ class Distiller:
             return norm
         if self.config.grad_clip > 0 and norm > self.config.grad_clip:
             for p in parameters:
-                p.grad.mul_(self.config.grad_clip / norm)
+                if p.grad is not None:  # an MoE expert that saw no sample has none
+                    p.grad.mul_(self.config.grad_clip / norm)
         optimizer.step()
         return norm
 

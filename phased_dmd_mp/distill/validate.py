@@ -5,8 +5,10 @@ config.json of each teacher transformer (diffusers format or our sharded one) an
 set's manifest. It raises `phased_dmd_mp.config.ConfigError`, one line naming the key or file and
 both values, for what would otherwise fail after every rank loaded a 14B teacher:
 
-- paths: `teacher` (with teacher.yaml and transformer/config.json), `teacher_low_noise` (a
-  transformer folder), `conditions` (default <teacher>/conditions);
+- paths: `teacher` (with teacher.yaml and transformer/config.json, or the transformer folder
+  teacher.yaml names), `teacher_low_noise` (a transformer folder; default teacher.yaml's
+  `transformer_2`, which needs a boundary: `moe_boundary` or teacher.yaml's `boundary_ratio`),
+  `conditions` (default <teacher>/conditions);
 - the latent shape of teacher.yaml against the transformer: Wan takes latent channels (+ the
   conditions' image-latent channels, I2V) as in_channels and returns the latent channels as
   out_channels; Qwen-Image packs 2x2 patches of single-frame latents, so in_channels = 4 x
@@ -26,7 +28,13 @@ from pathlib import Path
 
 from phased_dmd_mp.config import ConfigError
 from phased_dmd_mp.data.conditions import MANIFEST, read_manifest
-from phased_dmd_mp.data.teacher import CONDITIONS_DIR, SPEC_FILE, TRANSFORMER_DIR, read_spec
+from phased_dmd_mp.data.teacher import (
+    CONDITIONS_DIR,
+    SPEC_FILE,
+    TRANSFORMER_DIR,
+    read_spec,
+    teacher_experts,
+)
 from phased_dmd_mp.distill.config import DistillConfig
 from phased_dmd_mp.models.config import QwenImageConfig, WanConfig
 from phased_dmd_mp.models.convert import read_diffusers_config, read_layout
@@ -146,18 +154,20 @@ def validate_run(config: DistillConfig, world_size: int) -> None:
     teacher = Path(config.teacher)
     spec = read_spec(teacher)  # the directory and teacher.yaml
     spec_file = teacher / SPEC_FILE
-    transformer = teacher / TRANSFORMER_DIR
-    if not transformer.is_dir():
+    transformer, low, _ = teacher_experts(
+        teacher, spec, config.teacher_low_noise, config.moe_boundary
+    )
+    if spec.transformer is None and not transformer.is_dir():
         raise ConfigError(
             f"teacher {config.teacher!r} has no {TRANSFORMER_DIR}/: point `teacher` at a "
-            "directory written by `python -m phased_dmd_mp.pretrain_teacher` (or laid out "
-            "like one)"
+            "directory written by `python -m phased_dmd_mp.pretrain_teacher` or `python -m "
+            "phased_dmd_mp.prepare` (or laid out like one)"
         )
     arch = read_transformer_arch(transformer, "teacher")
     arch_file = transformer / "config.json"
-    if config.teacher_low_noise is not None:
-        low = Path(config.teacher_low_noise)
-        low_arch = read_transformer_arch(low, "teacher_low_noise")
+    if low is not None:
+        low_key = "teacher_low_noise" if config.teacher_low_noise else f"{spec_file} transformer_2"
+        low_arch = read_transformer_arch(low, low_key)
         _check_experts_agree(arch, low_arch, arch_file, low / "config.json")
 
     conditions = Path(config.conditions) if config.conditions else teacher / CONDITIONS_DIR

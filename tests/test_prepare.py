@@ -1,0 +1,317 @@
+"""python -m phased_dmd_mp.prepare: teacher directories from tiny diffusers pipeline folders.
+
+The conditions must be what the pipeline itself computes (its encode_prompt, prepare_latents,
+encode_image), teacher.yaml must follow the pipeline's configs, an interrupted run must resume
+without redoing finished shards, and mismatched parts must be refused before weights load."""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from phased_dmd_mp import prepare
+from phased_dmd_mp.data.conditions import ConditionSet
+from phased_dmd_mp.data.teacher import read_spec, teacher_experts
+
+diffusers = pytest.importorskip("diffusers")
+
+PROMPTS = ["a red cat", "a dog on the grass running", "blue ball in snow", "a cat", "photo"]
+SIZE = ["--height", "32", "--width", "32"]
+
+
+def write_prompts(path, prompts=PROMPTS):
+    path.write_text("\n".join(prompts) + "\n")
+    return path
+
+
+def write_images(folder, count):
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        pixels = rng.integers(0, 255, (24 + 8 * i, 40, 3), np.uint8)  # sizes differ: resized
+        Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def run_prepare(tmp_path, pipeline, *extra, name="teacher"):
+    args = [
+        "--pipeline",
+        str(pipeline),
+        "--prompts",
+        str(write_prompts(tmp_path / "p.txt")),
+        "--out",
+        str(tmp_path / name),
+        "--batch-size",
+        "2",
+        "--no-progress",
+        *SIZE,
+        *extra,
+    ]
+    assert prepare.main(args) == 0
+    return tmp_path / name
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny_pipeline, tmp_path_factory):
+    """prepared(kind) -> (pipeline folder, teacher directory), made once per module."""
+    made = {}
+
+    def get(kind):
+        if kind not in made:
+            root = tmp_path_factory.mktemp(f"prepared_{kind}")
+            extra = ["--frames", "5"] if kind != "qwen_image" else []
+            if kind == "wan21_i2v":
+                extra += ["--images", str(write_images(root / "images", len(PROMPTS)))]
+            made[kind] = tiny_pipeline(kind), run_prepare(root, tiny_pipeline(kind), *extra)
+        return made[kind]
+
+    return get
+
+
+def test_wan22_teacher_yaml_follows_the_pipeline(prepared):
+    pipeline, teacher = prepared("wan22_t2v")
+    spec = read_spec(teacher)
+    # 32 x 32 pixels, 5 frames -> VAE /8 spatial, /4 temporal (1 + 4 frames -> 2 latent frames)
+    assert spec.latent_shape == (16, 2, 4, 4)
+    assert spec.shift == 3.0  # UniPC flow_shift
+    assert (spec.guidance_scale, spec.sampling_steps) == (5.0, 50)  # WanPipeline.__call__'s
+    assert spec.boundary_ratio == 0.875
+    high, low, boundary = teacher_experts(teacher, spec)
+    assert (high, low, boundary) == (
+        pipeline.resolve() / "transformer",
+        pipeline.resolve() / "transformer_2",
+        0.875,
+    )
+    assert not (teacher / "transformer").exists()  # referred to, not copied
+    # config keys still override the teacher.yaml
+    assert teacher_experts(teacher, spec, boundary=0.9)[2] == 0.9
+
+
+@torch.no_grad()  # as the pipeline's __call__ runs (CPU attention kernels differ)
+def test_wan_text_equals_the_pipelines_encode_prompt(prepared):
+    pipeline, teacher = prepared("wan22_t2v")
+    pipe = diffusers.DiffusionPipeline.from_pretrained(pipeline)
+    conditions = ConditionSet(teacher / "conditions")
+    assert len(conditions) == len(PROMPTS) and conditions.fields == ("text",)
+    # in the batches prepare used (--batch-size 2): batched matmuls round differently
+    expected = torch.cat(
+        [
+            pipe.encode_prompt(PROMPTS[i : i + 2], max_sequence_length=512)[0]
+            for i in range(0, len(PROMPTS), 2)
+        ]
+    )
+    negative = pipe.encode_prompt("", max_sequence_length=512)[0]
+    got = conditions.batch(range(len(PROMPTS))).text
+    assert got.shape == (len(PROMPTS), 512, 16)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.testing.assert_close(conditions.uncond(1).text, negative[:1], rtol=0, atol=0)
+    # padding zeroed after the prompt's tokens (+ </s>): "a red cat" is 4 tokens
+    assert got[0, 4:].abs().sum() == 0 and got[0, :4].abs().sum() > 0
+
+
+@torch.no_grad()  # as the pipeline's __call__ runs (CPU attention kernels differ)
+def test_wan21_i2v_conditions_equal_the_pipelines_own(prepared):
+    from diffusers.utils import load_image
+
+    pipeline, teacher = prepared("wan21_i2v")
+    spec = read_spec(teacher)
+    assert spec.latent_shape == (16, 2, 4, 4) and spec.shift == 5.0
+    assert spec.transformer_2 is None and spec.boundary_ratio is None
+    pipe = diffusers.DiffusionPipeline.from_pretrained(pipeline)
+    conditions = ConditionSet(teacher / "conditions")
+    assert conditions.fields == ("text", "image_latents", "image_embeds")
+    batch = conditions.batch([3])
+    image = load_image(str(teacher.parent / "images" / "003.png"))
+    pixels = pipe.video_processor.preprocess(image, height=32, width=32).float()
+    _, condition = pipe.prepare_latents(pixels, 1, 16, 32, 32, 5, torch.float32, "cpu")
+    assert batch.image_latents.shape == (1, 20, 2, 4, 4)  # 4 mask + 16 latent channels
+    torch.testing.assert_close(batch.image_latents, condition, rtol=0, atol=0)
+    torch.testing.assert_close(batch.image_embeds, pipe.encode_image(image), rtol=0, atol=0)
+    text, _ = pipe.encode_prompt(PROMPTS[2:4], max_sequence_length=512)  # its batch
+    torch.testing.assert_close(batch.text, text[1:], rtol=0, atol=0)
+
+
+@torch.no_grad()  # as the pipeline's __call__ runs (CPU attention kernels differ)
+def test_qwen_image_text_and_mask_equal_the_pipelines(prepared):
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
+
+    pipeline, teacher = prepared("qwen_image")
+    spec = read_spec(teacher)
+    assert spec.latent_shape == (4, 1, 8, 8)  # VAE /4, single frame
+    mu = calculate_shift(16, 256, 8192, 0.5, 0.9)  # (8/2) x (8/2) packed tokens
+    assert spec.shift == pytest.approx(math.exp(mu)) and spec.guidance_scale == 4.0
+    pipe = diffusers.DiffusionPipeline.from_pretrained(pipeline)
+    conditions = ConditionSet(teacher / "conditions")
+    got = conditions.batch(range(len(PROMPTS)))
+    for i, prompt in enumerate(PROMPTS):  # alone: no batch padding in the reference
+        expected, mask = pipe.encode_prompt([prompt])
+        n = expected.shape[1]
+        assert mask is None and got.text_mask[i].sum() == n  # template prefix dropped
+        torch.testing.assert_close(got.text[i, :n], expected[0], rtol=1e-5, atol=1e-6)
+        assert got.text[i, n:].abs().sum() == 0 and got.text_mask[i, n:].sum() == 0
+    # the common length is the longest prompt's
+    longest = max(len(pipe.encode_prompt([p])[0][0]) for p in PROMPTS + [""])
+    assert got.text.shape[1] == longest
+    uncond = conditions.uncond(1)
+    expected, _ = pipe.encode_prompt([""])
+    torch.testing.assert_close(uncond.text[0, : expected.shape[1]], expected[0])
+
+
+def test_an_interrupted_run_resumes_without_redoing_shards(
+    tiny_pipeline, tmp_path, monkeypatch, prepared
+):
+    _, reference = prepared("wan22_t2v")
+    calls = []
+    real = prepare.Encoder.text
+
+    def crash_after_two(self, prompts):
+        calls.append(list(prompts))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed while encoding the third batch
+        return real(self, prompts)
+
+    monkeypatch.setattr(prepare.Encoder, "text", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_prepare(tmp_path, tiny_pipeline("wan22_t2v"), "--frames", "5")
+    partial = tmp_path / "teacher" / prepare.PARTIAL
+    assert sorted(p.name for p in partial.glob("items-*")) == [
+        "items-00000.safetensors",
+        "items-00001.safetensors",
+    ]
+    assert not (tmp_path / "teacher" / "teacher.yaml").exists()
+
+    # other arguments are refused: the finished shards were made with these
+    monkeypatch.setattr(prepare.Encoder, "text", real)
+    with pytest.raises(SystemExit):
+        run_prepare(tmp_path, tiny_pipeline("wan22_t2v"), "--frames", "9")
+
+    calls.clear()
+    monkeypatch.setattr(
+        prepare.Encoder, "text", lambda self, p: calls.append(list(p)) or real(self, p)
+    )
+    teacher = run_prepare(tmp_path, tiny_pipeline("wan22_t2v"), "--frames", "5")
+    assert calls == [PROMPTS[4:], [""]]  # the last shard and the negative prompt only
+    assert not partial.exists()
+    resumed, whole = ConditionSet(teacher / "conditions"), ConditionSet(reference / "conditions")
+    assert torch.equal(resumed.batch(range(5)).text, whole.batch(range(5)).text)
+    assert yaml.safe_load((teacher / "teacher.yaml").read_text()) == yaml.safe_load(
+        (reference / "teacher.yaml").read_text()
+    )
+
+
+def configs_only(pipeline, folder):
+    """The pipeline's json files without weights: a check that loads weights would fail."""
+    for file in pipeline.rglob("*.json"):
+        target = folder / file.relative_to(pipeline)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(file, target)
+    return folder
+
+
+def edit(path, **values):
+    config = json.loads(path.read_text())
+    config.update(values)
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "component, values, args, message",
+    [
+        (
+            "transformer",
+            {"text_dim": 24},
+            [],
+            "text_encoder width 16 does not match transformer text_dim 24",
+        ),
+        (
+            "transformer",
+            {"in_channels": 20},
+            [],
+            "transformer in_channels 20 does not match vae z_dim 16",
+        ),
+        ("vae", {"z_dim": 8}, [], "transformer out_channels 16 does not match vae z_dim 8"),
+        (
+            "transformer_2",
+            {"text_dim": 8},
+            [],
+            "transformer_2 text_dim 8 does not match transformer's 16",
+        ),
+        (
+            None,
+            {},
+            ["--frames", "6"],
+            "--frames 6 must be 1 + a multiple of the VAE's temporal factor 4",
+        ),
+        (
+            None,
+            {},
+            ["--height", "40"],
+            "--height 40 must be a multiple of the VAE factor x patch size 8 x 2 = 16",
+        ),
+    ],
+)
+def test_mismatches_are_one_line_errors_before_weights_load(
+    tiny_pipeline, tmp_path, capsys, component, values, args, message
+):
+    folder = configs_only(tiny_pipeline("wan22_t2v"), tmp_path / "pipe")
+    if component:
+        edit(folder / component / "config.json", **values)
+    with pytest.raises(SystemExit) as exit_info:
+        run_prepare(tmp_path, folder, "--frames", "5", *args)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.endswith(message)
+
+
+def test_i2v_needs_one_image_per_prompt(tiny_pipeline, tmp_path, capsys):
+    images = write_images(tmp_path / "images", 2)
+    with pytest.raises(SystemExit):
+        run_prepare(tmp_path, tiny_pipeline("wan21_i2v"), "--frames", "5", "--images", str(images))
+    assert "holds 2 images for 5 prompts" in capsys.readouterr().err
+
+
+def test_pretrain_distill_runs_on_the_prepared_two_expert_teacher_in_bf16(
+    prepared, tmp_path, monkeypatch
+):
+    """2 iterations (one per phase) in bf16 on the Wan2.2 teacher as prepared: both experts
+    routed at teacher.yaml's boundary, previews decoded through the pipeline's VAE."""
+    import imageio.v3 as iio
+    from distill_helpers import run_distill
+
+    from phased_dmd_mp.distill import trainer
+
+    _, teacher = prepared("wan22_t2v")
+    routed = []
+
+    class Recording(trainer.RoutedVelocity):
+        def __init__(self, high, low, boundary):
+            routed.append(boundary)
+            super().__init__(high, low, boundary)
+
+    monkeypatch.setattr(trainer, "RoutedVelocity", Recording)
+    run = tmp_path / "run"
+    assert (
+        run_distill(
+            run,
+            teacher,
+            "dtype=bfloat16",
+            "batch_size=2",
+            "iterations_per_phase=1",
+            "sample_every=2",
+        )
+        == 0
+    )
+    assert routed and routed[0] == 0.875  # the teacher (its fakes copy it: same boundary)
+    png = iio.imread(run / "samples" / "iter_000002.png")
+    assert png.shape == (5 * 32, 4 * 32, 3) and png.std() > 0  # 5 prompts x 4 seeds
+    video = iio.imread(run / "samples" / "iter_000002.mp4")
+    assert video.shape == (5, 32, 4 * 32, 3)  # 5 frames, 4 prompts side by side
+    history = json.loads((run / "history.json").read_text())
+    losses = [entry["generator_loss"] for entry in history if "generator_loss" in entry]
+    assert len(losses) == 2 and all(map(math.isfinite, losses))
