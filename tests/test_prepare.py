@@ -315,3 +315,32 @@ def test_pretrain_distill_runs_on_the_prepared_two_expert_teacher_in_bf16(
     history = json.loads((run / "history.json").read_text())
     losses = [entry["generator_loss"] for entry in history if "generator_loss" in entry]
     assert len(losses) == 2 and all(map(math.isfinite, losses))
+
+
+def test_validate_run_follows_the_prepared_teacher_yaml(prepared, tmp_path):
+    """validate_run (before any weights load) finds both experts through teacher.yaml and
+    checks them against each other and the conditions."""
+    from phased_dmd_mp.config import ConfigError
+    from phased_dmd_mp.distill.config import DistillConfig
+    from phased_dmd_mp.distill.validate import validate_run
+
+    pipeline, teacher = prepared("wan22_t2v")
+    validate_run(DistillConfig(teacher=str(teacher), batch_size=2), world_size=1)
+
+    # the same teacher whose low-noise expert (named by teacher.yaml) disagrees
+    low = tmp_path / "transformer_2"
+    low.mkdir()
+    config = json.loads((pipeline / "transformer_2" / "config.json").read_text())
+    (low / "config.json").write_text(json.dumps({**config, "text_dim": 8}))
+    other = tmp_path / "teacher"
+    other.mkdir()
+    (other / "conditions").symlink_to(teacher / "conditions")
+    spec = yaml.safe_load((teacher / "teacher.yaml").read_text())
+    (other / "teacher.yaml").write_text(yaml.safe_dump({**spec, "transformer_2": str(low)}))
+    with pytest.raises(ConfigError, match="text_dim = 8 in .*transformer_2/config.json, but 16"):
+        validate_run(DistillConfig(teacher=str(other), batch_size=2), world_size=1)
+
+    # a low-noise expert for a one-expert teacher needs a boundary
+    _, i2v = prepared("wan21_i2v")
+    with pytest.raises(ConfigError, match="teacher_low_noise needs moe_boundary"):
+        validate_run(DistillConfig(teacher=str(i2v), teacher_low_noise=str(low)), world_size=1)
