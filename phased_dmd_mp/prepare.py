@@ -10,7 +10,9 @@ requested size agree, then encodes every prompt with the pipeline's own `encode_
 umT5, 512 tokens, padding zeroed; Qwen-Image: Qwen2.5-VL with the template prefix dropped, padded
 to the longest prompt of the file with `text_mask`) and, for image-to-video, each first frame
 with the pipeline's own `prepare_latents` (VAE) and `encode_image` (Wan2.1's CLIP). The negative
-prompt (default: empty, as the pipelines use when given none) is the unconditional entry.
+prompt (default: empty, as the Wan pipelines use when given none) is the unconditional entry
+(QwenImagePipeline applies its true_cfg_scale only when given a negative prompt; teacher.yaml's
+guidance is that scale, with the empty prompt as the negative one unless told otherwise).
 
 The teacher directory (data/teacher.py) refers to the pipeline instead of copying it:
 
@@ -314,11 +316,11 @@ def match_images(
 class Encoder:
     """The pipeline without its transformers, encoding batches of conditions its own way."""
 
-    def __init__(self, pipe: PipelineFolder, height: int, width: int, frames: int):
+    def __init__(self, pipe: PipelineFolder, height: int, width: int, frames: int, texts):
+        """`texts`: every prompt it will encode (Qwen-Image pads all to the longest)."""
         import diffusers
 
         self.pipe_info, self.height, self.width, self.frames = pipe, height, width, frames
-        self.text_len = WAN_TEXT_TOKENS
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         cuda = self.device.type == "cuda"
         # bf16 text encoders on the GPU; the VAE and CLIP in float32, as Wan's I2V example loads
@@ -330,6 +332,7 @@ class Encoder:
             pipe.path, torch_dtype=dtype if cuda else torch.float32, **skip
         ).to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
+        self.text_len = WAN_TEXT_TOKENS if pipe.is_wan else qwen_text_len(self.pipe, texts)
 
     @torch.no_grad()
     def text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -382,11 +385,11 @@ class Encoder:
         return {name: torch.cat(parts) for name, parts in out.items()}
 
 
-def qwen_text_len(pipe, prompts: list[str], negative: str) -> int:
+def qwen_text_len(pipe, texts: list[str]) -> int:
     """Tokens kept of the longest prompt (QwenImagePipeline's template prefix dropped, capped at
     1024): the common length Qwen-Image embeddings are padded to. Tokenizer only."""
     template, drop = pipe.prompt_template_encode, pipe.prompt_template_encode_start_idx
-    longest, texts = 0, [*prompts, negative]
+    longest = 0
     for start in range(0, len(texts), 1024):
         ids = pipe.tokenizer([template.format(t) for t in texts[start : start + 1024]]).input_ids
         longest = max([longest, *map(len, ids)])
@@ -457,9 +460,7 @@ def prepare(args) -> Path:
 
     batches = math.ceil(len(prompts) / args.batch_size)
     done = _done_shards(partial, batches)
-    encoder = Encoder(pipe, height, width, frames)
-    if not pipe.is_wan:
-        encoder.text_len = qwen_text_len(encoder.pipe, prompts, negative)
+    encoder = Encoder(pipe, height, width, frames, [*prompts, negative])
     with tqdm(
         total=len(prompts),
         initial=min(len(prompts), done * args.batch_size),

@@ -269,11 +269,39 @@ def test_mismatches_are_one_line_errors_before_weights_load(
     assert error.endswith(message)
 
 
-def test_i2v_needs_one_image_per_prompt(tiny_pipeline, tmp_path, capsys):
-    images = write_images(tmp_path / "images", 2)
+def test_i2v_images_by_name_or_order_and_count(prepared, tmp_path, capsys):
+    """`IMAGE<TAB>prompt` lines pick their first frame by name; otherwise sorted order, and the
+    counts must agree."""
+    pipeline, by_order = prepared("wan21_i2v")
+    images = by_order.parent / "images"
+    lines = [f"{4 - i:03d}.png\t{p}" for i, p in enumerate(PROMPTS)]  # images reversed
+    (tmp_path / "named.txt").write_text("\n".join(lines) + "\n")
+    args = [
+        "--pipeline",
+        str(pipeline),
+        "--prompts",
+        str(tmp_path / "named.txt"),
+        "--frames",
+        "5",
+        "--images",
+        str(images),
+        "--batch-size",
+        "5",
+        "--no-progress",
+        *SIZE,
+    ]
+    assert prepare.main([*args, "--out", str(tmp_path / "named")]) == 0
+    named = ConditionSet(tmp_path / "named" / "conditions").batch(range(5))
+    ordered = ConditionSet(by_order / "conditions").batch(range(5))
+    torch.testing.assert_close(named.image_latents, ordered.image_latents.flip(0))
+    torch.testing.assert_close(named.text, ordered.text, rtol=0, atol=1e-5)  # same prompts
+
+    few = tmp_path / "few"
+    few.mkdir()
+    shutil.copy(images / "000.png", few)
     with pytest.raises(SystemExit):
-        run_prepare(tmp_path, tiny_pipeline("wan21_i2v"), "--frames", "5", "--images", str(images))
-    assert "holds 2 images for 5 prompts" in capsys.readouterr().err
+        run_prepare(tmp_path, pipeline, "--frames", "5", "--images", str(few))
+    assert "holds 1 images for 5 prompts" in capsys.readouterr().err
 
 
 def test_pretrain_distill_runs_on_the_prepared_two_expert_teacher_in_bf16(
