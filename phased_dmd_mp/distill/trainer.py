@@ -244,7 +244,7 @@ class Distiller:
         phase k; stop at its graded steps."""
         indices = next(self.sampler)
         cond = self.conditions.batch(indices).to(self.device)
-        uncond = self.conditions.uncond(len(indices)).to(self.device)
+        uncond = self.conditions.uncond(len(indices), like=cond).to(self.device)
         x = self._randn((self.rank_batch, *self.latent_shape))
         first, end = self.bounds[k - 1], self.bounds[k]
         last = end
