@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -25,8 +25,8 @@ import torch.distributed as dist
 import yaml
 
 from phased_dmd_mp.config import ConfigError, add_config_arguments, load_config
-from phased_dmd_mp.distill import checkpoint
-from phased_dmd_mp.distill.config import DistillConfig
+from phased_dmd_mp.distill import checkpoint, rundir
+from phased_dmd_mp.distill.config import RESUMABLE_KEYS, DistillConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     add_config_arguments(parser, DistillConfig, "iterations_per_phase=50")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    group.add_argument("--overwrite", action="store_true", help="discard what RUN holds")
+    group.add_argument(
+        "--overwrite", action="store_true", help="delete the run RUN holds (only a run) and start over"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
@@ -46,57 +48,163 @@ def main(argv: list[str] | None = None) -> int:
 
         # every path and shape the config implies, before any rank loads a model
         validate_run(config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        if args.out.exists() and not args.out.is_dir():
+            raise ConfigError(f"--out {args.out} is a file, not a directory")
     except ConfigError as error:
         parser.error(str(error))
-    steps = checkpoint.complete_steps(args.out)
-    if args.resume and not steps:
-        parser.error(f"--resume: {args.out} has no complete checkpoint")
-    if steps and not (args.resume or args.overwrite):
-        parser.error(
-            f"{args.out} already holds a run (checkpoint at iteration {steps[-1]}); pass --resume "
-            "to continue it or --overwrite to start over"
-        )
-    if args.resume:
-        saved = yaml.safe_load((args.out / "config.yaml").read_text())
-        if saved != _yaml_roundtrip(config):
-            parser.error(
-                f"--resume: the config differs from the one {args.out} was started with "
-                f"({args.out / 'config.yaml'}); resume with the same config"
-            )
 
-    from phased_dmd_mp.distill.trainer import Distiller  # imports megatron: after arg checks
+    from phased_dmd_mp.parallel.state import initialize
 
     try:
-        distiller = Distiller(config, args.out, progress=not args.no_progress)
+        initialize(
+            config.tensor_parallel,
+            config.pipeline_parallel,
+            timeout=datetime.timedelta(seconds=config.collective_timeout),
+        )
     except ConfigError as error:  # what only the launched job can check, e.g. its world size
         parser.error(str(error))
-    if dist.get_rank() == 0:
+    lock = None
+    try:
+        if dist.get_rank() == 0:  # held for the run's life; the kernel drops it if we die
+            lock = _on_rank_0(lambda: rundir.RunLock(args.out))
+        _fail_on_any_rank(parser, lock if isinstance(lock, str) else None)
+        return _run(parser, args, config)
+    finally:
+        if isinstance(lock, rundir.RunLock):
+            lock.release()
+
+
+def _run(parser, args, config: DistillConfig) -> int:
+    from phased_dmd_mp.distill.trainer import Distiller
+
+    is_logger = dist.get_rank() == 0
+    if is_logger:
+        _fail_on_any_rank(parser, _on_rank_0(lambda: _check_run_dir(args)))
+    else:
+        _fail_on_any_rank(parser, None)
+    resume_from = None
+    if args.resume:
+        try:
+            resume_from = checkpoint.latest_intact(args.out, report=_warn)
+            checkpoint.check_layout(resume_from)
+        except checkpoint.CheckpointError as error:
+            parser.error(f"--resume: {error}")
+        error = _on_rank_0(lambda: _check_same_config(args.out, resume_from, config)) if is_logger else None
+        _fail_on_any_rank(parser, error)
+    try:
+        distiller = Distiller(config, args.out, progress=not args.no_progress)
+    except ConfigError as error:
+        parser.error(str(error))
+    if is_logger:
         if args.overwrite:
-            shutil.rmtree(args.out, ignore_errors=True)
-        args.out.mkdir(parents=True, exist_ok=True)
+            removed = rundir.remove_run(args.out)
+            if removed:
+                print(f"--overwrite: removed {', '.join(removed)} from {args.out}")
+        rundir.mark(args.out)
         (args.out / "config.yaml").write_text(
             yaml.safe_dump(_yaml_roundtrip(config), sort_keys=False)
         )
     dist.barrier()
-    if args.resume:
-        distiller.load_checkpoint(args.out / "checkpoints" / f"step-{steps[-1]:08d}")
-    last = distiller.train()
-    if dist.get_rank() == 0:
+    if resume_from is not None:
+        distiller.load_checkpoint(resume_from)
+    try:
+        last = distiller.train()
+    except checkpoint.DiskFullError as error:
+        if is_logger:
+            print(f"error: {error.strerror}", file=sys.stderr)
+        return 1
+    if is_logger:
         (args.out / "history.json").write_text(json.dumps(distiller.state.history, indent=1) + "\n")
+    if distiller.diverged:
+        if is_logger:
+            saved = checkpoint.complete_steps(args.out)
+            print(
+                f"error: {distiller.diverged}; stopped without exporting (last checkpoint: "
+                f"iteration {saved[-1] if saved else 'none'}); lower generator_lr / fake_lr",
+                file=sys.stderr,
+            )
+        return 1
     if distiller.stopped_early:
-        if dist.get_rank() == 0:
+        if is_logger:
             print(
                 f"stopped by a signal after {distiller.state.iteration} generator updates, "
                 f"checkpoint saved; continue with --resume"
             )
         return 0
-    if dist.get_rank() == 0:
+    if is_logger:
         print(
             f"done: {distiller.state.iteration} generator updates "
             f"({distiller.state.skipped} skipped), last generator loss "
             f"{last.get('generator_loss', float('nan')):.4g}; generator in {args.out / 'export'}"
         )
     return 0
+
+
+def _on_rank_0(check):
+    """check()'s result, or the message of the ConfigError it raised."""
+    try:
+        return check()
+    except ConfigError as error:
+        return str(error)
+
+
+def _fail_on_any_rank(parser, error: str | None) -> None:
+    """Collective: rank 0's error (or None) reaches every rank, which all exit with it."""
+    if dist.get_world_size() > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        if dist.get_rank() == 0:
+            parser.error(error)
+        sys.exit(2)
+
+
+def _check_run_dir(args) -> None:
+    """--out may hold a run only when told what to do with it, and never foreign files."""
+    rundir.check_usable(args.out)
+    steps = checkpoint.complete_steps(args.out)
+    if args.resume and not steps:
+        raise ConfigError(f"--resume: {args.out} has no complete checkpoint")
+    if args.overwrite and any(p.name != rundir.LOCK_FILE for p in args.out.iterdir()):
+        if not rundir.is_run(args.out):
+            raise ConfigError(
+                f"--overwrite: {args.out} does not look like a run (no {rundir.MARKER_FILE}, "
+                "no config.yaml with checkpoints/); not deleting it"
+            )
+    if steps and not (args.resume or args.overwrite):
+        raise ConfigError(
+            f"{args.out} already holds a run (checkpoint at iteration {steps[-1]}); pass --resume "
+            "to continue it or --overwrite to start over"
+        )
+
+
+def _check_same_config(run_dir: Path, resume_from: Path, config: DistillConfig) -> None:
+    """The config may differ from the run's (config.yaml and the checkpoint's own) only in
+    run mechanics (RESUMABLE_KEYS); otherwise a ConfigError names every differing key."""
+    current = _yaml_roundtrip(config)
+    manifest = checkpoint.read_manifest(resume_from) or {}
+    sources = {
+        str(run_dir / "config.yaml"): yaml.safe_load((run_dir / "config.yaml").read_text()),
+        f"checkpoint {resume_from.name}": yaml.safe_load(yaml.safe_dump(manifest.get("config"))),
+    }
+    for source, saved in sources.items():
+        if not isinstance(saved, dict):
+            raise ConfigError(f"--resume: {source} holds no config")
+        changed = [
+            f"{key}: {saved.get(key, '(absent)')!r} -> {current.get(key, '(absent)')!r}"
+            for key in sorted(set(saved) | set(current))
+            if key not in RESUMABLE_KEYS and saved.get(key) != current.get(key)
+        ]
+        if changed:
+            raise ConfigError(
+                f"--resume: the config differs from the one in {source}: {'; '.join(changed)}; "
+                "resume with the same config"
+            )
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def _yaml_roundtrip(config: DistillConfig) -> dict:

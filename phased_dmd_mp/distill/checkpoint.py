@@ -1,16 +1,26 @@
-"""Atomic, resumable checkpoints of a distillation run.
+"""Atomic, verified, resumable checkpoints of a distillation run.
 
 RUN/checkpoints/step-00000100/ holds one file per model-parallel rank (rank-tp{t}-pp{p}.pt,
 written by data-parallel rank 0 of that model-parallel rank: data-parallel ranks hold the same
-weights) plus the shared RNG-independent bookkeeping. Ranks write into step-N.partial/; after a
-barrier global rank 0 renames it to step-N/, so a directory without the suffix is always
-complete and an interrupted save leaves only a .partial directory, which is ignored and later
-removed. Per-data-parallel-rank state (random generators, condition sampler) goes into
-dp{d}-tp{t}-pp{p}.pt so that a resumed run draws exactly what the uninterrupted one would have.
+weights), one per rank for per-data-parallel-rank state (dp{d}-tp{t}-pp{p}.pt: random
+generators and condition sampler, so a resumed run draws exactly what the uninterrupted one
+would have), and manifest.json, written last: the sha256 and size of every file, the parallel
+layout and the config. Ranks write into step-N.partial/; after a barrier global rank 0 writes
+the manifest and renames the directory to step-N/, so a directory without the suffix is
+complete. A checkpoint whose files do not match its manifest (truncated, deleted, bit-flipped)
+is named and skipped in favour of the newest intact one.
+
+Before a save, rank 0 checks that the file system has room for it (the previous checkpoint's
+size, or the state's when there is none); a full disk, found then or as ENOSPC while writing,
+raises DiskFullError with the sizes, and the .partial directory is removed.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
+import json
 import os
 import re
 import shutil
@@ -20,7 +30,20 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from phased_dmd_mp.distill.signals import agree
+
 _STEP = re.compile(r"^step-(\d{8})$")
+MANIFEST = "manifest.json"
+_HEADROOM = 1.05  # a checkpoint's size varies a little (optimizer state appears, pickles)
+_HASH_CHUNK = 1 << 24
+
+
+class DiskFullError(OSError):
+    """No room for a checkpoint (checked before the save, or ENOSPC while writing)."""
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint to resume from; the message says why."""
 
 
 def _ranks() -> tuple[int, int, int]:
@@ -31,6 +54,14 @@ def _ranks() -> tuple[int, int, int]:
     )
 
 
+def layout() -> dict[str, int]:
+    return {
+        "data_parallel": parallel_state.get_data_parallel_world_size(),
+        "tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
+    }
+
+
 def _model_file(tp: int, pp: int) -> str:
     return f"rank-tp{tp}-pp{pp}.pt"
 
@@ -39,10 +70,67 @@ def _rank_file(dp: int, tp: int, pp: int) -> str:
     return f"dp{dp}-tp{tp}-pp{pp}.pt"
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def step_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step-{step:08d}"
+
+
+class _HashingWriter(io.RawIOBase):
+    """A file torch.save writes through: hashes what passes and keeps the OSError of a failed
+    write (torch.save reports it only as 'unexpected pos A vs B')."""
+
+    def __init__(self, file):
+        self.file, self.sha256, self.size, self.error = file, hashlib.sha256(), 0, None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        try:
+            written = self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+        self.sha256.update(data)
+        self.size += len(data)
+        return written
+
+
+def _open_for_write(path: Path):
+    return open(path, "wb")
+
+
+def _write(obj, path: Path) -> dict:
+    """torch.save into `path`, flushed to disk; returns {'sha256', 'bytes'}."""
+    with _open_for_write(path) as file:
+        writer = _HashingWriter(file)
+        try:
+            torch.save(obj, writer)
+            file.flush()
+            os.fsync(file.fileno())
+        except (OSError, RuntimeError) as error:
+            cause = writer.error or error
+            if getattr(cause, "errno", None) == errno.ENOSPC:
+                raise DiskFullError(errno.ENOSPC, f"no space left on device writing {path}")
+            raise
+    return {"sha256": writer.sha256.hexdigest(), "bytes": writer.size}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def complete_steps(run_dir: Path) -> list[int]:
@@ -52,29 +140,154 @@ def complete_steps(run_dir: Path) -> list[int]:
     return sorted(int(m[1]) for p in folder.iterdir() if (m := _STEP.match(p.name)))
 
 
-def save(run_dir: Path, step: int, model_state: dict, rank_state: dict, keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory."""
+def _directory_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def _check_free_space(run_dir: Path, step: int, needed: int) -> None:
     folder = run_dir / "checkpoints"
-    final = folder / f"step-{step:08d}"
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise DiskFullError(
+            errno.ENOSPC,
+            f"disk full: checkpoint step-{step:08d} needs ~{needed / 2**20:.1f} MiB, "
+            f"{free / 2**20:.1f} MiB free in {folder}; free space (or lower keep_last) and "
+            "--resume from the last checkpoint",
+        )
+
+
+def save(
+    run_dir: Path, step: int, model_state: dict, rank_state: dict, keep_last: int, config: dict
+) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint directory.
+
+    Raises DiskFullError on every rank when the file system has no room (before or while
+    writing; the .partial directory is then removed)."""
+    folder = run_dir / "checkpoints"
+    final = step_dir(run_dir, step)
     partial = folder / f"step-{step:08d}.partial"
     dp, tp, pp = _ranks()
-    if dist.get_rank() == 0:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    dist.barrier()
+    writes = {_rank_file(dp, tp, pp): rank_state}
     if dp == 0:
-        _atomic_torch_save(model_state, partial / _model_file(tp, pp))
-    _atomic_torch_save(rank_state, partial / _rank_file(dp, tp, pp))
-    dist.barrier()
+        writes[_model_file(tp, pp)] = model_state
+    # Room for the new checkpoint next to the old ones (they are removed only after it).
+    needed = torch.tensor([sum(_tensor_bytes(obj) for obj in writes.values())], dtype=torch.float64)
+    if dist.get_world_size() > 1:
+        needed = needed.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(needed)
+    error = None
     if dist.get_rank() == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob("*.partial"):  # the lock guarantees they are no live run's
+            shutil.rmtree(stale, ignore_errors=True)
+        steps = complete_steps(run_dir)
+        estimate = _directory_bytes(step_dir(run_dir, steps[-1])) if steps else needed.item()
+        try:
+            _check_free_space(run_dir, step, int(estimate * _HEADROOM))
+            partial.mkdir()
+        except DiskFullError as caught:
+            error = caught
+    if agree(error is not None):
+        raise error or DiskFullError(errno.ENOSPC, "disk full: another rank ran out of space")
+    digests, error = {}, None
+    try:
+        for name, obj in writes.items():
+            digests[name] = _write(obj, partial / name)
+    except DiskFullError as caught:
+        error = caught
+    if agree(error is not None):
+        if dist.get_rank() == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        free = shutil.disk_usage(folder).free
+        raise DiskFullError(
+            errno.ENOSPC,
+            f"disk full while writing checkpoint step-{step:08d} into {folder} "
+            f"({free / 2**20:.1f} MiB free); removed its .partial; free space (or lower "
+            "keep_last) and --resume from the last checkpoint",
+        )
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, digests)
+    if dist.get_rank() == 0:
+        manifest = {
+            "step": step,
+            "layout": layout(),
+            "config": config,
+            "files": {name: d for rank_digests in gathered for name, d in rank_digests.items()},
+        }
+        (partial / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
         for old in complete_steps(run_dir)[:-keep_last]:
-            shutil.rmtree(folder / f"step-{old:08d}", ignore_errors=True)
-        for stale in folder.glob("*.partial"):
-            shutil.rmtree(stale, ignore_errors=True)
+            shutil.rmtree(step_dir(run_dir, old), ignore_errors=True)
     dist.barrier()
     return final
+
+
+def read_manifest(path: Path) -> dict | None:
+    """The checkpoint's manifest, or None when it has none (or it is unreadable)."""
+    try:
+        return json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _problems(path: Path) -> list[str]:
+    """What is wrong with this rank's files of the checkpoint (empty: intact)."""
+    manifest = read_manifest(path)
+    if manifest is None:
+        return [f"{MANIFEST} missing or unreadable"]
+    dp, tp, pp = _ranks()
+    problems = []
+    for name in (_model_file(tp, pp), _rank_file(dp, tp, pp)):
+        expected, file = manifest["files"].get(name), path / name
+        if expected is None or not file.is_file():
+            problems.append(f"{name} missing")
+        elif file.stat().st_size != expected["bytes"]:
+            problems.append(f"{name} has {file.stat().st_size} bytes, not {expected['bytes']}")
+        elif _sha256(file) != expected["sha256"]:
+            problems.append(f"{name} does not match its sha256")
+    return problems
+
+
+def check_layout(path: Path) -> None:
+    """Raise CheckpointError unless the checkpoint was saved with this job's layout."""
+    manifest = read_manifest(path)
+    saved, ours = (manifest or {}).get("layout"), layout()
+    if saved is None or saved == ours:
+        return
+    if (saved["tensor_parallel"], saved["pipeline_parallel"]) != (
+        ours["tensor_parallel"],
+        ours["pipeline_parallel"],
+    ):
+        raise CheckpointError(
+            f"{path.name} was saved with tensor_parallel {saved['tensor_parallel']} x "
+            f"pipeline_parallel {saved['pipeline_parallel']}, this job has "
+            f"{ours['tensor_parallel']} x {ours['pipeline_parallel']}: resume with the same "
+            "model-parallel layout"
+        )
+    raise CheckpointError(
+        f"{path.name} was saved with data_parallel {saved['data_parallel']}, this job has "
+        f"data_parallel {ours['data_parallel']}: each data-parallel rank's random streams and "
+        "condition sampler are part of the state, so the run cannot continue exactly at "
+        f"another size; resume on {saved['data_parallel']} x {ours['tensor_parallel']} x "
+        f"{ours['pipeline_parallel']} ranks"
+    )
+
+
+def latest_intact(run_dir: Path, report=print) -> Path:
+    """Collective: the newest checkpoint every rank finds intact; damaged ones are reported
+    (with what is wrong) and skipped. Raises CheckpointError when none is."""
+    for step in reversed(complete_steps(run_dir)):
+        path = step_dir(run_dir, step)
+        problems = _problems(path)
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, problems)
+        found = sorted({p for rank_problems in gathered for p in rank_problems})
+        if not found:
+            return path
+        if dist.get_rank() == 0:
+            report(f"checkpoint {path} is damaged ({'; '.join(found)}): skipping it")
+    raise CheckpointError(f"{run_dir / 'checkpoints'} holds no intact checkpoint to resume from")
 
 
 def load(path: Path) -> tuple[dict, dict]:
@@ -82,7 +295,7 @@ def load(path: Path) -> tuple[dict, dict]:
     dp, tp, pp = _ranks()
     model_file, rank_file = path / _model_file(tp, pp), path / _rank_file(dp, tp, pp)
     if not model_file.is_file() or not rank_file.is_file():
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"{path} has no state for this rank (dp {dp}, tp {tp}, pp {pp}): resume with the "
             "parallel layout the run was saved with"
         )

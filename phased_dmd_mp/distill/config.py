@@ -25,6 +25,18 @@ from phased_dmd_mp.schedule import phase_step_boundaries
 
 Algorithm = Literal["phased_dmd", "dmd", "few_step_dmd", "dmd_sgts"]
 
+# Keys a resumed run may change: run mechanics, which never change the trained numbers.
+RESUMABLE_KEYS = frozenset(
+    {
+        "log_every",
+        "sample_every",
+        "checkpoint_every",
+        "keep_last",
+        "collective_timeout",
+        "max_consecutive_skips",
+    }
+)
+
 
 @dataclass(frozen=True)
 class DistillConfig:
@@ -83,6 +95,14 @@ class DistillConfig:
     sample_every: int = 100  # fixed-seed sample grid and diversity proxy
     checkpoint_every: int = 100
     keep_last: int = 2
+    # --- cluster ---
+    # Seconds a collective may wait for a rank before the job fails (a hung or lost rank):
+    # torch.distributed's process group and megatron's groups. A lost node usually fails a
+    # collective at once; a hung rank is found only after this timeout.
+    collective_timeout: float = 600.0
+    # Stop (checkpoint, exit non-zero, no export) after this many updates of one model in a row
+    # were skipped for a non-finite loss or gradient: the run has diverged.
+    max_consecutive_skips: int = 20
 
     def __post_init__(self):
         if self.algorithm == "dmd" and self.num_steps != 1:
@@ -134,9 +154,12 @@ class DistillConfig:
             "sample_every",
             "checkpoint_every",
             "keep_last",
+            "max_consecutive_skips",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.collective_timeout > 0:
+            raise ValueError(f"collective_timeout must be > 0 seconds, got {self.collective_timeout}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
         if not (self.generator_lr > 0 and self.fake_lr > 0):

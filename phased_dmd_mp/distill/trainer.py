@@ -16,6 +16,7 @@ points) and the condition sampler; both are checkpointed, so a resumed run conti
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import math
 import time
@@ -75,13 +76,19 @@ class Progress:
     phase: int = 1  # current phase (sequential) or the next to train (alternating)
     iteration: int = 0  # generator updates done in total
     skipped: int = 0  # updates skipped for a non-finite loss or gradient
+    skips_in_a_row: dict[str, int] = field(default_factory=dict)  # role -> consecutive skips
+    applied: dict[int, int] = field(default_factory=dict)  # expert -> generator updates applied
     history: list[dict] = field(default_factory=list)
 
 
 class Distiller:
     def __init__(self, config: DistillConfig, run_dir: Path, *, progress: bool = True):
         self.config, self.run_dir, self.show_progress = config, run_dir, progress
-        initialize(config.tensor_parallel, config.pipeline_parallel)
+        initialize(
+            config.tensor_parallel,
+            config.pipeline_parallel,
+            timeout=datetime.timedelta(seconds=config.collective_timeout),
+        )
         ops.set_kernel_backend(config.kernels)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
@@ -123,6 +130,7 @@ class Distiller:
         self.state = Progress()
         self.writer = None
         self.stopped_early = False
+        self.diverged: str | None = None  # why the run stopped without exporting
 
     # --- models -------------------------------------------------------------------------------
 
@@ -299,7 +307,8 @@ class Distiller:
         optimizer = self._optimizer("fake", k)
         optimizer.zero_grad(set_to_none=False)
         loss = fake.train(x_t, t, r.cond, loss_fn, self.micro)
-        return {"fake_loss": loss, "fake_grad_norm": self._step(optimizer, fake.parameters())}
+        norm = self._step(optimizer, fake.parameters(), "fake")
+        return {"fake_loss": loss, "fake_grad_norm": norm}
 
     def generator_update(self, k: int) -> dict:
         config, expert = self.config, self.generator[k - 1]
@@ -310,9 +319,11 @@ class Distiller:
             loss = self._generator_step_last(k, expert, r)
         else:
             loss = self._generator_step_through_all(k, expert, r)
-        grad_norm = self._step(optimizer, expert.parameters())
-        if config.ema_decay is not None and math.isfinite(grad_norm):
-            self._update_ema(k)
+        grad_norm = self._step(optimizer, expert.parameters(), "generator")
+        if math.isfinite(grad_norm):
+            self.state.applied[k] = self.state.applied.get(k, 0) + 1
+            if config.ema_decay is not None:
+                self._update_ema(k)
         return {"generator_loss": loss, "generator_grad_norm": grad_norm}
 
     def _dmd_terms(self, k: int, x_s: Tensor, r: Rollout):
@@ -372,11 +383,14 @@ class Distiller:
         loss.backward()
         return loss.item()
 
-    def _step(self, optimizer: torch.optim.Optimizer, parameters: list[Tensor]) -> float:
+    def _step(self, optimizer: torch.optim.Optimizer, parameters: list[Tensor], role: str) -> float:
         """Average gradients over data-parallel ranks, clip, and step unless they are not
-        finite (then the update is skipped and counted)."""
+        finite (then the update is skipped and counted; the norm is global, so every rank
+        skips the same updates)."""
         average_gradients(parameters)
         norm = model_parallel_grad_norm(parameters)
+        in_a_row = self.state.skips_in_a_row
+        in_a_row[role] = 0 if math.isfinite(norm) else in_a_row.get(role, 0) + 1
         if not math.isfinite(norm):
             self.state.skipped += 1
             optimizer.zero_grad(set_to_none=False)
@@ -465,17 +479,40 @@ class Distiller:
                     window = []
                 if state.iteration % config.sample_every == 0 or done:
                     log_samples(self)
-                if state.iteration % config.checkpoint_every == 0 or done or stop:
+                diverged = self._divergence()
+                if state.iteration % config.checkpoint_every == 0 or done or stop or diverged:
                     self.save_checkpoint()
-                if stop:
-                    self.stopped_early = True
+                if stop or diverged:
+                    self.stopped_early, self.diverged = stop, diverged
                     break
         bar.close()
-        if not self.stopped_early:
+        if not (self.stopped_early or self.diverged):
+            self.diverged = self._untrained_experts()
+        if not (self.stopped_early or self.diverged):
             self.export()
         if self.writer is not None:
             self.writer.close()
         return last
+
+    def _divergence(self) -> str | None:
+        """Why the run must stop: max_consecutive_skips updates in a row were skipped."""
+        for role, count in self.state.skips_in_a_row.items():
+            if count >= self.config.max_consecutive_skips:
+                return (
+                    f"the run diverged: {count} consecutive {role} updates skipped (non-finite "
+                    f"loss or gradient) by iteration {self.state.iteration}"
+                )
+        return None
+
+    def _untrained_experts(self) -> str | None:
+        """An expert none of whose generator updates was applied must not be exported."""
+        untrained = [k for k in range(1, self.config.num_phases + 1) if not self.state.applied.get(k)]
+        if not untrained:
+            return None
+        return (
+            f"every generator update of expert(s) {untrained} was skipped (non-finite loss or "
+            "gradient): not exporting an untrained generator"
+        )
 
     def _iteration(self) -> dict:
         """fake_updates fake updates, then one generator update, in the phase due."""
@@ -568,10 +605,12 @@ class Distiller:
             self._model_state(),
             rank_state,
             self.config.keep_last,
+            asdict(self.config),
         )
         return path
 
     def load_checkpoint(self, path: Path) -> None:
+        checkpoint.check_layout(path)
         model_state, rank_state = checkpoint.load(path)
         with torch.no_grad():
             for expert, tensors in zip(self.generator, model_state["generator"]):

@@ -33,6 +33,8 @@ def initialize(
 
     Data parallelism is what is left: world_size / (tensor_parallel * pipeline_parallel).
     Calling it again with the same sizes is a no-op; with other sizes it is an error.
+    `timeout` bounds every collective of the default group and of megatron's groups: a rank
+    that hangs fails the job after it (DistillConfig.collective_timeout).
     """
     check_sizes(tensor_parallel, pipeline_parallel)
     if not dist.is_initialized():
@@ -60,7 +62,8 @@ def initialize(
         parallel_state.initialize_model_parallel(
             tensor_parallel,
             pipeline_parallel,
-            distributed_timeout_minutes=max(1, round(timeout.total_seconds() / 60)),
+            # megatron builds timedelta(minutes=...): a fraction keeps a timeout in seconds
+            distributed_timeout_minutes=timeout.total_seconds() / 60,
         )
     return process_groups()
 
