@@ -27,6 +27,7 @@ import yaml
 from phased_dmd_mp.config import ConfigError, add_config_arguments, load_config
 from phased_dmd_mp.distill import checkpoint, rundir
 from phased_dmd_mp.distill.config import RESUMABLE_KEYS, DistillConfig
+from phased_dmd_mp.distill.signals import stop_on_signals
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         if dist.get_rank() == 0:  # held for the run's life; the kernel drops it if we die
             lock = _on_rank_0(lambda: rundir.RunLock(args.out))
         _fail_on_any_rank(parser, lock if isinstance(lock, str) else None)
-        return _run(parser, args, config)
+        with stop_on_signals():  # a pre-emption warning while the run starts stops it at once
+            return _run(parser, args, config)
     finally:
         if isinstance(lock, rundir.RunLock):
             lock.release()
