@@ -191,6 +191,8 @@ def test_an_interrupted_run_resumes_without_redoing_shards(
     with pytest.raises(SystemExit):
         run_prepare(tmp_path, tiny_pipeline("wan22_t2v"), "--frames", "9")
 
+    # a kill while a shard was being written leaves only its temporary file
+    (partial / ".items-00002.safetensors.tmp").write_bytes(b"half a shard")
     calls.clear()
     monkeypatch.setattr(
         prepare.Encoder, "text", lambda self, p: calls.append(list(p)) or real(self, p)
