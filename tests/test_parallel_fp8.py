@@ -82,7 +82,7 @@ def test_fp8_linear_is_the_matmul_of_the_quantized_operands(monkeypatch):
 def test_fp8_parallel_linears_are_drop_in_replacements(fp8_cls, cls, kwargs):
     groups = ensure_initialized()
     config = megatron_config(
-        TINY_WAN, ExecutionConfig(), 64, tensor_parallel=1, pipeline_parallel=1, init_weights=True
+        TINY_WAN, ExecutionConfig(), tensor_parallel=1, pipeline_parallel=1, init_weights=True
     )
     args = {"config": config, "init_method": config.init_method, "bias": True,
             "skip_bias_add": False, "tp_group": groups.tp, **kwargs}  # fmt: skip
