@@ -6,7 +6,5 @@ import warnings
 # absent; we never use Apex and import TE ourselves where it matters (parallel/fp8.py).
 warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed")
 warnings.filterwarnings("ignore", message=r"Apex is not installed")
-# megatron-core 0.16's TransformerConfig warns about its own default CUDA-graph scope.
-warnings.filterwarnings("ignore", message=r"full scope is deprecated")
 
 __version__ = "0.1.0"

@@ -210,4 +210,5 @@ def megatron_config(
         recompute_granularity="full" if execution.recompute else None,
         recompute_method="uniform" if execution.recompute else None,
         recompute_num_layers=1 if execution.recompute else None,
+        cuda_graph_scope=[],  # the default "full" is deprecated (and warns); we use no graphs
     )

@@ -56,12 +56,25 @@ def default_core_attention() -> type[nn.Module]:
     return SDPAttention if flash_attn_func is None else FlashAttention
 
 
+class RowLinear(RowParallelLinear):
+    """megatron's RowParallelLinear, handing its own TP group to the matmul it calls.
+
+    megatron-core 0.16 passes tp_group=None there (the group is unused without sequence
+    parallelism), and the matmul then warns on every call that the group will be mandatory.
+    """
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        if kwargs.get("tp_group") is None:
+            kwargs["tp_group"] = self.tp_group
+        return super()._forward_impl(input, weight, *args, **kwargs)
+
+
 @dataclass
 class LinearSubmodules:
     """The classes a layer spec plugs in: tensor-parallel linears and the core attention."""
 
     column_linear: type = ColumnParallelLinear
-    row_linear: type = RowParallelLinear
+    row_linear: type = RowLinear
     core_attention: type = SDPAttention
 
 
