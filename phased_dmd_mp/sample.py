@@ -52,13 +52,13 @@ from phased_dmd_mp.config import ConfigError
 from phased_dmd_mp.data.conditions import ConditionSet
 from phased_dmd_mp.data.teacher import (
     SPEC_FILE,
-    TRANSFORMER_DIR,
     load_diffusers_transformer,
     pipeline_dir,
     read_conditions,
     read_spec,
+    teacher_experts,
 )
-from phased_dmd_mp.distill.models import VelocityModel
+from phased_dmd_mp.distill.models import RoutedVelocity, VelocityModel
 from phased_dmd_mp.eval.mixture import Mixture
 from phased_dmd_mp.eval.report import save_grid
 from phased_dmd_mp.eval.samples import SampleFile
@@ -110,7 +110,7 @@ class Runtime:
         return VelocityModel(module.eval().requires_grad_(False))
 
 
-def _predict(model: VelocityModel):
+def _predict(model: VelocityModel | RoutedVelocity):
     return lambda x, t, cond: model.predict(x, t, cond)
 
 
@@ -144,7 +144,10 @@ def teacher_source(
             f"need steps >= 1, guidance >= 1 and shift > 0, got {steps}, {guidance_scale}, {shift}"
         )
     conditions = read_conditions(teacher_dir)
-    model = runtime.load(Path(teacher_dir) / TRANSFORMER_DIR)
+    high, low, boundary = teacher_experts(teacher_dir, spec)
+    model = runtime.load(high)
+    if low is not None:  # Wan2.2: the low-noise expert below the boundary, as in training
+        model = RoutedVelocity(model, runtime.load(low), boundary)
     return Source(
         name=f"teacher {steps} steps, CFG {guidance_scale:g}",
         velocity=guided_velocity(_predict(model), conditions, guidance_scale, runtime.device),

@@ -17,7 +17,11 @@ from distill_helpers import run_distill
 
 diffusers = pytest.importorskip("diffusers")
 
-from phased_dmd_mp import media, prepare, sample  # noqa: E402
+import imageio.v3 as iio  # noqa: E402
+from cli_helpers import run_cli  # noqa: E402
+
+from phased_dmd_mp import evaluate, media, prepare, sample  # noqa: E402
+from phased_dmd_mp.distill.diffusers_pipeline import COMFY_FILE  # noqa: E402
 from phased_dmd_mp.data.teacher import read_spec  # noqa: E402
 
 PROMPTS = ["a red cat", "a blue dog"]  # as many tokens each: no padding to compare
@@ -52,8 +56,12 @@ def call_args(kind: str, c: int, images: Path | None) -> dict:
 
 
 CASES = {
-    # shift 7: step 2 lands on t = 0.875, Wan2.2's boundary (phase 2 starts there)
-    "wan22_t2v": dict(steps=4, phases=2, extra=["shift=7"]),
+    # shift 7: step 2 lands on t = 0.875, Wan2.2's boundary (phase 2 starts there); LoRA experts
+    "wan22_t2v": dict(
+        steps=4,
+        phases=2,
+        extra=["shift=7", "generator_adapter=lora", "lora_rank=4", "lora_alpha=4"],
+    ),
     "wan21_i2v": dict(steps=4, phases=2, extra=[]),
     # QwenImagePipeline runs one transformer: a one-expert student
     "qwen_image": dict(steps=4, phases=1, extra=[]),
@@ -73,7 +81,9 @@ def unpack(x: torch.Tensor, shape) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind", list(CASES))
-def test_stock_diffusers_runs_the_exported_student_as_our_sampler(kind, tiny_pipeline, tmp_path):
+def test_stock_diffusers_runs_the_exported_student_as_our_sampler(
+    kind, tiny_pipeline, tmp_path, capsys
+):
     case = CASES[kind]
     folder = Path(tiny_pipeline(kind))
 
@@ -94,6 +104,12 @@ def test_stock_diffusers_runs_the_exported_student_as_our_sampler(kind, tiny_pip
 
     summary = json.loads((run / "export" / "generator.json").read_text())
     assert summary["pipeline"] == "pipeline", summary.get("pipeline_unsupported")
+    if kind == "wan22_t2v":
+        # the tie: t = 0.875 >= the boundary is the high-noise expert's in training (so expert
+        # 2, whose first step it is, sits on the high-noise teacher) and expert 2's at sampling
+        assert summary["timesteps"][2] == 0.875 and summary["expert_of_step"] == [1, 1, 2, 2]
+        assert summary["lora"]["base"] == ["transformer", "transformer"]
+        assert (run / "export" / "expert_2_lora" / COMFY_FILE).is_file()
     student = diffusers.DiffusionPipeline.from_pretrained(run / "export" / "pipeline")
     student.set_progress_bar_config(disable=True)
     routed = []
@@ -122,7 +138,34 @@ def test_stock_diffusers_runs_the_exported_student_as_our_sampler(kind, tiny_pip
         assert difference < 1e-5, f"{kind} condition {c}: latents differ by {difference}"
         decoded = media.decode_latents(vae, ours[c, j : j + 1]).numpy()
         pixel_difference = np.abs(decoded - pixels).max()
-        print(f"{kind} condition {c}: latents {difference:.2e}, pixels {pixel_difference:.2e}")
+        with capsys.disabled():  # the measured differences, shown with pytest -s
+            print(f"{kind} condition {c}: latents {difference:.2e}, pixels {pixel_difference:.2e}")
         assert pixel_difference < 1e-5
     expected = [summary["expert_of_step"][i] for i in range(case["steps"])]
     assert routed == expected * 2 * len(PROMPTS)  # latent and np calls per prompt
+
+    # python -m phased_dmd_mp.sample writes the decoded samples as files
+    out = tmp_path / "samples"
+    code, err = run_cli(sample.main, ["--checkpoint", str(run), "--out", str(out), "--seeds",
+                                      "2", "--no-progress"], capsys)
+    assert code == 0, err
+    suffix = ".png" if kind == "qwen_image" else ".mp4"
+    names = sorted(path.name for path in (out / "media").iterdir())
+    assert names == [f"c{c:04d}_s{j}{suffix}" for c in range(len(PROMPTS)) for j in range(2)]
+    written = iio.imread(out / "media" / f"c0001_s1{suffix}")
+    exact = media.to_uint8(media.decode_latents(vae, ours[1, 1:2]))[0]
+    if suffix == ".png":
+        assert np.array_equal(written, exact[0])
+        # ... which the evaluation refuses to score as digits
+        code, err = run_cli(evaluate.main, [str(out / "samples.npz"), "--out",
+                                            str(tmp_path / "eval")], capsys)
+        assert code == 2 and "features=module:factory" in err
+    else:  # H.264 is lossy
+        assert written.shape == exact.shape
+        assert np.abs(written.astype(float) - exact).mean() < 8
+    if kind == "wan22_t2v":  # the two-expert teacher, routed at its boundary
+        code, err = run_cli(sample.main, ["--teacher", str(teacher), "--out",
+                                          str(tmp_path / "teacher_samples"), "--steps", "3",
+                                          "--seeds", "2", "--no-progress"], capsys)
+        assert code == 0, err
+        assert (tmp_path / "teacher_samples" / "media" / "c0000_s0.mp4").is_file()
