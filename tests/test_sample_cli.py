@@ -2,10 +2,15 @@
 format `python -m phased_dmd_mp.evaluate` reads."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from cli_helpers import run_cli
 
 from phased_dmd_mp import evaluate, sample
@@ -26,7 +31,8 @@ from phased_dmd_mp.sampling import guided
 from phased_dmd_mp.sampling import sample as integrate
 from phased_dmd_mp.schedule import timestep_table
 
-SMOKE_CONFIG = Path(__file__).parents[1] / "configs" / "digits_teacher_smoke.yaml"
+ROOT = Path(__file__).parents[1]
+SMOKE_CONFIG = ROOT / "configs" / "digits_teacher_smoke.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +100,31 @@ def test_user_mistakes_are_one_line_errors(teacher_dir, tmp_path, capsys):
     for message, argv in cases.items():
         code, err = run_cli(sample.main, argv, capsys)
         assert code == 2 and message in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("layout", ["pipeline_parallel", "data_parallel"])
+def test_torchrun_samples_in_the_runs_layout_equal_one_process(
+    layout, tmp_path, single_process_runs, capsys
+):
+    """2 ranks: the run's config says pipeline_parallel 2 (each rank loads its stage), or the
+    run is single-rank and the 2 ranks split the samples; both give one process's samples."""
+    run = tmp_path / "run"
+    shutil.copytree(single_process_runs["phased_dmd_sgts"], run)
+    code, err = run_cli(
+        sample.main, ["--checkpoint", str(run), "--out", str(tmp_path / "one"), "--seeds", "3",
+                      "--batch", "4", "--no-progress"], capsys)  # fmt: skip
+    assert code == 0, err
+    if layout == "pipeline_parallel":
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        (run / "config.yaml").write_text(yaml.safe_dump({**config, "pipeline_parallel": 2}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "phased_dmd_mp.sample", "--checkpoint", str(run), "--out", str(tmp_path / "two"),
+        "--seeds", "3", "--batch", "4", "--no-progress",
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = load_sample_file(tmp_path / "one" / "samples.npz").samples
+    two = load_sample_file(tmp_path / "two" / "samples.npz").samples
+    torch.testing.assert_close(two, one, atol=1e-5, rtol=0)
