@@ -160,6 +160,13 @@ def test_stock_diffusers_runs_the_exported_student_as_our_sampler(
         code, err = run_cli(evaluate.main, [str(out / "samples.npz"), "--out",
                                             str(tmp_path / "eval")], capsys)
         assert code == 2 and "features=module:factory" in err
+        # bf16 (what a GPU runs by default) on the same models: close to the fp32 pixels
+        code, err = run_cli(sample.main, ["--checkpoint", str(run), "--out", str(tmp_path / "bf16"),
+                                          "--seeds", "2", "--dtype", "bfloat16", "--no-progress"],
+                            capsys)  # fmt: skip
+        assert code == 0, err
+        bf16 = iio.imread(tmp_path / "bf16" / "media" / "c0001_s1.png").astype(float)
+        assert 0 < np.abs(bf16 - written).mean() < 0.05 * 255
     else:  # H.264 is lossy
         assert written.shape == exact.shape
         assert np.abs(written.astype(float) - exact).mean() < 8

@@ -69,6 +69,8 @@ def test_scheduler_runs_the_trained_table(pipeline_cls, steps, shift):
     stock.set_timesteps(steps)
     if steps > 1:
         assert np.abs(stock.sigmas.double().numpy() - table).max() > 0.01
+    if (steps, shift) == (4, 5.0):
+        np.testing.assert_allclose(stock.timesteps, [1000, 909.7, 717.3, 24.4], atol=0.05)
 
 
 def test_renoising_runs_only_where_diffusers_has_the_step():
@@ -176,6 +178,24 @@ def test_stock_pipeline_samples_our_latents_with_the_trained_routing(two_expert_
     assert (ours - theirs).abs().max() < 1e-5
     video = pipe(**call, latents=noise.clone(), output_type="np").frames
     assert np.abs(decode_latents(load_vae(folder), ours).numpy() - video).max() < 1e-5
+
+
+def test_one_expert_from_a_two_expert_source_runs_every_step(two_expert_export, tmp_path):
+    """A one-expert student of Wan2.2 (e.g. dmd_sgts) clears transformer_2 and the boundary."""
+    source, export, _ = two_expert_export
+    single = tmp_path / "export"
+    single.mkdir()
+    (single / "expert_1").symlink_to(export / "expert_1")
+    summary = json.loads((export / "generator.json").read_text())
+    summary.update(expert_of_step=[1, 1, 1, 1], experts=["expert_1"])
+    (single / "generator.json").write_text(json.dumps(summary))
+    pipe = diffusers.DiffusionPipeline.from_pretrained(
+        write_pipeline(single, source), text_encoder=None, tokenizer=None
+    )
+    assert pipe.transformer_2 is None and pipe.config.boundary_ratio is None
+    latents = pipe(prompt_embeds=torch.zeros(1, 12, 32), num_inference_steps=4, height=64,
+                   width=64, num_frames=5, guidance_scale=1.0, output_type="latent").frames
+    assert torch.isfinite(latents).all()
 
 
 def test_lora_loads_in_both_formats_to_the_merged_weights(tmp_path):
