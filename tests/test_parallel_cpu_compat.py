@@ -29,3 +29,19 @@ def test_nothing_changes_outside_the_context():
         torch.zeros(1, device="cuda")
     with pytest.raises((RuntimeError, AssertionError)):
         torch.cuda.current_device()
+
+
+def test_activation_recompute_inside_backward_runs_under_the_shim():
+    """Recompute replays a layer inside backward, where the shim's mode is off: a layer that
+    allocates on CUDA (megatron's tensor-parallel gather, e.g. Qwen-Image's modulation at TP > 1)
+    must still land on the CPU. Caught by the Qwen-Image recipe rehearsal at TP=2."""
+    from phased_dmd_mp.parallel import fp8
+
+    def layer(x):
+        gathered = torch.empty(x.shape, dtype=x.dtype, device=torch.cuda.current_device())
+        return gathered.copy_(x) * x
+
+    x = torch.randn(3, requires_grad=True)
+    with cuda_calls_on_cpu():
+        fp8.checkpoint("off", layer, x).sum().backward()
+    torch.testing.assert_close(x.grad, 2 * x.detach())

@@ -116,15 +116,16 @@ class VelocityModel:
 
 
 def average_gradients(parameters: list[Tensor]) -> None:
-    """Mean of each parameter's gradient over the data-parallel group (a missing gradient,
-    e.g. an MoE expert that saw no sample on this rank, counts as zero)."""
+    """Mean of each parameter's gradient over the data-parallel group. A missing gradient (an
+    MoE expert that saw no sample) counts as zero at every data-parallel size, one process
+    included, so clipping and the optimizer treat it alike whatever the layout."""
+    for p in parameters:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
     group = parallel_state.get_data_parallel_group()
     size = dist.get_world_size(group)
     if size == 1:
         return
-    for p in parameters:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
     grads = [p.grad for p in parameters]
     flat = torch.cat([g.flatten() for g in grads])
     dist.all_reduce(flat, group=group)

@@ -400,9 +400,8 @@ class Distiller:
                 )
             return norm
         if self.config.grad_clip > 0 and norm > self.config.grad_clip:
-            for p in parameters:
-                if p.grad is not None:  # an MoE expert that saw no sample has none
-                    p.grad.mul_(self.config.grad_clip / norm)
+            for p in parameters:  # every one has a gradient (average_gradients)
+                p.grad.mul_(self.config.grad_clip / norm)
         optimizer.step()
         return norm
 

@@ -58,3 +58,14 @@ def model_code_outside_shim():
         return
     with torch.overrides._pop_mode_temporarily():
         yield
+
+
+def recompute_contexts() -> tuple[
+    contextlib.AbstractContextManager, contextlib.AbstractContextManager
+]:
+    """`context_fn` of torch's non-reentrant checkpoint: (forward, recompute) contexts. The
+    recompute replays a layer inside backward, where the shim's mode is off (a mode is popped
+    while it handles a call, here autograd's backward), so a layer that ran under the shim
+    (tensor parallel > 1: megatron's gather allocates on CUDA) replays under it again."""
+    shimmed = isinstance(torch.overrides._get_current_function_mode(), _CudaFactoriesOnCpu)
+    return contextlib.nullcontext(), _CudaFactoriesOnCpu() if shimmed else contextlib.nullcontext()

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from phased_dmd_mp.config import ConfigError
 from phased_dmd_mp.models.layers import LinearSubmodules, default_core_attention
+from phased_dmd_mp.parallel.cpu_compat import recompute_contexts
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 BACKENDS = ("off", "te", "torch")
@@ -159,7 +160,10 @@ def autocast(fp8: str):
 
 def checkpoint(fp8: str, layer, *args):
     """Activation recompute of one layer. Under TE, its checkpoint replays the forward with the
-    same FP8 state; otherwise torch's non-reentrant checkpoint."""
+    same FP8 state; otherwise torch's non-reentrant checkpoint (on a CPU-only torch, replaying
+    under the CUDA shim when the forward ran under it)."""
     if fp8 == "te":
         return te.checkpoint(layer, *args)
-    return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+    return torch.utils.checkpoint.checkpoint(
+        layer, *args, use_reentrant=False, context_fn=recompute_contexts
+    )

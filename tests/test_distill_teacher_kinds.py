@@ -1,0 +1,71 @@
+"""The runner with the teachers it ships recipes for, beyond a single text-to-X model: an I2V
+teacher (image conditioning in the condition set), with and without guidance, and a two-expert
+teacher whose expert gets no sample in an update (phase 1 of Wan2.2) on one data-parallel rank."""
+
+import pytest
+import torch
+from rehearsal import model_config, tiny_arch, write_teacher
+
+from phased_dmd_mp.distill.config import DistillConfig
+from phased_dmd_mp.distill.models import average_gradients
+from phased_dmd_mp.distill.trainer import Distiller
+
+QUICK = {"batch_size": 2, "fake_updates": 1, "iterations_per_phase": 1, "num_steps": 4}
+
+
+@pytest.fixture(scope="module")
+def i2v_teacher(tmp_path_factory):
+    arch = tiny_arch(model_config("models/wan2.2_i2v_a14b.yaml"))
+    return write_teacher(tmp_path_factory.mktemp("i2v"), arch)
+
+
+@pytest.fixture(scope="module")
+def two_expert_teacher(tmp_path_factory):
+    arch = tiny_arch(model_config("models/wan2.1_t2v_14b.yaml"))
+    return write_teacher(tmp_path_factory.mktemp("t2v_a14b"), arch, experts=2)
+
+
+@pytest.mark.parametrize("guidance_scale", [4.0, 1.0])
+def test_i2v_teacher_trains_and_its_negative_branch_keeps_the_image(
+    tmp_path, i2v_teacher, guidance_scale
+):
+    config = DistillConfig(teacher=str(i2v_teacher), guidance_scale=guidance_scale, **QUICK)
+    distiller = Distiller(config, tmp_path, progress=False)
+    rollout = distiller.rollout(1)
+    assert rollout.cond.image_latents.shape == (2, 20, 2, 4, 4)  # 36 - 16 channels
+    assert rollout.uncond.image_latents is rollout.cond.image_latents
+    assert not rollout.uncond.text.any()  # the null prompt
+    metrics = distiller._iteration()
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+
+
+def test_expert_without_samples_at_one_data_parallel_rank(tmp_path, two_expert_teacher):
+    """Phase 1 injects noise above the boundary only: the low-noise fake expert sees no sample
+    and gets no gradient. Like at DP > 1 it counts as a zero gradient: clipping (forced here by a
+    tiny grad_clip) goes through, the high-noise fake moves and the low-noise one does not."""
+    config = DistillConfig(
+        teacher=str(two_expert_teacher),
+        teacher_low_noise=str(two_expert_teacher / "transformer_2"),
+        moe_boundary=0.875,
+        phase_t_ranges=((0.875, 1.0), (0.0, 1.0)),
+        grad_clip=1e-8,
+        **QUICK,
+    )
+    distiller = Distiller(config, tmp_path, progress=False)
+    fake = distiller._fake(1)
+    high = [p.detach().clone() for p in fake.high.parameters()]
+    low = [p.detach().clone() for p in fake.low.parameters()]
+    metrics = distiller.fake_update(1)
+    assert metrics["fake_grad_norm"] > 0
+    assert all(p.grad is not None and not p.grad.any() for p in fake.low.parameters())
+    assert all(torch.equal(a, p) for a, p in zip(low, fake.low.parameters(), strict=True))
+    assert any(not torch.equal(a, p) for a, p in zip(high, fake.high.parameters(), strict=True))
+
+
+def test_missing_gradient_is_zero_at_one_data_parallel_rank(tmp_path, two_expert_teacher):
+    Distiller(DistillConfig(teacher=str(two_expert_teacher), **QUICK), tmp_path)  # world of one
+    with_grad, without = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    with_grad.grad = torch.full((3,), 2.0)
+    average_gradients([with_grad, without])
+    assert torch.equal(with_grad.grad, torch.full((3,), 2.0))
+    assert torch.equal(without.grad, torch.zeros(2))
