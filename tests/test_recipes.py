@@ -42,6 +42,7 @@ from rehearsal import (
 )
 
 from phased_dmd_mp import pretrain_distill, pretrain_teacher, toy
+from phased_dmd_mp.conditioning import dit_velocity
 from phased_dmd_mp.config import load_config, parse_overrides
 from phased_dmd_mp.data.teacher import load_transformer, read_conditions, read_spec
 from phased_dmd_mp.distill.config import DistillConfig
@@ -231,7 +232,7 @@ def test_model_config_builds_tiny_with_its_conditions(tmp_path, path):
     teacher = write_teacher(tmp_path, arch)
     spec, conditions = read_spec(teacher), read_conditions(teacher)
     model = load_transformer(teacher).eval()
-    velocity = guided_velocity(model, arch, conditions, guidance_scale=4.0)
+    velocity = guided_velocity(dit_velocity(model, arch), conditions, 4.0, "cpu")
     cond = conditions.batch([0, 1, 2, 3])
     x = torch.randn(4, *spec.latent_shape)
     with torch.no_grad():
