@@ -22,8 +22,8 @@ channels (so I2V's extra image-latent channels), image cross-attention, Qwen-Ima
 Its random weights go through our converter into the teacher directory layout
 (data/teacher.py), with a condition set holding what the family needs: `text` always,
 `text_mask` for Qwen-Image, `image_latents` for Wan I2V (in_channels - out_channels channels),
-`image_embeds` for Wan2.1 I2V; a recipe with `teacher_low_noise` gets a second expert in
-transformer_2/ (Wan2.2's layout). Latents keep the real channel count on a 4 x 4 grid, 2 frames
+`image_embeds` for Wan2.1 I2V; a two-expert teacher (Wan2.2) gets its low-noise expert in
+transformer_2/, named with its boundary_ratio in teacher.yaml (as `prepare` writes Wan2.2's). Latents keep the real channel count on a 4 x 4 grid, 2 frames
 for Wan video, 1 for images.
 """
 
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -53,14 +54,25 @@ from phased_dmd_mp.models.loading import load_whole_state_dict
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
-# Each distillation recipe in configs/ and the architecture of its teacher: a configs/models/
-# file, or the embedded teacher's pretrain_teacher config (the rehearsal trains that one, shrunk).
+
+@dataclass(frozen=True)
+class Teacher:
+    """The teacher a recipe distills: its architecture (a configs/models/ file, or for the
+    embedded teachers their pretrain_teacher config, whose rehearsal then trains it) and, for
+    two experts (Wan2.2), where the low-noise one takes over (teacher.yaml's boundary_ratio)."""
+
+    model: str
+    boundary_ratio: float | None = None
+
+
+# Each distillation recipe in configs/ and its teacher.
 RECIPES = {
-    "digits_phased_dmd.yaml": "digits_teacher.yaml",
-    "wan2.1_t2v_14b_phased_dmd.yaml": "models/wan2.1_t2v_14b.yaml",
-    "wan2.2_t2v_a14b_phased_dmd.yaml": "models/wan2.1_t2v_14b.yaml",  # each of the two experts
-    "wan2.2_i2v_a14b_phased_dmd.yaml": "models/wan2.2_i2v_a14b.yaml",
-    "qwen_image_phased_dmd.yaml": "models/qwen_image.yaml",
+    "digits_phased_dmd.yaml": Teacher("digits_teacher.yaml"),
+    "wan2.1_t2v_14b_phased_dmd.yaml": Teacher("models/wan2.1_t2v_14b.yaml"),
+    # Wan2.2-T2V-A14B's experts are each Wan2.1-T2V-14B's architecture.
+    "wan2.2_t2v_a14b_phased_dmd.yaml": Teacher("models/wan2.1_t2v_14b.yaml", 0.875),
+    "wan2.2_i2v_a14b_phased_dmd.yaml": Teacher("models/wan2.2_i2v_a14b.yaml", 0.9),
+    "qwen_image_phased_dmd.yaml": Teacher("models/qwen_image.yaml"),
 }
 RANK_BATCH = 2
 ITERATIONS = 2
@@ -185,24 +197,36 @@ def tiny_conditions(
 
 
 def write_teacher(
-    path: Path, arch: WanConfig | QwenImageConfig, experts: int = 1, seed: int = 0
+    path: Path,
+    arch: WanConfig | QwenImageConfig,
+    boundary_ratio: float | None = None,
+    seed: int = 0,
 ) -> Path:
-    """A random-weight teacher directory of `arch` (already tiny): transformer/ (and
-    transformer_2/, the low-noise expert, when experts = 2), conditions/, teacher.yaml."""
-    for k in range(experts):
+    """A random-weight teacher directory of `arch` (already tiny): transformer/, conditions/,
+    teacher.yaml; with a boundary_ratio also transformer_2/, the low-noise expert, named in
+    teacher.yaml as `python -m phased_dmd_mp.prepare` names Wan2.2's."""
+    folders = ["transformer"] if boundary_ratio is None else ["transformer", "transformer_2"]
+    for k, folder in enumerate(folders):
         torch.manual_seed(seed + k)
         model = build(arch)
         with torch.no_grad():  # at megatron's init (std 0.02) a tiny model ignores its text
             for p in model.parameters():  # within bf16 precision: guidance and DMD vanish
                 if p.dim() >= 2:
                     p.normal_(0.0, WEIGHT_STD)
-        folder = path / ("transformer" if k == 0 else f"transformer_{k + 1}")
-        write_diffusers_dir(folder, arch, ours_to_diffusers(model.state_dict(), arch))
+        write_diffusers_dir(path / folder, arch, ours_to_diffusers(model.state_dict(), arch))
     latent_shape = tiny_latent_shape(arch)
     items, uncond = tiny_conditions(arch, latent_shape, seed)
     write_condition_set(path / "conditions", items, uncond)
     shift = 5.0 if isinstance(arch, WanConfig) else 3.0  # Wan's and Qwen-Image's usual shifts
-    write_spec(path, TeacherSpec(latent_shape=latent_shape, shift=shift, guidance_scale=4.0))
+    experts = {} if boundary_ratio is None else {"transformer_2": "transformer_2"}
+    spec = TeacherSpec(
+        latent_shape=latent_shape,
+        shift=shift,
+        guidance_scale=4.0,
+        boundary_ratio=boundary_ratio,
+        **experts,
+    )
+    write_spec(path, spec)
     return path
 
 
@@ -215,11 +239,10 @@ def rehearse_teacher_training(name: str, out: Path) -> Path:
 
 def write_recipe_teacher(name: str, out: Path) -> Path:
     """The tiny teacher of the distillation recipe configs/<name> (RECIPES)."""
-    source = RECIPES[name]
-    if not source.startswith("models/"):
-        return rehearse_teacher_training(source, out)
-    experts = 2 if load_recipe(name).get("teacher_low_noise") is not None else 1
-    return write_teacher(out, tiny_arch(model_config(source)), experts)
+    teacher = RECIPES[name]
+    if not teacher.model.startswith("models/"):
+        return rehearse_teacher_training(teacher.model, out)
+    return write_teacher(out, tiny_arch(model_config(teacher.model)), teacher.boundary_ratio)
 
 
 # --- what a rehearsal checks ----------------------------------------------------------------

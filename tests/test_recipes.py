@@ -81,7 +81,7 @@ def test_every_config_is_rehearsed():
         load_config(cls, CONFIGS / name)
     for name, test in SMOKE.items():
         assert name in (TESTS / test).read_text(), f"{test} does not run {name}"
-    assert all((CONFIGS / source).is_file() for source in RECIPES.values())
+    assert all((CONFIGS / teacher.model).is_file() for teacher in RECIPES.values())
     from test_models_execution import RELEASED  # full-size parameter counts
 
     assert sorted(RELEASED) == sorted(p.name for p in (CONFIGS / "models").glob("*.yaml"))
@@ -114,16 +114,18 @@ def recipe_teachers(tmp_path_factory, teacher_rehearsals):
     """{distillation recipe: its tiny teacher}; the embedded ones are the rehearsed teachers."""
     root = tmp_path_factory.mktemp("recipe_teachers")
     teachers = {}
-    for name, source in RECIPES.items():
-        if source in teacher_rehearsals:
-            teachers[name] = teacher_rehearsals[source]
+    for name, teacher in RECIPES.items():
+        if teacher.model in teacher_rehearsals:
+            teachers[name] = teacher_rehearsals[teacher.model]
         else:
             teachers[name] = write_recipe_teacher(name, root / Path(name).stem)
     return teachers
 
 
-def check_run(run: Path, config: DistillConfig) -> None:
-    """The run finished every update with finite losses and exported the configured generator."""
+def check_run(run: Path, config: DistillConfig, boundary_ratio: float | None = None) -> None:
+    """The run finished every update with finite losses and non-zero gradients and exported
+    the configured generator; with two teacher experts (write_teacher's layout, split at
+    boundary_ratio), generator expert k is its LoRA on the teacher expert of its first step."""
     history = json.loads((run / "history.json").read_text())
     iterations = config.num_phases * config.iterations_per_phase
     assert [h["iteration"] for h in history] == list(range(1, iterations + 1))
@@ -131,22 +133,21 @@ def check_run(run: Path, config: DistillConfig) -> None:
     assert all(h["generator_grad_norm"] > 0 and h["fake_grad_norm"] > 0 for h in history)
     for h in history:
         assert all(torch.isfinite(torch.tensor(h[k])) for k in ("generator_loss", "fake_loss"))
-    check_export(run, config)
-    if (
-        config.teacher_low_noise is not None
-    ):  # expert k started from the teacher expert of its first step
-        _, _, high = read_diffusers_dir(Path(config.teacher) / "transformer")
-        _, _, low = read_diffusers_dir(config.teacher_low_noise)
-        summary = json.loads((run / "export" / "generator.json").read_text())
-        for k, name in enumerate(summary["experts"]):
-            _, _, expert = read_diffusers_dir(run / "export" / name)
-            first_step = summary["timesteps"][summary["expert_of_step"].index(k + 1)]
-            own, other = (high, low) if first_step >= config.moe_boundary else (low, high)
-            distance = {
-                label: sum((expert[key].float() - ref[key].float()).norm() for key in expert)
-                for label, ref in (("own", own), ("other", other))
-            }
-            assert distance["own"] < 0.1 * distance["other"], (name, distance)
+    summary = check_export(run, config)
+    if boundary_ratio is None:
+        return
+    boundary = config.moe_boundary or boundary_ratio
+    _, _, high = read_diffusers_dir(Path(config.teacher) / "transformer")
+    _, _, low = read_diffusers_dir(Path(config.teacher) / "transformer_2")
+    for k, name in enumerate(summary["experts"], start=1):
+        _, _, expert = read_diffusers_dir(run / "export" / name)
+        first_step = summary["timesteps"][summary["expert_of_step"].index(k)]
+        own, other = (high, low) if first_step >= boundary else (low, high)
+        distance = {
+            label: sum(float((expert[key].float() - ref[key].float()).norm()) for key in expert)
+            for label, ref in (("own", own), ("other", other))
+        }
+        assert distance["own"] < 0.1 * distance["other"], (name, distance)
 
 
 # --- distillation recipes ---------------------------------------------------------------------
@@ -163,7 +164,7 @@ def test_recipe_rehearsal_in_one_process(tmp_path, recipe_teachers, name):
     assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == yaml.safe_load(
         yaml.safe_dump(dataclasses.asdict(config))
     )
-    check_run(tmp_path, config)
+    check_run(tmp_path, config, RECIPES[name].boundary_ratio)
 
 
 def test_recipe_rehearsals_under_torchrun(tmp_path, recipe_teachers):
@@ -185,9 +186,8 @@ def test_recipe_rehearsals_under_torchrun(tmp_path, recipe_teachers):
         errors = [x for x in result.stderr.splitlines() if x.startswith(("rank", "[rank"))]
         assert result.returncode == 0, "\n".join(errors[-60:]) or result.stderr[-4000:]
         for name in names:
-            check_run(
-                tmp_path / Path(name).stem, rehearsal_config(name, recipe_teachers[name], world)
-            )
+            config = rehearsal_config(name, recipe_teachers[name], world)
+            check_run(tmp_path / Path(name).stem, config, RECIPES[name].boundary_ratio)
 
 
 # --- teacher recipes, reproduction suites, architectures --------------------------------------
