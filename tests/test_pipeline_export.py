@@ -12,7 +12,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from test_models_lora import WAN_I2V, lora_model  # noqa: E402
+from test_models_lora import QWEN, WAN_I2V, lora_model  # noqa: E402
 
 from phased_dmd_mp.conditioning import Conditions, dit_velocity  # noqa: E402
 from phased_dmd_mp.data.teacher import load_diffusers_transformer  # noqa: E402
@@ -241,3 +241,25 @@ def test_lora_loads_in_both_formats_to_the_merged_weights(tmp_path):
             assert state.keys() == merged.keys()
             for name, tensor in merged.items():
                 torch.testing.assert_close(state[name], tensor, rtol=1e-5, atol=1e-6, msg=f"{form} expert {k + 1} {name}")
+
+
+def test_qwen_image_lora_loads_in_comfyui_keys_to_the_merged_weights(tmp_path):
+    model = lora_model(QWEN, num_adapters=1)
+    save_lora(model, 0, tmp_path / "expert_1_lora")
+    comfy = write_comfy_lora(tmp_path / "expert_1_lora", "qwen_image")
+    from safetensors import safe_open
+
+    with safe_open(comfy, framework="pt") as handle:
+        assert "diffusion_model.transformer_blocks.0.attn.to_q.lora_down.weight" in handle.keys()
+    transformer = diffusers.QwenImageTransformer2DModel(**QWEN.to_diffusers())
+    transformer.load_state_dict(convert.ours_to_diffusers(merged_state_dict(model, None), QWEN))
+    pipe = diffusers.QwenImagePipeline(
+        transformer=transformer, vae=None, scheduler=None, text_encoder=None, tokenizer=None
+    )
+    pipe.load_lora_weights(comfy)
+    pipe.fuse_lora(components=["transformer"])
+    pipe.unload_lora_weights()
+    merged = convert.ours_to_diffusers(merged_state_dict(model, 0), QWEN)
+    state = transformer.state_dict()
+    for name, tensor in merged.items():
+        torch.testing.assert_close(state[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
