@@ -23,8 +23,8 @@ OUT/media/c{condition}_s{seed}.png for images or .mp4 for video, OUT/grid.png (f
 conditions x seeds) and, for images, OUT/samples.npz of the pixels [conditions, seeds, 3, H, W]
 in [-1, 1].
 
-It runs on the GPU when there is one, in bfloat16 there (--dtype float32 to change), on the CPU
-in float32. Under torchrun it takes the run's tensor/pipeline-parallel layout (a teacher's:
+The transformers run on the GPU when there is one, in bfloat16 there (--dtype float32 to
+change), on the CPU in float32; the VAE decodes in float32. Under torchrun it takes the run's tensor/pipeline-parallel layout (a teacher's:
 --tensor-parallel / --pipeline-parallel) and splits the samples over the data-parallel rest.
 """
 
@@ -328,7 +328,8 @@ def write_decoded(
     OUT/media/c{condition}_s{seed}.png (or .mp4), OUT/grid.png of first frames and, for
     images, OUT/samples.npz of the pixels in [-1, 1]; returns the grid's path."""
     conditions, seeds = samples.shape[:2]
-    vae = media.load_vae(source.pipeline, runtime.device, runtime.execution.torch_dtype)
+    # float32 whatever the transformer's dtype, as diffusers' Wan examples load the VAE
+    vae = media.load_vae(source.pipeline, runtime.device)
     pixels = media.decode_latents(vae, samples.flatten(0, 1), micro_batch)  # [n, F, H, W, 3]
     pixels = pixels.unflatten(0, (conditions, seeds))
     for c in range(conditions):
