@@ -24,8 +24,9 @@ conditions x seeds) and, for images, OUT/samples.npz of the pixels [conditions, 
 in [-1, 1].
 
 The transformers run on the GPU when there is one, in bfloat16 there (--dtype float32 to
-change), on the CPU in float32; the VAE decodes in float32. Under torchrun it takes the run's tensor/pipeline-parallel layout (a teacher's:
---tensor-parallel / --pipeline-parallel) and splits the samples over the data-parallel rest.
+change), on the CPU in float32; the VAE decodes in float32. Under torchrun it takes the run's
+tensor/pipeline-parallel layout (a teacher's: --tensor-parallel / --pipeline-parallel) and
+splits the samples over the data-parallel rest.
 """
 
 from __future__ import annotations
