@@ -129,7 +129,9 @@ def test_stock_diffusers_runs_the_exported_student_as_our_sampler(
         start = noise[j : j + 1]
         args = dict(call_args(kind, c, images), num_inference_steps=case["steps"])
         if kind == "qwen_image":
-            theirs = unpack(student(**args, latents=pack(start), output_type="latent").images, shape)
+            theirs = unpack(
+                student(**args, latents=pack(start), output_type="latent").images, shape
+            )
             pixels = student(**args, latents=pack(start), output_type="np").images[:, None]
         else:
             theirs = student(**args, latents=start.clone(), output_type="latent").frames
@@ -146,8 +148,11 @@ def test_stock_diffusers_runs_the_exported_student_as_our_sampler(
 
     # python -m phased_dmd_mp.sample writes the decoded samples as files
     out = tmp_path / "samples"
-    code, err = run_cli(sample.main, ["--checkpoint", str(run), "--out", str(out), "--seeds",
-                                      "2", "--no-progress"], capsys)
+    code, err = run_cli(
+        sample.main,
+        ["--checkpoint", str(run), "--out", str(out), "--seeds", "2", "--no-progress"],
+        capsys,
+    )
     assert code == 0, err
     suffix = ".png" if kind == "qwen_image" else ".mp4"
     names = sorted(path.name for path in (out / "media").iterdir())
@@ -157,8 +162,9 @@ def test_stock_diffusers_runs_the_exported_student_as_our_sampler(
     if suffix == ".png":
         assert np.array_equal(written, exact[0])
         # ... which the evaluation refuses to score as digits
-        code, err = run_cli(evaluate.main, [str(out / "samples.npz"), "--out",
-                                            str(tmp_path / "eval")], capsys)
+        code, err = run_cli(
+            evaluate.main, [str(out / "samples.npz"), "--out", str(tmp_path / "eval")], capsys
+        )
         assert code == 2 and "features=module:factory" in err
         # bf16 (what a GPU runs by default) on the same models: close to the fp32 pixels
         code, err = run_cli(sample.main, ["--checkpoint", str(run), "--out", str(tmp_path / "bf16"),
@@ -171,8 +177,20 @@ def test_stock_diffusers_runs_the_exported_student_as_our_sampler(
         assert written.shape == exact.shape
         assert np.abs(written.astype(float) - exact).mean() < 8
     if kind == "wan22_t2v":  # the two-expert teacher, routed at its boundary
-        code, err = run_cli(sample.main, ["--teacher", str(teacher), "--out",
-                                          str(tmp_path / "teacher_samples"), "--steps", "3",
-                                          "--seeds", "2", "--no-progress"], capsys)
+        code, err = run_cli(
+            sample.main,
+            [
+                "--teacher",
+                str(teacher),
+                "--out",
+                str(tmp_path / "teacher_samples"),
+                "--steps",
+                "3",
+                "--seeds",
+                "2",
+                "--no-progress",
+            ],
+            capsys,
+        )
         assert code == 0, err
         assert (tmp_path / "teacher_samples" / "media" / "c0000_s0.mp4").is_file()

@@ -56,7 +56,9 @@ def scheduler_sigmas(pipeline_cls, config: dict, steps: int) -> np.ndarray:
     return scheduler.sigmas.double().numpy()
 
 
-@pytest.mark.parametrize("pipeline_cls", ["WanPipeline", "WanImageToVideoPipeline", "QwenImagePipeline"])
+@pytest.mark.parametrize(
+    "pipeline_cls", ["WanPipeline", "WanImageToVideoPipeline", "QwenImagePipeline"]
+)
 @pytest.mark.parametrize("steps, shift", [(1, 5.0), (2, 3.0), (4, 5.0), (4, 7.0), (8, 3.0)])
 def test_scheduler_runs_the_trained_table(pipeline_cls, steps, shift):
     cls = getattr(diffusers, pipeline_cls)
@@ -109,15 +111,23 @@ def two_expert_export(tmp_path_factory):
     root = tmp_path_factory.mktemp("wan22")
     torch.manual_seed(0)
     vae = diffusers.AutoencoderKLWan(
-        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+        base_dim=3,
+        z_dim=16,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
         temperal_downsample=[False, True, True],
     )
     scheduler = diffusers.UniPCMultistepScheduler(
         flow_shift=5.0, use_flow_sigmas=True, prediction_type="flow_prediction"
     )
     diffusers.WanPipeline(
-        tokenizer=None, text_encoder=None, vae=vae, scheduler=scheduler,
-        transformer=tiny_wan(0), transformer_2=tiny_wan(1), boundary_ratio=0.875,
+        tokenizer=None,
+        text_encoder=None,
+        vae=vae,
+        scheduler=scheduler,
+        transformer=tiny_wan(0),
+        transformer_2=tiny_wan(1),
+        boundary_ratio=0.875,
     ).save_pretrained(root / "source")
     export = root / "export"
     for k in (1, 2):
@@ -138,7 +148,9 @@ def test_pipeline_folder_links_instead_of_copying(two_expert_export):
     index = json.loads((folder / "model_index.json").read_text())
     assert index["scheduler"] == ["diffusers", "FlowMapEulerDiscreteScheduler"]
     assert index["transformer_2"] == ["diffusers", "WanTransformer3DModel"]
-    assert (folder / "vae").is_symlink() and (folder / "vae").resolve() == (source / "vae").resolve()
+    assert (folder / "vae").is_symlink() and (folder / "vae").resolve() == (
+        source / "vae"
+    ).resolve()
     assert (folder / "transformer").resolve() == (export / "expert_1").resolve()
     assert (folder / "transformer_2").resolve() == (export / "expert_2").resolve()
     assert write_pipeline(export, source) == folder  # rewriting removes links, not their targets
@@ -158,8 +170,14 @@ def test_stock_pipeline_samples_our_latents_with_the_trained_routing(two_expert_
     generator = torch.Generator().manual_seed(0)
     text = torch.randn(1, 12, 32, generator=generator)
     noise = torch.randn(1, 16, 2, 8, 8, generator=generator)
-    call = dict(prompt_embeds=text, num_inference_steps=4, guidance_scale=1.0, height=64,
-                width=64, num_frames=5)
+    call = dict(
+        prompt_embeds=text,
+        num_inference_steps=4,
+        guidance_scale=1.0,
+        height=64,
+        width=64,
+        num_frames=5,
+    )
     theirs = pipe(**call, latents=noise.clone(), output_type="latent").frames
     assert [k for k, _ in calls] == [1, 1, 2, 2]
     np.testing.assert_allclose([t for _, t in calls], timestep_table(4, 7.0)[:4] * 1000, rtol=1e-12)
@@ -193,8 +211,15 @@ def test_one_expert_from_a_two_expert_source_runs_every_step(two_expert_export, 
         write_pipeline(single, source), text_encoder=None, tokenizer=None
     )
     assert pipe.transformer_2 is None and pipe.config.boundary_ratio is None
-    latents = pipe(prompt_embeds=torch.zeros(1, 12, 32), num_inference_steps=4, height=64,
-                   width=64, num_frames=5, guidance_scale=1.0, output_type="latent").frames
+    latents = pipe(
+        prompt_embeds=torch.zeros(1, 12, 32),
+        num_inference_steps=4,
+        height=64,
+        width=64,
+        num_frames=5,
+        guidance_scale=1.0,
+        output_type="latent",
+    ).frames
     assert torch.isfinite(latents).all()
 
 
@@ -223,8 +248,13 @@ def test_lora_loads_in_both_formats_to_the_merged_weights(tmp_path):
             transformer.load_state_dict(base)
             transformers.append(transformer)
         pipe = diffusers.WanPipeline(
-            tokenizer=None, text_encoder=None, vae=None, scheduler=None,
-            transformer=transformers[0], transformer_2=transformers[1], boundary_ratio=0.875,
+            tokenizer=None,
+            text_encoder=None,
+            vae=None,
+            scheduler=None,
+            transformer=transformers[0],
+            transformer_2=transformers[1],
+            boundary_ratio=0.875,
         )
         for k in (1, 2):
             folder = tmp_path / f"expert_{k}_lora"
@@ -240,7 +270,9 @@ def test_lora_loads_in_both_formats_to_the_merged_weights(tmp_path):
             state = transformer.state_dict()
             assert state.keys() == merged.keys()
             for name, tensor in merged.items():
-                torch.testing.assert_close(state[name], tensor, rtol=1e-5, atol=1e-6, msg=f"{form} expert {k + 1} {name}")
+                torch.testing.assert_close(
+                    state[name], tensor, rtol=1e-5, atol=1e-6, msg=f"{form} expert {k + 1} {name}"
+                )
 
 
 def test_qwen_image_lora_loads_in_comfyui_keys_to_the_merged_weights(tmp_path):

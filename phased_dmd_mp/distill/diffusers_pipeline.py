@@ -145,11 +145,14 @@ def write_pipeline(export_dir: str | Path, source: str | Path) -> Path:
             continue
         if isinstance(value, list) and len(value) == 2 and value[0] is not None:
             if not (source / name).exists():
-                raise ConfigError(f"{source}/{MODEL_INDEX} lists {name}, but {source / name} is missing")
+                raise ConfigError(
+                    f"{source}/{MODEL_INDEX} lists {name}, but {source / name} is missing"
+                )
             _link(target / name, source / name)
-    transformer_class = ["diffusers", json.loads(
-        (export_dir / summary["experts"][0] / "config.json").read_text()
-    )["_class_name"]]
+    transformer_class = [
+        "diffusers",
+        json.loads((export_dir / summary["experts"][0] / "config.json").read_text())["_class_name"],
+    ]
     new_index["transformer"] = transformer_class
     _link(target / "transformer", export_dir / summary["experts"][0])
     if boundary is None:
