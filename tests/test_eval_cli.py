@@ -247,5 +247,6 @@ def test_point_models_side_by_side_four_to_a_row(tmp_path, capsys):
     from PIL import Image
 
     with Image.open(out / "comparison.png") as all5, Image.open(out / "grids/m0.png") as one:
-        # 390 px panels: four in a row (1620 px wide), the fifth in a second row.
-        assert (all5.width, all5.height) == (1620, 780) and one.size == (500, 500)
+        # one panel each: four in a row, the fifth in a second row
+        assert (all5.width, all5.height) == (4 * one.width, 2 * one.height)
+        assert one.size == (400, 445)  # a 3.4-inch scatter with its labels and 2-line title

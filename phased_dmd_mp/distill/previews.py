@@ -32,9 +32,14 @@ def log_samples(d) -> None:
             low, high = d.value_range
             grid = ((images[:, :, :, 0] - low) / (high - low)).clamp(0, 1)  # [cond, seed, 1, H, W]
             rows = [torch.cat(list(row), dim=-1) for row in grid]  # each [1, H, seeds * W]
-            grid = torch.cat(rows, dim=-2)  # [1, cond * H, seeds * W]
-            d.writer.add_image("samples/grid", grid, d.state.iteration)
-            save_grid_png(grid[0], d.run_dir / "samples" / f"iter_{d.state.iteration:06d}.png")
+            d.writer.add_image("samples/grid", torch.cat(rows, dim=-2), d.state.iteration)
+            labels = d.conditions.labels
+            save_grid_png(
+                grid,
+                None if labels is None else [str(label) for label in labels[:conditions].tolist()],
+                f"iteration {d.state.iteration}",
+                d.run_dir / "samples" / f"iter_{d.state.iteration:06d}.png",
+            )
         elif d.pipeline_dir is not None:
             write_pixel_previews(d, images)
     record_measurement(d.state.history, d.state.iteration, pairwise_distance=float(diversity))
@@ -70,18 +75,11 @@ def record_measurement(history: list[dict], iteration: int, **values: float) -> 
         history.append({"iteration": iteration, **values})
 
 
-def save_grid_png(grid: Tensor, path: Path) -> None:
-    """A [H, W] image in [0, 1] as a PNG (pixels enlarged for viewing)."""
-    import matplotlib
+def save_grid_png(grid: Tensor, labels: list[str] | None, title: str, path: Path) -> None:
+    """Images [conditions, seeds, 1, H, W] in [0, 1] as a PNG: a mosaic with gaps between the
+    images, rows labelled by condition (`labels`, else its index) and columns by seed, drawn as
+    the evaluation draws its grids (phased_dmd_mp.eval.report)."""
+    from phased_dmd_mp.eval.report import save_grid
+    from phased_dmd_mp.eval.samples import SampleFile
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    plt.imsave(
-        path,
-        grid.repeat_interleave(4, 0).repeat_interleave(4, 1).numpy(),
-        cmap="gray",
-        vmin=0,
-        vmax=1,
-    )
+    save_grid(SampleFile(path, title, grid * 2 - 1, labels, None), path, coverage_radius=0.0)

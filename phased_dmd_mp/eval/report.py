@@ -71,23 +71,41 @@ def save_grid(sample_file: SampleFile, path: Path, coverage_radius: float) -> No
     """Images: the first conditions (rows) by the first seeds (columns); points: a scatter of the
     samples (coloured by condition) over the mixture's modes and their coverage radius (in
     mixture stds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if sample_file.kind == "images":
-        fig = _image_grid(plt, sample_file)
-    else:
-        fig = _point_scatter(plt, sample_file, coverage_radius)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(comparison_figure([sample_file], coverage_radius), path)
 
 
 def save_comparison(sample_files: list[SampleFile], path: Path, coverage_radius: float) -> None:
     """Every model's grid (images) or scatter (points) side by side, COMPARISON_COLUMNS to a
     row, e.g. the teacher at 40 steps next to each student."""
+    _save(comparison_figure(sample_files, coverage_radius), path)
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+TILE_INCHES = 0.5  # one image of a mosaic
+SCATTER_INCHES = 3.4
+MIN_PANEL_INCHES = 2.4  # a mosaic narrower than this is centred in a panel this wide
+# Room around a panel's axes, in inches: the axis label and tick labels (left: plus the longest
+# condition label), the title (top: per line).
+LEFT, RIGHT, BOTTOM, TITLE_PAD, TITLE_LINE = 0.45, 0.15, 0.5, 0.15, 0.2
+TITLE_POINTS, TICK_POINTS = 9, 7
+LABEL_CHARACTERS = 24  # condition labels (prompts, say) are cut to this many characters
+
+
+def comparison_figure(sample_files: list[SampleFile], coverage_radius: float):
+    """The figure `save_comparison` (and, for one file, `save_grid`) writes: one panel per file.
+
+    Panels are placed in inches, not by a layout engine (tight_layout let the fixed-aspect
+    mosaics push titles and labels off the figure): each axes gets its mosaic's size, tick and
+    axis labels get fixed margins, and titles are wrapped to the panel's width with a top
+    margin for as many lines as the longest needs.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,23 +115,71 @@ def save_comparison(sample_files: list[SampleFile], path: Path, coverage_radius:
     rows = -(-len(sample_files) // columns)
     if sample_files[0].kind == "images":
         mosaic_rows, mosaic_cols = _mosaic_size(sample_files[0])
-        size = (0.5 * mosaic_cols + 0.6, 0.5 * mosaic_rows + 0.8)
+        width, height = TILE_INCHES * mosaic_cols, TILE_INCHES * mosaic_rows
     else:
-        size = (3.9, 3.9)
-    fig, axes = plt.subplots(
-        rows, columns, figsize=(columns * size[0] + 0.6, rows * size[1]), squeeze=False
-    )
-    for ax, sample_file in zip(axes.flat, sample_files):
+        width = height = SCATTER_INCHES
+    width = max(width, MIN_PANEL_INCHES)
+    labels = [label for f in sample_files if f.kind == "images" for label in _row_labels(f)]
+    left = LEFT + max((_text_inches(label, TICK_POINTS) for label in labels), default=0.0)
+    panel_width = left + width + RIGHT
+    # a title is centred on its axes: it may reach RIGHT beyond them on either side
+    titles = [_wrap(_title(f, coverage_radius), width + 2 * RIGHT - 0.05) for f in sample_files]
+    top = TITLE_PAD + TITLE_LINE * max(t.count("\n") + 1 for t in titles)
+    panel_height = BOTTOM + height + top
+    fig = plt.figure(figsize=(columns * panel_width, rows * panel_height))
+    fig_width, fig_height = columns * panel_width, rows * panel_height
+    for i, (sample_file, title) in enumerate(zip(sample_files, titles)):
+        row, col = divmod(i, columns)
+        x0 = col * panel_width + left
+        y0 = (rows - 1 - row) * panel_height + BOTTOM
+        ax = fig.add_axes([x0 / fig_width, y0 / fig_height, width / fig_width, height / fig_height])
         if sample_file.kind == "images":
             _draw_mosaic(ax, sample_file)
         else:
             _draw_scatter(plt, ax, sample_file, coverage_radius)
-    for ax in axes.flat[len(sample_files) :]:
-        ax.axis("off")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        ax.set_title(title, fontsize=TITLE_POINTS)
+    return fig
+
+
+def _text_inches(text: str, points: float) -> float:
+    """Width of `text` set in matplotlib's default font at `points` size."""
+    from matplotlib.backends.backend_agg import RendererAgg
+    from matplotlib.font_manager import FontProperties
+
+    width, _, _ = RendererAgg(1, 1, 72).get_text_width_height_descent(
+        text, FontProperties(size=points), ismath=False
+    )
+    return width / 72
+
+
+def _wrap(title: str, inches: float) -> str:
+    """`title` broken between words into lines at most `inches` wide (a longer word stays)."""
+    lines = []
+    for paragraph in title.split("\n"):
+        line = ""
+        for word in paragraph.split(" "):
+            candidate = f"{line} {word}" if line else word
+            if line and _text_inches(candidate, TITLE_POINTS) > inches:
+                lines.append(line)
+                candidate = word
+            line = candidate
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _title(sample_file: SampleFile, coverage_radius: float) -> str:
+    if sample_file.kind == "images":
+        return sample_file.model
+    return (
+        f"{sample_file.model}: {sample_file.conditions * sample_file.seeds} samples\n"
+        f"circles: {coverage_radius:g} std around each mode"
+    )
+
+
+def _row_labels(sample_file: SampleFile) -> list[str]:
+    rows = min(GRID_CONDITIONS, sample_file.conditions)
+    labels = sample_file.labels[:rows] if sample_file.labels is not None else range(rows)
+    return [str(label)[:LABEL_CHARACTERS] for label in labels]
 
 
 def _mosaic_size(sample_file: SampleFile) -> tuple[int, int]:
@@ -124,35 +190,21 @@ def _mosaic_size(sample_file: SampleFile) -> tuple[int, int]:
 
 
 def _draw_mosaic(ax, sample_file: SampleFile) -> None:
-    """One mosaic (a single imshow: fast), images separated by a 1-pixel white border."""
+    """One mosaic (a single imshow: fast), images separated by 1-pixel white gaps, without a
+    frame (its line would read as one more image edge)."""
     images = (sample_file.samples[:GRID_CONDITIONS, :GRID_SEEDS] + 1) / 2
     rows, cols, channels, height, width = images.shape
     padded = torch.nn.functional.pad(images, (0, 1, 0, 1), value=1.0)  # [R, S, C, H+1, W+1]
     mosaic = padded.permute(0, 3, 1, 4, 2).reshape(rows * (height + 1), cols * (width + 1), -1)
+    mosaic = mosaic[:-1, :-1]  # gaps between images only
     mosaic = mosaic[:, :, 0] if channels == 1 else mosaic[:, :, :3]
     ax.imshow(mosaic.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_xticks([(col + 0.5) * (width + 1) - 1 for col in range(cols)], range(cols))
-    labels = sample_file.labels[:rows] if sample_file.labels is not None else range(rows)
-    ax.set_yticks([(row + 0.5) * (height + 1) - 1 for row in range(rows)], labels)
-    ax.tick_params(length=0, labelsize=7)
+    ax.set_yticks([(row + 0.5) * (height + 1) - 1 for row in range(rows)], _row_labels(sample_file))
+    ax.tick_params(length=0, labelsize=TICK_POINTS)
+    ax.spines[:].set_visible(False)
     ax.set_xlabel("seed", fontsize=8)
     ax.set_ylabel("condition", fontsize=8)
-    ax.set_title(sample_file.model, fontsize=9)
-
-
-def _image_grid(plt, sample_file: SampleFile):
-    rows, cols = _mosaic_size(sample_file)
-    fig, ax = plt.subplots(figsize=(0.5 * cols + 1.2, 0.5 * rows + 0.8))
-    _draw_mosaic(ax, sample_file)
-    fig.tight_layout()
-    return fig
-
-
-def _point_scatter(plt, sample_file: SampleFile, coverage_radius: float):
-    fig, ax = plt.subplots(figsize=(5, 5))
-    _draw_scatter(plt, ax, sample_file, coverage_radius)
-    fig.tight_layout()
-    return fig
 
 
 def _draw_scatter(plt, ax, sample_file: SampleFile, coverage_radius: float) -> None:
@@ -166,8 +218,3 @@ def _draw_scatter(plt, ax, sample_file: SampleFile, coverage_radius: float) -> N
             plt.Circle((x, y), coverage_radius * mixture.std, fill=False, lw=0.5, color="0.3")
         )
     ax.set_aspect("equal")
-    ax.set_title(
-        f"{sample_file.model}: {sample_file.conditions * sample_file.seeds} samples\n"
-        f"circles: {coverage_radius:g} std around each mode",
-        fontsize=9,
-    )
