@@ -66,6 +66,8 @@ def test_model_parallel_runs_match_one_process(
         assert_same_generator(tmp_path / name, single_process_runs[name], atol)
 
 
-def test_data_parallel_replicas_stay_identical(tmp_path, teacher):
+def test_data_parallel_replicas_stay_identical_and_resume_exactly(tmp_path, teacher):
+    """DP = 2 with the sharded optimizer (the default); the worker also resumes the first run
+    from a checkpoint after one iteration and checks it ends identical."""
     torchrun(teacher, tmp_path, "batch_size=4", ["phased_dmd_sgts", "few_step_dmd"])
     assert (tmp_path / "few_step_dmd" / "export" / "generator.json").is_file()

@@ -7,6 +7,7 @@ import torch
 from rehearsal import model_config, tiny_arch, write_teacher
 
 from phased_dmd_mp.distill.config import DistillConfig
+from phased_dmd_mp.distill.models import RoutedVelocity, VelocityModel
 from phased_dmd_mp.distill.trainer import Distiller
 
 QUICK = {"batch_size": 2, "fake_updates": 1, "iterations_per_phase": 1, "num_steps": 4}
@@ -39,9 +40,11 @@ def test_i2v_teacher_trains_and_its_negative_branch_keeps_the_image(
 
 
 def test_expert_without_samples_at_one_data_parallel_rank(tmp_path, two_expert_teacher):
-    """Phase 1 injects noise above the boundary only: the low-noise fake expert sees no sample
-    and gets no gradient. Like at DP > 1 it counts as a zero gradient: clipping (forced here by a
-    tiny grad_clip) goes through, the high-noise fake moves and the low-noise one does not."""
+    """Phase 1 injects noise above the boundary only: its fake is the high-noise expert alone.
+    Phase 2's fake has both experts; in an update whose samples all lie above the boundary the
+    low-noise one gets no gradient, which megatron's gradient buffer holds as zeros at every
+    data-parallel size: clipping (forced here by a tiny grad_clip) goes through, the high-noise
+    fake moves and the low-noise one does not."""
     config = DistillConfig(
         teacher=str(two_expert_teacher),
         phase_t_ranges=((0.875, 1.0), (0.0, 1.0)),
@@ -49,13 +52,16 @@ def test_expert_without_samples_at_one_data_parallel_rank(tmp_path, two_expert_t
         **QUICK,
     )
     distiller = Distiller(config, tmp_path, progress=False)
-    fake = distiller._fake(1)
-    experts = {"high": fake.high, "low": fake.low} if hasattr(fake, "low") else {"high": fake}
-    before = {k: [p.detach().clone() for p in m.parameters()] for k, m in experts.items()}
-    metrics = distiller.fake_update(1)
-    assert metrics["fake_grad_norm"] > 0
-    moved = {
-        k: any(not torch.equal(a, p) for a, p in zip(before[k], m.parameters(), strict=True))
-        for k, m in experts.items()
-    }
-    assert moved == {k: k == "high" for k in experts}
+    assert isinstance(distiller._fake(1), VelocityModel)
+    fake, trained = distiller._fake(2), distiller._trained("fake", 2)
+    assert isinstance(fake, RoutedVelocity)
+    high = [p.detach().clone() for p in fake.high.parameters()]
+    low = [p.detach().clone() for p in fake.low.parameters()]
+    r = distiller.rollout(2)
+    trained.zero_grad()
+    t = torch.full((2,), 0.95)
+    fake.train(r.x, t, r.cond, lambda v, i: v.square().mean(), micro_batch_size=2)
+    assert trained.step() > 0
+    assert all(not p.main_grad.any() for p in fake.low.parameters())
+    assert all(torch.equal(a, p) for a, p in zip(low, fake.low.parameters(), strict=True))
+    assert any(not torch.equal(a, p) for a, p in zip(high, fake.high.parameters(), strict=True))

@@ -18,6 +18,10 @@ def test_cuda_allocations_and_syncs_run_on_cpu_inside_the_context():
         assert torch.empty((2, 3), device=device, requires_grad=True).device.type == "cpu"
         assert torch.tensor([1, 2], device=torch.device("cuda", 0)).device.type == "cpu"
         torch.cuda.synchronize()
+        # megatron's optimizers choose fp32 main copies by the CUDA type name
+        assert torch.zeros(1, dtype=torch.bfloat16).type() == "torch.cuda.BFloat16Tensor"
+        assert torch.zeros(1).type() == "torch.cuda.FloatTensor"
+        assert torch.zeros(1).type(torch.bfloat16).dtype == torch.bfloat16
         # CPU requests are left alone.
         assert torch.ones(2, device="cpu").sum().item() == 2
 
@@ -29,6 +33,7 @@ def test_nothing_changes_outside_the_context():
         torch.zeros(1, device="cuda")
     with pytest.raises((RuntimeError, AssertionError)):
         torch.cuda.current_device()
+    assert torch.zeros(1).type() == "torch.FloatTensor"
 
 
 def test_activation_recompute_inside_backward_runs_under_the_shim():

@@ -85,7 +85,12 @@ class DistillConfig:
     # --- runtime ---
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"  # weights the models compute with
+    # bfloat16 weights: float32 keeps fp32 main params, fp32 gradient buffers and fp32 Adam
+    # moments (megatron's mixed precision); bfloat16 steps the bf16 weights themselves, where
+    # small updates round away (distill/optim.py); must be float32 when dtype is float32
+    main_params_dtype: Literal["float32", "bfloat16"] = "float32"
+    distributed_optimizer: bool = True  # ZeRO-1: main params and moments split over DP ranks
     recompute: bool = False
     fp8: Literal["off", "te", "torch"] = "off"
     kernels: Literal["auto", "fused", "reference"] = "auto"
@@ -177,6 +182,13 @@ class DistillConfig:
         if self.generator_adapter == "lora" and self.fp8 == "te":
             raise ValueError(
                 "LoRA experts need megatron's linears: use fp8 'torch' or 'off' with generator_adapter lora"
+            )
+        if self.main_params_dtype == "bfloat16" and self.dtype == "float32":
+            raise ValueError("main_params_dtype bfloat16 needs dtype bfloat16")
+        if self.main_params_dtype == "bfloat16" and self.distributed_optimizer:
+            raise ValueError(
+                "main_params_dtype bfloat16 keeps no fp32 main params to shard: "
+                "set distributed_optimizer false"
             )
         if self.guidance_scale is not None and self.guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")

@@ -3,9 +3,11 @@
 Every model (teacher, fake, generator expert) is this rank's pipeline stage of a megatron-core
 DiT. `VelocityModel.predict` runs it forward-only through megatron's schedule and hands the
 velocity to every pipeline rank (the next model starts on the first stage); `train` runs a
-forward-backward schedule call with a loss on the velocity and leaves data-parallel averaged
-gradients in `.grad`. So the DMD chain (generator -> noise -> teacher and fake -> target) is a
-sequence of schedule calls, one per model, as DESIGN.md prescribes; at pipeline_parallel = 1 the
+forward-backward schedule call with a loss on the velocity and leaves the gradients in the
+trained parameters' fp32 `main_grad` buffers (distill/optim.py averages them over data-parallel
+ranks and steps). Both run a batch in microbatches of micro_batch_size samples, so no forward
+sees more than that many. So the DMD chain (generator -> noise -> teacher and fake -> target) is
+a sequence of schedule calls, one per model, as DESIGN.md prescribes; at pipeline_parallel = 1 the
 schedules reduce to plain calls and the same code runs.
 """
 
@@ -84,19 +86,38 @@ class VelocityModel:
         return model_inputs(self.arch, x.to(self.dtype), t, cond)
 
     @torch.no_grad()
-    def predict(self, x: Tensor, t: Tensor, cond: Conditions) -> Tensor:
-        """The velocity at (x, t) in float32, on every pipeline rank."""
+    def predict(
+        self, x: Tensor, t: Tensor, cond: Conditions, micro_batch_size: int | None = None
+    ) -> Tensor:
+        """The velocity at (x, t) in float32, on every pipeline rank. The batch runs in pieces of
+        micro_batch_size samples (default: all at once): the equal pieces as the microbatches
+        of one forward-only schedule call, a smaller remainder in a second call."""
         self._activate()
         self.module.eval()
-        (output,) = pipeline.forward(self.module, [self._inputs(x, t, cond)]) or (None,)
-        v = None if output is None else velocity_from_output(self.arch, output, x)
+        batch = x.shape[0]
+        micro = min(micro_batch_size or batch, batch)
+        whole = batch - batch % micro
+        starts = [(start, micro) for start in range(0, whole, micro)]
+        velocities = []
+        for group in (starts, [(whole, batch - whole)] if whole < batch else []):
+            if not group:
+                continue
+            pieces = [torch.arange(start, start + size, device=x.device) for start, size in group]
+            outputs = pipeline.forward(
+                self.module, [self._inputs(x[i], t[i], cond.select(i)) for i in pieces]
+            )
+            velocities += [
+                velocity_from_output(self.arch, o, x[i]) for o, i in zip(outputs, pieces)
+            ]
+        v = torch.cat(velocities) if velocities else None
         return _from_last_stage(v, x.shape, self.dtype, x.device).float()
 
     def train(
         self, x: Tensor, t: Tensor, cond: Conditions, loss_fn: LossFn, micro_batch_size: int
     ) -> float:
-        """Accumulate the gradient of loss_fn(velocity), a mean over the batch, into `.grad`
-        (this rank's; the trainer averages over data-parallel ranks). Returns the loss value on
+        """Accumulate the gradient of loss_fn(velocity), a mean over the batch, into the
+        parameters' gradients (megatron DDP's fp32 `main_grad` for trained ones; the optimizer
+        step averages them over data-parallel ranks). Returns the loss value on
         every rank. The batch runs in equal microbatches of at most micro_batch_size."""
         self._activate()
         self.module.train()
@@ -111,29 +132,10 @@ class VelocityModel:
             return loss_fn(velocity_from_output(self.arch, output, x[index]).float(), index)
 
         losses = pipeline.forward_backward(self.module, microbatches, loss)
-        value = torch.stack(losses).mean() if losses else None
+        # megatron's schedule divides each microbatch's loss by their number in place (also the
+        # value it reports): the sum is the batch mean
+        value = torch.stack(losses).sum() if losses else None
         return float(_from_last_stage(value, (), torch.float32, x.device))
-
-
-def average_gradients(parameters: list[Tensor]) -> None:
-    """Mean of each parameter's gradient over the data-parallel group. A missing gradient (an
-    MoE expert that saw no sample) counts as zero at every data-parallel size, one process
-    included, so clipping and the optimizer treat it alike whatever the layout."""
-    for p in parameters:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    group = parallel_state.get_data_parallel_group()
-    size = dist.get_world_size(group)
-    if size == 1:
-        return
-    grads = [p.grad for p in parameters]
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat, group=group)
-    flat /= size
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
 
 
 class RoutedVelocity:
@@ -152,11 +154,13 @@ class RoutedVelocity:
             (self.low, (~is_high).nonzero().squeeze(1)),
         ]
 
-    def predict(self, x: Tensor, t: Tensor, cond: Conditions) -> Tensor:
+    def predict(
+        self, x: Tensor, t: Tensor, cond: Conditions, micro_batch_size: int | None = None
+    ) -> Tensor:
         v = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         for model, index in self._split(t):
             if len(index):
-                v[index] = model.predict(x[index], t[index], cond.select(index))
+                v[index] = model.predict(x[index], t[index], cond.select(index), micro_batch_size)
         return v
 
     def train(self, x, t, cond, loss_fn: LossFn, micro_batch_size: int) -> float:

@@ -41,7 +41,8 @@ from phased_dmd_mp.data.teacher import (
 from phased_dmd_mp.distill import checkpoint
 from phased_dmd_mp.distill.config import DistillConfig
 from phased_dmd_mp.distill.export import export_generator
-from phased_dmd_mp.distill.models import RoutedVelocity, VelocityModel, average_gradients
+from phased_dmd_mp.distill.models import RoutedVelocity, VelocityModel
+from phased_dmd_mp.distill.optim import TrainedModel, weights_swapped
 from phased_dmd_mp.distill.previews import log_samples
 from phased_dmd_mp.distill.signals import agree, stop_on_signals
 from phased_dmd_mp.losses import dmd_generator_loss, flow_matching_loss, subinterval_flow_loss
@@ -117,8 +118,9 @@ class Distiller:
         )
         self.generator = self._generator_experts()
         self.fakes: dict[int, VelocityModel | RoutedVelocity] = {}
-        self.optimizers: dict[tuple[str, int], torch.optim.Optimizer] = {}
-        self.ema: dict[int, list[Tensor]] = {}  # expert -> EMA of its trainable tensors
+        # (role, phase) -> DDP gradient buffers, optimizer, main params and EMA (optim.py)
+        self.trained: dict[tuple[str, int], TrainedModel] = {}
+        self.finished_ema: dict[int, list[Tensor]] = {}  # retired expert -> its fp32 EMA
 
         self.conditions = (
             ConditionSet(config.conditions) if config.conditions else read_conditions(teacher_dir)
@@ -196,37 +198,54 @@ class Distiller:
         return [VelocityModel(owner.module, adapter=k) for k, owner in enumerate(owners)]
 
     def _fake(self, k: int):
-        """Phase k's fake model, re-initialised from the teacher when the phase starts."""
+        """Phase k's fake model, re-initialised from the teacher when the phase starts. Of a
+        two-expert teacher it copies only the experts the phase's noise injection reaches
+        (Wan2.2's phase 1 in (0.875, 1): the high-noise expert alone)."""
         if k not in self.fakes:
-            if isinstance(self.teacher, RoutedVelocity):
-                fake = RoutedVelocity(
-                    self._copy(self.teacher.high, True),
-                    self._copy(self.teacher.low, True),
-                    self.teacher.boundary,
-                )
+            teacher = self.teacher
+            if isinstance(teacher, RoutedVelocity):
+                low, high = self._injection_range(k)
+                reached = [
+                    expert
+                    for expert, needed in (
+                        (teacher.high, high > teacher.boundary),
+                        (teacher.low, low < teacher.boundary),
+                    )
+                    if needed
+                ]
+                copies = [self._copy(expert, True) for expert in reached]
+                fake = copies[0] if len(copies) == 1 else RoutedVelocity(*copies, teacher.boundary)
             else:
-                fake = self._copy(self.teacher, True)
+                fake = self._copy(teacher, True)
             self.fakes[k] = fake
         return self.fakes[k]
 
-    def _optimizer(self, role: str, k: int) -> torch.optim.Optimizer:
+    def _trained(self, role: str, k: int) -> TrainedModel:
         key = (role, k)
-        if key not in self.optimizers:
+        if key not in self.trained:
+            config = self.config
             model = self.generator[k - 1] if role == "generator" else self._fake(k)
-            lr = self.config.generator_lr if role == "generator" else self.config.fake_lr
-            self.optimizers[key] = torch.optim.AdamW(
+            first = model.high if isinstance(model, RoutedVelocity) else model
+            self.trained[key] = TrainedModel(
                 model.parameters(),
-                lr=lr,
-                betas=self.config.betas,
-                weight_decay=self.config.weight_decay,
+                first.module.config,
+                lr=config.generator_lr if role == "generator" else config.fake_lr,
+                betas=config.betas,
+                weight_decay=config.weight_decay,
+                grad_clip=config.grad_clip,
+                main_params_dtype=config.main_params_dtype,
+                shard=config.distributed_optimizer,
             )
-        return self.optimizers[key]
+        return self.trained[key]
 
     def _retire_phase(self, k: int) -> None:
-        """Sequential order: phase k is done; its fake model and optimizers are not needed."""
+        """Sequential order: phase k is done; its fake model, gradient buffers, main parameters
+        and optimizer states go; the expert keeps its weights and (gathered) EMA."""
         self.fakes.pop(k, None)
-        self.optimizers.pop(("fake", k), None)
-        self.optimizers.pop(("generator", k), None)
+        self.trained.pop(("fake", k), None)
+        generator = self.trained.pop(("generator", k), None)
+        if generator is not None and (ema := generator.full_ema()) is not None:
+            self.finished_ema[k] = ema
 
     # --- rollouts ------------------------------------------------------------------------------
 
@@ -244,7 +263,7 @@ class Distiller:
 
     def _advance(self, model, x: Tensor, t_from: float, t_to: float, cond, noise) -> Tensor:
         t = torch.full((x.shape[0],), t_from, device=self.device)
-        v = model.predict(x, t, cond)
+        v = model.predict(x, t, cond, self.micro)
         return FLOW_MATCHING.denoise_step(x, v, t_from, t_to, noise=noise)
 
     def rollout(self, k: int) -> Rollout:
@@ -274,8 +293,8 @@ class Distiller:
             x = self._advance(model, x, t_from, t_to, r.cond, noise)
         return x
 
-    def _injection(self, k: int) -> tuple[Tensor, float]:
-        """Noise-injection timesteps of phase k and its boundary s."""
+    def _injection_range(self, k: int) -> tuple[float, float]:
+        """Where phase k injects noise: its interval within t_range and its phase_t_ranges."""
         low, high = injection_interval(
             k, self.config.num_steps, self.config.num_phases, self.shift, self.config.intervals
         )
@@ -283,10 +302,17 @@ class Distiller:
         if self.config.phase_t_ranges:
             phase_lo, phase_hi = self.config.phase_t_ranges[k - 1]
             lo, hi = max(lo, phase_lo), min(hi, phase_hi)
-        restrict = (lo, hi)
-        t = sample_timesteps(
-            self.rank_batch, low, high, self.shift, restrict_to=restrict, generator=self.rng
-        )
+        if max(low, lo) >= min(high, hi):
+            raise ValueError(
+                f"phase {k}'s noise-injection interval ({low:.4g}, {high:.4g}) does not overlap "
+                f"t_range / phase_t_ranges ({lo:.4g}, {hi:.4g})"
+            )
+        return max(low, lo), min(high, hi)
+
+    def _injection(self, k: int) -> tuple[Tensor, float]:
+        """Noise-injection timesteps of phase k and its boundary s."""
+        low, high = self._injection_range(k)
+        t = sample_timesteps(self.rank_batch, low, high, self.shift, generator=self.rng)
         return t.to(self.device), self.timesteps[self.bounds[k]]
 
     # --- updates ----------------------------------------------------------------------------
@@ -304,26 +330,25 @@ class Distiller:
                 return flow_matching_loss(v, x_s[i], eps[i])
             return subinterval_flow_loss(v, x_s[i], eps[i], t[i], s, max_weight=config.max_weight)
 
-        optimizer = self._optimizer("fake", k)
-        optimizer.zero_grad(set_to_none=False)
+        trained = self._trained("fake", k)
+        trained.zero_grad()
         loss = fake.train(x_t, t, r.cond, loss_fn, self.micro)
-        norm = self._step(optimizer, fake.parameters(), "fake")
-        return {"fake_loss": loss, "fake_grad_norm": norm}
+        return {"fake_loss": loss, "fake_grad_norm": self._step(trained, "fake")}
 
     def generator_update(self, k: int) -> dict:
         config, expert = self.config, self.generator[k - 1]
         r = self.rollout(k)
-        optimizer = self._optimizer("generator", k)
-        optimizer.zero_grad(set_to_none=False)
+        trained = self._trained("generator", k)
+        trained.zero_grad()
         if len(r.steps) == 1:
             loss = self._generator_step_last(k, expert, r)
         else:
             loss = self._generator_step_through_all(k, expert, r)
-        grad_norm = self._step(optimizer, expert.parameters(), "generator")
+        grad_norm = self._step(trained, "generator")
         if math.isfinite(grad_norm):
             self.state.applied[k] = self.state.applied.get(k, 0) + 1
             if config.ema_decay is not None:
-                self._update_ema(k)
+                trained.update_ema(config.ema_decay)
         return {"generator_loss": loss, "generator_grad_norm": grad_norm}
 
     def _dmd_terms(self, k: int, x_s: Tensor, r: Rollout):
@@ -331,11 +356,11 @@ class Distiller:
         t, s = self._injection(k)
         x_t = ops.add_noise_from(x_s, self._randn(x_s.shape), t, s)
         if self.guidance == 1.0:
-            v_cond, v_uncond = self.teacher.predict(x_t, t, r.cond), None
-        else:
+            v_cond, v_uncond = self.teacher.predict(x_t, t, r.cond, self.micro), None
+        else:  # the guided pair as one batch of 2 x rank_batch, run micro_batch_size at a time
             both = torch.cat([x_t, x_t]), torch.cat([t, t]), Conditions.cat([r.cond, r.uncond])
-            v_cond, v_uncond = self.teacher.predict(*both).chunk(2)
-        v_fake = self._fake(k).predict(x_t, t, r.cond)
+            v_cond, v_uncond = self.teacher.predict(*both, self.micro).chunk(2)
+        v_fake = self._fake(k).predict(x_t, t, r.cond, self.micro)
         return x_t, t, s, v_cond, v_uncond, v_fake
 
     def _dmd_loss(self, x_s, x_t, t, s, v_cond, v_uncond, v_fake) -> Tensor:
@@ -383,52 +408,32 @@ class Distiller:
         loss.backward()
         return loss.item()
 
-    def _step(self, optimizer: torch.optim.Optimizer, parameters: list[Tensor], role: str) -> float:
+    def _step(self, trained: TrainedModel, role: str) -> float:
         """Average gradients over data-parallel ranks, clip, and step unless they are not
         finite (then the update is skipped and counted; the norm is global, so every rank
         skips the same updates)."""
-        average_gradients(parameters)
-        norm = model_parallel_grad_norm(parameters)
+        norm = trained.step()
         in_a_row = self.state.skips_in_a_row
         in_a_row[role] = 0 if math.isfinite(norm) else in_a_row.get(role, 0) + 1
         if not math.isfinite(norm):
             self.state.skipped += 1
-            optimizer.zero_grad(set_to_none=False)
             if self.is_logger:
                 tqdm.write(
                     f"non-finite gradient (norm {norm}); update skipped ({self.state.skipped} so far)"
                 )
-            return norm
-        if self.config.grad_clip > 0 and norm > self.config.grad_clip:
-            for p in parameters:  # every one has a gradient (average_gradients)
-                p.grad.mul_(self.config.grad_clip / norm)
-        optimizer.step()
         return norm
-
-    def _update_ema(self, k: int) -> None:
-        params = self.generator[k - 1].parameters()
-        ema = self.ema.setdefault(k, [p.detach().clone() for p in params])
-        with torch.no_grad():
-            for average, p in zip(ema, params):
-                average.lerp_(p.detach(), 1.0 - self.config.ema_decay)
 
     @contextlib.contextmanager
     def ema_weights(self, k: int):
-        """Expert k with its EMA weights (when kept) for the duration of the block."""
-        if k not in self.ema:
+        """Expert k with its EMA weights (when kept) for the duration of the block (collective
+        over data-parallel ranks when the optimizer is sharded)."""
+        trained = self.trained.get(("generator", k))
+        ema = trained.full_ema() if trained is not None else self.finished_ema.get(k)
+        if ema is None:
             yield
             return
-        params = self.generator[k - 1].parameters()
-        trained = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p, average in zip(params, self.ema[k]):
-                p.copy_(average)
-        try:
+        with weights_swapped(self.generator[k - 1].parameters(), ema):
             yield
-        finally:
-            with torch.no_grad():
-                for p, value in zip(params, trained):
-                    p.copy_(value)
 
     # --- the run ------------------------------------------------------------------------------
 
@@ -505,7 +510,9 @@ class Distiller:
 
     def _untrained_experts(self) -> str | None:
         """An expert none of whose generator updates was applied must not be exported."""
-        untrained = [k for k in range(1, self.config.num_phases + 1) if not self.state.applied.get(k)]
+        untrained = [
+            k for k in range(1, self.config.num_phases + 1) if not self.state.applied.get(k)
+        ]
         if not untrained:
             return None
         return (
@@ -582,10 +589,9 @@ class Distiller:
         return {
             "generator": [[p.detach() for p in expert.parameters()] for expert in self.generator],
             "fakes": {k: module_state(fake) for k, fake in self.fakes.items()},
-            "optimizers": {
-                f"{role}/{k}": opt.state_dict() for (role, k), opt in self.optimizers.items()
-            },
-            "ema": self.ema,
+            # whole fp32 main params, Adam moments and EMA of each trained role
+            "optimizers": {f"{role}/{k}": t.state_dict() for (role, k), t in self.trained.items()},
+            "ema": self.finished_ema,
             "progress": asdict(self.state),
             "config": asdict(self.config),
         }
@@ -622,30 +628,10 @@ class Distiller:
                     fake.low.module.load_state_dict(weights["low"])
                 else:
                     fake.module.load_state_dict(weights)
-        for key, optimizer_state in model_state["optimizers"].items():
+        for key, trained_state in model_state["optimizers"].items():
             role, k = key.split("/")
-            self._optimizer(role, int(k)).load_state_dict(optimizer_state)
-        self.ema = model_state["ema"]
+            self._trained(role, int(k)).load_state_dict(trained_state)
+        self.finished_ema = model_state["ema"]
         self.state = Progress(**model_state["progress"])
         self.rng.set_state(rank_state["rng"])
         self.sampler.load_state_dict(rank_state["sampler"])
-
-
-def model_parallel_grad_norm(parameters: list[Tensor]) -> float:
-    """Global L2 norm of the gradients of a tensor/pipeline-parallel model: sharded parameters
-    count on every tensor-parallel rank, replicated ones on the first only."""
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    grads = [
-        p.grad.detach()
-        for p in parameters
-        if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0)
-    ]
-    total = torch.zeros((), dtype=torch.float64)
-    if grads:  # one fused kernel for the per-tensor norms: a loop costs ~5 ms a step on CPU
-        norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).double()
-        total += norms.square().sum().cpu()
-    group = parallel_state.get_model_parallel_group()
-    if dist.get_world_size(group) > 1:
-        total = total.to(parameters[0].device)
-        dist.all_reduce(total, group=group)
-    return float(total.sqrt())

@@ -4,7 +4,10 @@ Those code paths allocate with `device="cuda"` / `torch.cuda.current_device()` a
 `torch.cuda.synchronize()` even when the process group is gloo. `cuda_calls_on_cpu()` redirects
 exactly these: factory calls asking for a CUDA device get the CPU, `current_device()` answers
 device 0 (which then also lands on the CPU), and `synchronize()` is a no-op, as CPU ops are
-synchronous. With a CUDA device present it does nothing, so GPU runs use megatron unchanged.
+synchronous. Megatron's optimizers also pick a parameter's role by its type name
+(`param.type() in ['torch.cuda.BFloat16Tensor', ...]` builds the fp32 main copy), so inside the
+context a CPU tensor answers `type()` with the CUDA name of its dtype. With a CUDA device present
+it does nothing, so GPU runs use megatron unchanged.
 This module is the only place the CPU path touches megatron's behaviour.
 """
 
@@ -28,6 +31,9 @@ def _is_cuda(device) -> bool:
 class _CudaFactoriesOnCpu(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)  # a type query such as 'torch.BFloat16Tensor'
+            return name if ".cuda." in name else name.replace("torch.", "torch.cuda.", 1)
         if _is_cuda(kwargs.get("device")):
             kwargs = {**kwargs, "device": "cpu"}
         return func(*args, **kwargs)

@@ -5,7 +5,8 @@
 LAYOUT is a config override such as tensor_parallel=2; each NAME (tests/distill_helpers.py's
 ALGORITHMS) trains into OUT/NAME with the settings of the single-process test runs. Afterwards
 every rank checks that the data-parallel replicas hold identical generator weights (their
-gradients were averaged).
+gradients were averaged). With data parallelism the first NAME also runs again, stopped after
+one iteration with a checkpoint and resumed into a fresh runner: it must end bit-identical.
 """
 
 import sys
@@ -39,6 +40,20 @@ def main() -> None:
             replicas = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
             dist.all_gather(replicas, mine, group=group)
             assert all(torch.equal(replicas[0], r) for r in replicas), f"{name}: replicas differ"
+            if name == names[0]:
+                check_resume(distiller, Path(out) / f"{name}-resumed")
+
+
+def check_resume(straight: Distiller, run_dir: Path) -> None:
+    interrupted = Distiller(straight.config, run_dir, progress=False)
+    interrupted._iteration()
+    path = interrupted.save_checkpoint()
+    resumed = Distiller(straight.config, run_dir, progress=False)
+    resumed.load_checkpoint(path)
+    resumed.train()
+    for ours, theirs in zip(resumed.generator, straight.generator, strict=True):
+        same = all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters()))
+        assert same, f"rank {dist.get_rank()}: the resumed run differs from the straight one"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,287 @@
+"""Mixed precision, gradient reduction, the optimizer and the EMA of each trained model, done
+with megatron-core's machinery (megatron's own recipe for bf16 training).
+
+A `TrainedModel` is one role's trainable parameters (phase k's fake model: every parameter of
+its copy; generator expert k: all of a full copy, or LoRA adapter k of the shared base) as a
+megatron model chunk in `DistributedDataParallel` (contiguous gradient buffers: backward adds
+each parameter's gradient into its `main_grad`, `finish_grad_sync` averages them over the
+data-parallel ranks) with an optimizer from `get_megatron_optimizer` (torch AdamW inside where
+Transformer Engine / apex are absent). `DistillConfig.dtype` and `main_params_dtype` pick:
+
+  bf16 mixed  dtype bfloat16, main_params_dtype float32 (the default for bfloat16): bf16 weights
+              for compute; gradients accumulated and reduced in fp32 buffers; fp32 main
+              parameters and fp32 Adam moments (`Float16OptimizerWithFloat16Params`, or
+              `DistributedOptimizer` when sharded) step, then cast back into the bf16 weights.
+  bf16 pure   dtype bfloat16, main_params_dtype bfloat16: AdamW steps the bf16 weights with bf16
+              gradients and bf16 moments (`FP32Optimizer` on bf16 parameters). At the small
+              learning rates of distillation most updates round away (a 4e-7 step changes ~4%
+              of a bf16 model's elements); kept only as an explicit choice for comparison.
+  fp32        dtype float32: weights, gradients and moments in fp32 (`FP32Optimizer`, or
+              `DistributedOptimizer` when sharded, whose main parameters are then views of the
+              weights).
+
+Sharding (`distributed_optimizer`, on by default, active where data_parallel > 1) is megatron's
+ZeRO-1: each data-parallel rank keeps main parameters and Adam moments for 1/D of the elements,
+gradients are reduce-scattered instead of all-reduced and the updated weights all-gathered.
+
+Bytes per trained parameter on each rank (D data-parallel ranks; what the preflight planner
+adds up for a role; frozen models, e.g. the teacher, finished experts and the shared base under
+LoRA adapters, hold only their weights: 2 B in bf16, 4 B in fp32):
+
+  part                              fp32   fp32 sharded   bf16 mixed   bf16 mixed sharded   bf16 pure
+  weights                             4         4              2               2                2
+  gradient buffer (main_grad)         4         4              4               4                2
+  fp32 main parameters                -         -              4             4 / D              -
+  Adam exp_avg + exp_avg_sq           8       8 / D            8             8 / D              4
+  total per trained parameter        16     8 + 8 / D         18          6 + 12 / D            8
+  EMA (generator, with ema_decay)     4       4 / D            4             4 / D              4
+
+The EMA is fp32 and follows the main parameters (sharded alike); a finished expert's EMA is
+gathered to full fp32 tensors (4 B per parameter on every rank) when its phase retires.
+Saving a checkpoint gathers one parameter at a time (one fp32 parameter's worth extra).
+
+Checkpoints (`state_dict`) hold full fp32 tensors per trained parameter (main parameters, Adam
+moments, EMA) plus the step count, independent of the data-parallel size and of sharding, so a
+sharded run's state loads into an unsharded one and back; the runner still refuses another
+data-parallel size because each rank's random streams are part of an exact resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from itertools import chain
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+from megatron.core.optimizer import (
+    DistributedOptimizer,
+    Float16OptimizerWithFloat16Params,
+    OptimizerConfig,
+    get_megatron_optimizer,
+)
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
+from torch import Tensor, nn
+
+from phased_dmd_mp.parallel.cpu_compat import cuda_calls_on_cpu
+
+MAIN_PARAMS_DTYPES = ("float32", "bfloat16")
+
+
+class _TrainedChunk(MegatronModule):
+    """A role's trained parameters as the model chunk megatron's DDP and optimizer take (the
+    parameters stay those of the DiT that computes with them)."""
+
+    def __init__(self, config: TransformerConfig, parameters: list[nn.Parameter]):
+        super().__init__(config)
+        self.trained = nn.ParameterList(parameters)
+
+
+class TrainedModel:
+    """Megatron DDP + optimizer over `parameters` (see the module docstring for precisions).
+
+    Use per update: `zero_grad()`, forward-backward (gradients land in fp32 `main_grad`
+    buffers through DDP's hooks, also when the DiT is called directly), `step()`.
+    """
+
+    def __init__(
+        self,
+        parameters: list[nn.Parameter],
+        config: TransformerConfig,
+        *,
+        lr: float,
+        betas: tuple[float, float],
+        weight_decay: float,
+        grad_clip: float,
+        main_params_dtype: str,
+        shard: bool,
+    ):
+        if main_params_dtype not in MAIN_PARAMS_DTYPES:
+            raise ValueError(
+                f"main_params_dtype must be one of {MAIN_PARAMS_DTYPES}, got {main_params_dtype!r}"
+            )
+        self.parameters = parameters
+        self.grad_clip = grad_clip
+        self.dp_group = parallel_state.get_data_parallel_group()
+        self.sharded = shard and dist.get_world_size(self.dp_group) > 1
+        half = parameters[0].dtype == torch.bfloat16
+        mixed = half and main_params_dtype == "float32"
+        self.pure_bf16 = half and not mixed
+        if half and not mixed and self.sharded:
+            raise ValueError(
+                "main_params_dtype bfloat16 keeps no fp32 main parameters to shard: set "
+                "distributed_optimizer false or main_params_dtype float32"
+            )
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=mixed or not half, use_distributed_optimizer=self.sharded
+        )
+        optimizer_config = OptimizerConfig(
+            optimizer="adam",
+            lr=lr,
+            min_lr=lr,
+            weight_decay=weight_decay,
+            adam_beta1=betas[0],
+            adam_beta2=betas[1],
+            clip_grad=grad_clip,
+            bf16=mixed,
+            params_dtype=parameters[0].dtype,
+            use_distributed_optimizer=self.sharded,
+        )
+        with cuda_calls_on_cpu():
+            self.ddp = DistributedDataParallel(
+                config, ddp_config, _TrainedChunk(config, parameters)
+            )
+            # config_overrides={}: weight decay on every parameter, as torch's AdamW does
+            chained = get_megatron_optimizer(optimizer_config, [self.ddp], config_overrides={})
+        (self.optimizer,) = chained.chained_optimizers
+        self.main = self._main_params()
+        self.steps = 0  # successful optimizer steps (Adam's step count)
+        self.ema: list[Tensor | None] | None = None  # fp32, like `self.main`
+
+    def _main_params(self) -> list[tuple[Tensor, int, int] | None]:
+        """Per trained parameter: (the tensor the optimizer steps, start, end) with start:end
+        the part of the flattened parameter it holds on this rank (None: no part)."""
+        opt = self.optimizer
+        if isinstance(opt, DistributedOptimizer):
+            models = chain(*opt.model_float16_groups, *opt.model_fp32_groups)
+            mains = chain(*opt.shard_fp32_from_float16_groups, *opt.shard_fp32_groups)
+            found = {}
+            for model, main in zip(models, mains):
+                piece = opt._get_model_param_range_map(model)["param"]
+                found[model] = (main, piece.start, piece.end)
+        elif isinstance(opt, Float16OptimizerWithFloat16Params):
+            models = chain(*opt.float16_groups, *opt.fp32_from_fp32_groups)
+            mains = chain(*opt.fp32_from_float16_groups, *opt.fp32_from_fp32_groups)
+            found = {model: (main, 0, model.numel()) for model, main in zip(models, mains)}
+        else:  # FP32Optimizer: the weights themselves step
+            found = {p: (p, 0, p.numel()) for g in opt.optimizer.param_groups for p in g["params"]}
+        return [found.get(p) for p in self.parameters]
+
+    # --- one update ----------------------------------------------------------------------
+
+    def zero_grad(self) -> None:
+        with cuda_calls_on_cpu():
+            self.ddp.zero_grad_buffer()
+            self.optimizer.zero_grad()
+
+    def step(self) -> float:
+        """Average the gradients over data-parallel ranks (fp32; reduce-scatter when sharded),
+        clip them to `grad_clip` (global L2 norm over all model-parallel ranks) and step.
+        Returns the norm before clipping; a non-finite norm skips the step (nothing changes)."""
+        with cuda_calls_on_cpu():
+            self.ddp.finish_grad_sync()
+            self.optimizer.prepare_grads()
+            norm = self.optimizer.get_grad_norm()
+            if not math.isfinite(norm):
+                return norm
+            if self.grad_clip > 0:  # scales by grad_clip / (norm + 1e-6) where that is < 1
+                parameters = self.optimizer.get_parameters()
+                if self.pure_bf16:  # megatron's clip asserts fp32 gradients; same formula
+                    scale = self.grad_clip / (norm + 1.0e-6)
+                    if scale < 1.0:
+                        torch._foreach_mul_(
+                            [p.grad for p in parameters if p.grad is not None], scale
+                        )
+                else:
+                    clip_grad_by_total_norm_fp32(parameters, self.grad_clip, norm)
+            self.optimizer.step_with_ready_grads()
+        self.steps += 1
+        return norm
+
+    @torch.no_grad()
+    def update_ema(self, decay: float) -> None:
+        """ema <- decay ema + (1 - decay) main, in fp32 (the first call copies main)."""
+        if self.ema is None:
+            self.ema = [None if m is None else m[0].detach().float().clone() for m in self.main]
+            return
+        for average, main in zip(self.ema, self.main):
+            if average is not None:
+                average.lerp_(main[0].detach().float(), 1.0 - decay)
+
+    # --- whole tensors -------------------------------------------------------------------
+
+    def _full(self, pieces: list[Tensor | None]) -> list[Tensor]:
+        """Whole fp32 tensors, one per trained parameter, from this rank's pieces (collective
+        over the data-parallel group when sharded: the pieces are disjoint, so a sum of zeros
+        elsewhere assembles them exactly)."""
+        whole = []
+        for p, main, piece in zip(self.parameters, self.main, pieces):
+            if not self.sharded:
+                whole.append(piece.detach().float().clone().view(p.shape))
+                continue
+            flat = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+            if main is not None:
+                flat[main[1] : main[2]] = piece.detach().view(-1)
+            dist.all_reduce(flat, group=self.dp_group)
+            whole.append(flat.view(p.shape))
+        return whole
+
+    def full_ema(self) -> list[Tensor] | None:
+        """The EMA as whole fp32 tensors (collective when sharded), or None before any."""
+        return None if self.ema is None else self._full(self.ema)
+
+    def _moments(self, key: str) -> list[Tensor | None]:
+        state = self.optimizer.optimizer.state
+        return [None if m is None else state[m[0]][key] for m in self.main]
+
+    def state_dict(self) -> dict:
+        """Whole fp32 main parameters, Adam moments and EMA per trained parameter, and the step
+        count: the same for every data-parallel size and sharding (collective when sharded)."""
+        stepped = self.steps > 0
+        return {
+            "steps": self.steps,
+            "main_params": self._full([None if m is None else m[0] for m in self.main]),
+            "exp_avg": self._full(self._moments("exp_avg")) if stepped else None,
+            "exp_avg_sq": self._full(self._moments("exp_avg_sq")) if stepped else None,
+            "ema": self.full_ema(),
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`'s output (saved at any data-parallel size) into this rank's
+        pieces and the weights; bit-exact, as the weights are the casts of the main values."""
+        self.steps = state["steps"]
+        inner = self.optimizer.optimizer
+        for i, (p, main) in enumerate(zip(self.parameters, self.main)):
+            p.copy_(state["main_params"][i].view_as(p))
+            if main is None:
+                continue
+            tensor, start, end = main
+
+            def piece(values: list[Tensor], dtype=tensor.dtype, i=i, start=start, end=end):
+                return values[i].reshape(-1)[start:end].to(dtype).view_as(tensor).clone()
+
+            tensor.copy_(piece(state["main_params"]))
+            if self.steps:
+                inner.state[tensor] = {
+                    "step": torch.tensor(float(self.steps), dtype=torch.float32),
+                    "exp_avg": piece(state["exp_avg"]),
+                    "exp_avg_sq": piece(state["exp_avg_sq"]),
+                }
+        self.ema = None
+        if state["ema"] is not None:
+            self.ema = [
+                None if m is None else state["ema"][i].reshape(-1)[m[1] : m[2]].clone()
+                for i, m in enumerate(self.main)
+            ]
+            if not self.sharded:
+                self.ema = [e.view_as(p) for e, p in zip(self.ema, self.parameters)]
+
+
+@contextlib.contextmanager
+def weights_swapped(parameters: list[Tensor], values: list[Tensor]):
+    """The parameters hold `values` (cast to their dtype) for the duration of the block."""
+    trained = [p.detach().clone() for p in parameters]
+    with torch.no_grad():
+        for p, value in zip(parameters, values):
+            p.copy_(value)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, value in zip(parameters, trained):
+                p.copy_(value)
