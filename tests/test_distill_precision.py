@@ -187,11 +187,12 @@ def test_no_forward_sees_more_than_micro_batch_size_and_results_are_the_same(
     whole = updated(None)
     assert max(sizes) == 6  # default: the rank batch, also for each half of the guided pair
     sizes.clear()
-    pieces = updated(4)
-    assert max(sizes) == 4 and 2 in sizes  # 6 = 4 + 2, the pair 12 = 3 x 4, previews 5 = 4 + 1
+    pieces = updated(3)
+    assert max(sizes) == 3 and 2 in sizes  # 6 = 2 x 3, the pair 12 = 4 x 3, previews 5 = 3 + 2
     (fake_loss, generator), samples, grads = pieces
     assert fake_loss == pytest.approx(whole[0][0], rel=1e-5)
-    assert generator["generator_loss"] == pytest.approx(whole[0][1]["generator_loss"], rel=1e-5)
+    # the DMD loss (~2e-6 here) is a difference of nearly equal teacher and fake velocities
+    assert generator["generator_loss"] == pytest.approx(whole[0][1]["generator_loss"], rel=1e-4)
     torch.testing.assert_close(samples, whole[1], atol=1e-5, rtol=0)
     for ours, theirs in zip(grads, whole[2], strict=True):
         torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
