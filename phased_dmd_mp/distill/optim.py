@@ -202,6 +202,18 @@ class TrainedModel:
             if average is not None:
                 average.lerp_(main[0].detach().float(), 1.0 - decay)
 
+    def tensors(self) -> list[Tensor]:
+        """What this role holds on this rank: weights, gradient (and, sharded, parameter)
+        buffers, main parameters, Adam moments and EMA; `storage_bytes` counts them."""
+        held = list(self.parameters)
+        for buffer in self.ddp.buffers:
+            held += [b for b in (buffer.grad_data, buffer.param_data) if b is not None]
+        state = self.optimizer.optimizer.state
+        for main in self.main:
+            if main is not None:
+                held += [main[0], *(v for v in state.get(main[0], {}).values() if v.dim())]
+        return held + [e for e in self.ema or [] if e is not None]
+
     # --- whole tensors -------------------------------------------------------------------
 
     def _full(self, pieces: list[Tensor | None]) -> list[Tensor]:
@@ -270,6 +282,13 @@ class TrainedModel:
             ]
             if not self.sharded:
                 self.ema = [e.view_as(p) for e, p in zip(self.ema, self.parameters)]
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (views of one buffer count once)."""
+    return sum(
+        {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values()
+    )
 
 
 @contextlib.contextmanager

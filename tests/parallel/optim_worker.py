@@ -22,7 +22,7 @@ from distill_helpers import TINY_WAN
 
 from phased_dmd_mp.conditioning import Conditions
 from phased_dmd_mp.distill.models import VelocityModel
-from phased_dmd_mp.distill.optim import TrainedModel
+from phased_dmd_mp.distill.optim import TrainedModel, storage_bytes
 from phased_dmd_mp.models import ExecutionConfig, build
 from phased_dmd_mp.parallel.state import destroy, initialize
 
@@ -30,18 +30,8 @@ BATCH, UPDATES = 4, 3
 
 
 def held_bytes_per_parameter(trained: TrainedModel) -> float:
-    """Bytes of the weights, gradient buffers, main params and Adam moments of the role."""
-    tensors = list(trained.parameters)
-    for buffer in trained.ddp.buffers:
-        tensors += [buffer.grad_data] + (
-            [buffer.param_data] if buffer.param_data is not None else []
-        )
-    for main in trained.main:
-        if main is not None:
-            tensors.append(main[0])
-            tensors += [v for v in trained.optimizer.optimizer.state[main[0]].values() if v.dim()]
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-    return sum(storages.values()) / sum(p.numel() for p in trained.parameters)
+    """Bytes of the role's weights, gradient buffers, main params and Adam moments (and EMA)."""
+    return storage_bytes(trained.tensors()) / sum(p.numel() for p in trained.parameters)
 
 
 def run(shard: bool, resume_from: dict | None = None) -> dict:
