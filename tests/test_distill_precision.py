@@ -4,6 +4,7 @@ DP = 1; saved state restores exactly, also at another data-parallel size; the EM
 checkpoint hold fp32; no forward runs more than micro_batch_size samples; a phase holds only
 the models it needs."""
 
+import math
 import os
 import subprocess
 import sys
@@ -209,7 +210,7 @@ def two_expert_teacher(tmp_path_factory):
 def test_a_phase_holds_only_the_teacher_experts_its_noise_reaches(tmp_path, two_expert_teacher):
     """Wan2.2's phase 1 injects noise in (0.875, 1) only: its fake model is a copy of the
     high-noise expert alone; the last phase's (t below the boundary) of the low-noise one; a
-    range across the boundary keeps both."""
+    range across the boundary keeps both, and steps one expert alone when only it saw samples."""
     high, low = two_expert_teacher
     overrides = [
         *QUICK, "num_steps=4", "num_phases=2", f"teacher_low_noise={low}", "moe_boundary=0.875",
@@ -222,4 +223,15 @@ def test_a_phase_holds_only_the_teacher_experts_its_noise_reaches(tmp_path, two_
     for fake, expert in ((fake_1, teacher.high), (fake_2, teacher.low)):
         assert all(torch.equal(a, b) for a, b in zip(fake.parameters(), expert.parameters()))
     across = Distiller(_config(high, *overrides), tmp_path / "across")
-    assert isinstance(across._fake(2), RoutedVelocity)
+    fake = across._fake(2)
+    assert isinstance(fake, RoutedVelocity)
+    # An expert that sees no sample has no gradient: its zero gradient buffer steps nothing.
+    trained = across._trained("fake", 2)
+    low_before = [p.detach().clone() for p in fake.low.parameters()]
+    high_before = [p.detach().clone() for p in fake.high.parameters()]
+    trained.zero_grad()
+    x, t = torch.randn(2, 1, 1, 8, 8), torch.tensor([0.95, 0.9])
+    fake.train(x, t, across.conditions.batch(torch.arange(2)), lambda v, i: v.square().mean(), 1)
+    assert math.isfinite(trained.step())
+    assert all(torch.equal(a, b) for a, b in zip(fake.low.parameters(), low_before))
+    assert any(not torch.equal(a, b) for a, b in zip(fake.high.parameters(), high_before))
