@@ -13,6 +13,14 @@ FLOPs of forward + backward = 3x forward, recompute not counted), MFU against th
 bf16 peak of the device, and peak memory (GPU: allocated; CPU: the process's peak RSS so far).
 A variant the machine cannot run (FP8 without an FP8 GPU) prints its refusal instead.
 Qwen-Image: pass its config and `--latent 1 H W` (latent height, width; 2x2 patches).
+
+    python benchmarks/bench_model.py --vs-diffusers [--rounds 5] [--json FILE]
+
+compares our Wan DiT with diffusers' `WanTransformer3DModel` holding the same weights (ours
+loaded with `from_diffusers`), float32, at two sizes (VS_DIFFUSERS_SIZES): forward (no grad)
+and forward + backward. Calls alternate between the two models; each round's ratio is ours /
+diffusers (below 1: ours is faster), reported as median [min-max] over rounds, by the wall
+clock and by the process's CPU time (the fairer clock when other jobs share the cores).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import statistics
 import time
@@ -113,6 +122,70 @@ def make_inputs(arch, latent, text_len: int, batch: int, dtype, device):
     return inputs, tokens
 
 
+# (name, architecture, latent, text tokens): a tiny model, then a wider one with Wan's real
+# head dimension (128), both small enough for a CPU.
+VS_DIFFUSERS_SIZES = (
+    ("hidden 128, 2 layers, 192 tokens", TINY_WAN, (3, 16, 16), 32),
+    (
+        "hidden 512, 2 layers, 256 tokens",
+        WanConfig(num_attention_heads=4, attention_head_dim=128, in_channels=16, out_channels=16,
+                  text_dim=256, freq_dim=256, ffn_dim=2048, num_layers=2),
+        (4, 16, 16),
+        64,
+    ),
+)  # fmt: skip
+
+
+def vs_diffusers(rounds: int, steps: int) -> list[dict]:
+    """Ours / diffusers step-time ratios, forward and forward + backward, per size."""
+    import diffusers
+
+    from phased_dmd_mp.models import from_diffusers
+
+    rows = []
+    for name, arch, latent, text_len in VS_DIFFUSERS_SIZES:
+        torch.manual_seed(0)
+        reference = diffusers.WanTransformer3DModel(**arch.to_diffusers())
+        ours = from_diffusers(reference)
+        inputs, _ = make_inputs(arch, latent, text_len, 1, torch.float32, "cpu")
+        models = {"ours": ours, "diffusers": lambda **kw: reference(**kw).sample}
+
+        def forward(model):
+            with torch.no_grad():
+                model(**inputs)
+
+        def forward_backward(model):
+            ours.zero_grad(set_to_none=True)
+            reference.zero_grad(set_to_none=True)
+            model(**inputs).square().mean().backward()
+
+        for fn in (forward, forward_backward):
+            for model in models.values():
+                fn(model)  # warm-up
+        for mode, fn in (("forward", forward), ("forward+backward", forward_backward)):
+            row = {"size": name, "mode": mode}
+            for clock in ("wall", "cpu"):
+                row[clock] = {"ours_ms": [], "diffusers_ms": [], "ratio": []}
+            for _ in range(rounds):  # a round: `steps` calls of each, alternating
+                pairs = [(time_call(fn, ours), time_call(fn, models["diffusers"]))
+                         for _ in range(steps)]  # fmt: skip
+                for index, clock in enumerate(("wall", "cpu")):
+                    a = statistics.median(p[0][index] for p in pairs)
+                    b = statistics.median(p[1][index] for p in pairs)
+                    row[clock]["ours_ms"].append(1e3 * a)
+                    row[clock]["diffusers_ms"].append(1e3 * b)
+                    row[clock]["ratio"].append(a / b)
+            rows.append(row)
+    return rows
+
+
+def time_call(fn, model) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of fn(model)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn(model)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
 def peak_memory_gib(device: str) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**30
@@ -152,7 +225,35 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak for the MFU column")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument(
+        "--vs-diffusers", action="store_true", help="ours vs diffusers' Wan, same weights"
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (--vs-diffusers)")
     args = parser.parse_args(argv)
+    if args.vs_diffusers:
+        ensure_initialized()
+        print(
+            f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, float32; load "
+            f"average at start {os.getloadavg()}; {args.rounds} interleaved rounds of "
+            f"{args.steps} alternating calls; ratio = ours / diffusers, median [min-max] over "
+            "rounds; wall clock and this process's CPU time (less sensitive to other load)\n"
+        )
+        print("| size | pass | clock | ours (ms) | diffusers (ms) | ours / diffusers |")
+        print("|---|---|---|---|---|---|")
+        rows = vs_diffusers(args.rounds, args.steps)
+        for r in rows:
+            for clock in ("wall", "cpu"):
+                c = r[clock]
+                ratio = c["ratio"]
+                print(
+                    f"| {r['size']} | {r['mode']} | {clock} | "
+                    f"{statistics.median(c['ours_ms']):.1f} | "
+                    f"{statistics.median(c['diffusers_ms']):.1f} | {statistics.median(ratio):.3f} "
+                    f"[{min(ratio):.3f}-{max(ratio):.3f}] |"
+                )
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        return 0
 
     device = "cuda" if cuda else "cpu"
     if args.model is not None:

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import (
@@ -31,6 +30,7 @@ from torch import Tensor, nn
 from phased_dmd_mp.models.config import ExecutionConfig, QwenImageConfig, megatron_config
 from phased_dmd_mp.models.dit import DiTStage, Rows
 from phased_dmd_mp.models.layers import (
+    GeluMLP,
     LinearSubmodules,
     RMSNorm,
     apply_rotary,
@@ -105,9 +105,8 @@ class QwenImageLayer(MegatronModule, BaseTransformerLayer):
         self.img_modulation = column_linear(submodules, config, tp, hidden, 6 * hidden)
         self.txt_modulation = column_linear(submodules, config, tp, hidden, 6 * hidden)
         self.attention = JointAttention(config, submodules, tp)
-        mlp = MLPSubmodules(linear_fc1=submodules.column_linear, linear_fc2=submodules.row_linear)
-        self.img_mlp = MLP(config, mlp, ffn_hidden_size=config.ffn_hidden_size, tp_group=tp)
-        self.txt_mlp = MLP(config, mlp, ffn_hidden_size=config.ffn_hidden_size, tp_group=tp)
+        self.img_mlp = GeluMLP(config, submodules, tp, config.ffn_hidden_size)
+        self.txt_mlp = GeluMLP(config, submodules, tp, config.ffn_hidden_size)
 
     def _modulation(self, linear, activated_temb: Tensor) -> Tensor:
         local, _ = linear(activated_temb)
@@ -129,10 +128,8 @@ class QwenImageLayer(MegatronModule, BaseTransformerLayer):
         image = image + img_mod[2] * image_out
         text = text + txt_mod[2] * text_out
 
-        out, bias = self.img_mlp(self._modulate(image, *img_mod[3:5]))
-        image = image + img_mod[5] * (out + bias)
-        out, bias = self.txt_mlp(self._modulate(text, *txt_mod[3:5]))
-        text = text + txt_mod[5] * (out + bias)
+        image = image + img_mod[5] * self.img_mlp(self._modulate(image, *img_mod[3:5]))
+        text = text + txt_mod[5] * self.txt_mlp(self._modulate(text, *txt_mod[3:5]))
         x = torch.cat([text, image])
         if x.dtype == torch.float16:
             x = x.clip(-65504, 65504)

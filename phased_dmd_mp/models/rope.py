@@ -8,6 +8,8 @@ because the released weights were trained with it. Tables are returned as (cos, 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -24,9 +26,19 @@ def wan_axis_dims(head_dim: int) -> tuple[int, int, int]:
     return head_dim - 2 * spatial, spatial, spatial
 
 
+@functools.lru_cache(maxsize=16)
 def wan_rotary(grid: tuple[int, int, int], head_dim: int, device=None) -> tuple[Tensor, Tensor]:
-    """Tables for a (frames, height, width) grid of patches, tokens in row-major order."""
+    """Tables for a (frames, height, width) grid of patches, tokens in row-major order.
 
+    Cached per (grid, head_dim, device), as diffusers keeps its tables: every forward of a
+    model asks for the same ones. The tables are shared, so callers must not modify them;
+    they are built outside inference mode so that a grad-enabled forward can save them.
+    """
+    with torch.inference_mode(False):
+        return _wan_rotary(grid, head_dim, device)
+
+
+def _wan_rotary(grid: tuple[int, int, int], head_dim: int, device) -> tuple[Tensor, Tensor]:
     def axis(length: int, dim: int) -> Tensor:
         inv_freq = 1.0 / THETA ** (
             torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim

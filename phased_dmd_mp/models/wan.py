@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import (
@@ -30,6 +29,7 @@ from torch import Tensor, nn
 from phased_dmd_mp.models.config import ExecutionConfig, WanConfig, megatron_config
 from phased_dmd_mp.models.dit import DiTStage, Rows
 from phased_dmd_mp.models.layers import (
+    GeluMLP,
     LayerNormFP32,
     LinearSubmodules,
     ShardedRMSNorm,
@@ -127,12 +127,7 @@ class WanLayer(MegatronModule, BaseTransformerLayer):
         self.cross_attention = WanCrossAttention(
             config, submodules, tp, eps, image=arch.added_kv_proj_dim is not None
         )
-        self.mlp = MLP(
-            config,
-            MLPSubmodules(linear_fc1=submodules.column_linear, linear_fc2=submodules.row_linear),
-            ffn_hidden_size=arch.ffn_dim,
-            tp_group=tp,
-        )
+        self.mlp = GeluMLP(config, submodules, tp, arch.ffn_dim)
 
     def forward(self, x: Tensor, cond: WanConditioning) -> Tensor:
         table = self.modulation.float().transpose(0, 1)[:, :, None]  # [6, 1, 1, hidden]
@@ -145,8 +140,7 @@ class WanLayer(MegatronModule, BaseTransformerLayer):
         x = x + self.cross_attention(normed, cond.text, cond.image)
 
         normed = (layer_norm_fp32(x, self.eps) * (1 + mlp_scale) + mlp_shift).to(x.dtype)
-        out, bias = self.mlp(normed)
-        return (x.float() + (out + bias).float() * mlp_gate).to(x.dtype)
+        return (x.float() + self.mlp(normed).float() * mlp_gate).to(x.dtype)
 
 
 def wan_layer_spec(arch: WanConfig, submodules: LinearSubmodules) -> ModuleSpec:
@@ -265,16 +259,12 @@ class WanDiT(DiTStage):
         self._check_inputs(
             hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image
         )
-        rows = self.rows(
-            hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image
-        )
-        if self.pre_process:
-            carried = self._embed(
-                hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image
-            )
+        args = (hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image)
+        if self.pre_process and self.post_process:  # one stage sends nothing: no concatenation
+            tokens, text, image, modulation, temb = self._embed(*args)
         else:
-            carried = self.stage_input()
-        tokens, (text, image, modulation, temb) = rows.split(carried)
+            carried = torch.cat(self._embed(*args)) if self.pre_process else self.stage_input()
+            tokens, (text, image, modulation, temb) = self.rows(*args).split(carried)
         grid = self._grid(hidden_states)
         cond = WanConditioning(
             text=text,
@@ -297,20 +287,27 @@ class WanDiT(DiTStage):
             return self.arch.pos_embed_seq_len
         return image.shape[1]
 
-    def _embed(self, hidden_states, timestep, text, image) -> Tensor:
-        """First stage: tokens followed by the conditioning rows, all [rows, b, hidden]."""
+    def _embed(self, hidden_states, timestep, text, image) -> list[Tensor]:
+        """First stage: [tokens, text, image, modulation, temb], each [rows, b, hidden] (image
+        has no rows without an image embedder), in the order stages concatenate them."""
         batch = hidden_states.shape[0]
         tokens = self.patch_embedding(hidden_states.to(self.dtype)).flatten(2).permute(2, 0, 1)
+        # Contiguous, so the residual stream is: elementwise ops keep a permuted layout, and
+        # megatron's tensor-parallel all-reduce skips a non-contiguous gradient (it reduces a
+        # contiguous copy and returns the original).
+        tokens = tokens.contiguous()
         frequencies = timestep_embedding(timestep.flatten(), self.arch.freq_dim).to(self.dtype)
         temb = self.time_embedding(frequencies)  # [b * times, hidden]
         modulation = self.time_projection(F.silu(temb))
         temb = temb.unflatten(0, (batch, -1)).transpose(0, 1)  # [times, b, hidden]
         modulation = modulation.unflatten(0, (batch, -1)).unflatten(-1, (6, -1))
         modulation = modulation.permute(2, 1, 0, 3).flatten(0, 1)  # [6 * times, b, hidden]
-        parts = [tokens, self.text_embedding(text.to(self.dtype)).transpose(0, 1)]
-        if self.image_embedding is not None:
-            parts.append(self.image_embedding(image.to(self.dtype)).transpose(0, 1))
-        return torch.cat([*parts, modulation, temb])
+        text = self.text_embedding(text.to(self.dtype)).transpose(0, 1).contiguous()
+        if self.image_embedding is None:
+            image = tokens.new_zeros(0, batch, tokens.shape[-1])
+        else:
+            image = self.image_embedding(image.to(self.dtype)).transpose(0, 1)
+        return [tokens, text, image, modulation, temb]
 
     def _unpatchify(self, x: Tensor, grid: tuple[int, int, int]) -> Tensor:
         frames, height, width = grid
