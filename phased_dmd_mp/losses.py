@@ -12,7 +12,7 @@ Conventions
   `phased_dmd_mp.ops`; see `phased_dmd_mp.ops.backend` for how the choice is made. Both share
   every schedule coefficient, computed once below.
 
-Derivation of the clamped subinterval loss (paper Eq. 12/13, notation of METHOD.md)
+Derivation of the clamped subinterval loss (paper Eq. 12/13, notation of docs/method.md)
   Score matching on (s, 1) with only x_s ~ p(x_s): the velocity target is
       psi* = c / sigma_{t|s} * eps - x_s / alpha_s,
       c = (alpha_s^2 sigma_t + alpha_t sigma_s^2) / alpha_s^2,

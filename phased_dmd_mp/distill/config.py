@@ -3,7 +3,7 @@
 Load with `phased_dmd_mp.config.load_config(DistillConfig, path, overrides)`: unknown keys,
 wrong types, bad ranges and inconsistent step/phase counts are `ConfigError`s naming the key.
 
-Algorithms (paper section 2, METHOD.md):
+Algorithms (paper section 2; docs/method.md):
   phased_dmd    N steps in K phases, one generator expert per phase, trained in sequence
                 (earlier experts frozen), the fake model re-initialised from the teacher each
                 phase and trained by subinterval score matching (Eq. 13; Eq. 4 in the last

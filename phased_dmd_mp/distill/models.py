@@ -7,7 +7,7 @@ forward-backward schedule call with a loss on the velocity and leaves the gradie
 trained parameters' fp32 `main_grad` buffers (distill/optim.py averages them over data-parallel
 ranks and steps). Both run a batch in microbatches of micro_batch_size samples, so no forward
 sees more than that many. So the DMD chain (generator -> noise -> teacher and fake -> target) is
-a sequence of schedule calls, one per model, as DESIGN.md prescribes; at pipeline_parallel = 1 the
+a sequence of schedule calls, one per model; at pipeline_parallel = 1 the
 schedules reduce to plain calls and the same code runs.
 """
 

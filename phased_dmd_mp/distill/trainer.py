@@ -1,4 +1,4 @@
-"""The distillation loop: Phased DMD and its baselines on one set of models (METHOD.md).
+"""The distillation loop: Phased DMD and its baselines on one set of models (docs/method.md).
 
 Per phase k of K (one generator expert each; the baselines are K = 1):
   fake update (x fake_updates): roll the generator out to the phase boundary s = t_{b_k}
