@@ -8,7 +8,12 @@ RUN receives config.yaml, checkpoints/ (atomic; --resume continues from the late
 tensorboard/ (losses, gradient norms, step time, sample grids, a diversity proxy), history.json
 and export/ (one diffusers-format transformer per expert and generator.json, which
 `python -m phased_dmd_mp.sample --checkpoint RUN` reads). See phased_dmd_mp/distill/config.py
-for every key.
+for every key. On a cluster launch through `python -m phased_dmd_mp.launch` (torchrun that
+passes SLURM's SIGUSR1 on to its workers; scripts/slurm/distill.sbatch).
+
+Exit codes: 0 done, or stopped by SIGTERM/SIGUSR1 with a checkpoint (--resume continues);
+1 the run diverged or the disk is full (the message says which); 2 a user mistake (the message
+names the key, file or directory).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import yaml
 from phased_dmd_mp.config import ConfigError, add_config_arguments, load_config
 from phased_dmd_mp.distill import checkpoint, rundir
 from phased_dmd_mp.distill.config import RESUMABLE_KEYS, DistillConfig
-from phased_dmd_mp.distill.signals import stop_on_signals
+from phased_dmd_mp.distill.signals import stop_on_signals, stop_with_launcher
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     group.add_argument(
-        "--overwrite", action="store_true", help="delete the run RUN holds (only a run) and start over"
+        "--overwrite",
+        action="store_true",
+        help="delete the run RUN holds (only a run) and start over",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -69,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         if dist.get_rank() == 0:  # held for the run's life; the kernel drops it if we die
             lock = _on_rank_0(lambda: rundir.RunLock(args.out))
         _fail_on_any_rank(parser, lock if isinstance(lock, str) else None)
-        with stop_on_signals():  # a pre-emption warning while the run starts stops it at once
+        with stop_on_signals():  # a signal while the run starts stops it after one iteration
+            stop_with_launcher()
             return _run(parser, args, config)
     finally:
         if isinstance(lock, rundir.RunLock):
@@ -91,7 +99,11 @@ def _run(parser, args, config: DistillConfig) -> int:
             checkpoint.check_layout(resume_from)
         except checkpoint.CheckpointError as error:
             parser.error(f"--resume: {error}")
-        error = _on_rank_0(lambda: _check_same_config(args.out, resume_from, config)) if is_logger else None
+        error = (
+            _on_rank_0(lambda: _check_same_config(args.out, resume_from, config))
+            if is_logger
+            else None
+        )
         _fail_on_any_rank(parser, error)
     try:
         distiller = Distiller(config, args.out, progress=not args.no_progress)

@@ -112,7 +112,9 @@ def test_disk_full_while_saving_says_so_and_removes_the_partial(
     assert_same_export(tmp_path, single_process_runs["phased_dmd_sgts"])
 
 
-def test_no_room_for_the_next_checkpoint_is_found_before_writing(tmp_path, teacher, capsys, monkeypatch):
+def test_no_room_for_the_next_checkpoint_is_found_before_writing(
+    tmp_path, teacher, capsys, monkeypatch
+):
     usage = namedtuple("usage", "total used free")
     real = checkpoint.shutil.disk_usage
     sizes = []

@@ -5,7 +5,6 @@ checkpoint's own)."""
 import os
 import shutil
 
-import pytest
 import yaml
 from cli_helpers import run_cli
 from distill_helpers import ALGORITHMS, distill_args

@@ -40,8 +40,7 @@ STANDINS = {
     # srun: record the command line; exit with $SRUN_STATUS.
     "srun": 'printf "%s\\n" "$@" > "$LOG/srun"; exit "${SRUN_STATUS:-0}"\n',
     "scontrol": (
-        'if [ "$1" = show ]; then echo node-a; echo node-b; '
-        'else echo "$@" >> "$LOG/scontrol"; fi\n'
+        'if [ "$1" = show ]; then echo node-a; echo node-b; else echo "$@" >> "$LOG/scontrol"; fi\n'
     ),
     # python: record a preflight call, run everything else for real.
     "python": (
@@ -85,7 +84,7 @@ def test_distill_script_launches_resumes_and_requeues(tmp_path):
     run = tmp_path / "run"
     result, srun, requeued, log = sbatch(tmp_path, run)
     assert result.returncode == 0, result.stderr
-    assert srun[srun.index("python"):][:3] == ["python", "-m", "phased_dmd_mp.launch"]
+    assert srun[srun.index("python") :][:3] == ["python", "-m", "phased_dmd_mp.launch"]
     for argument in (
         "--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d", "--rdzv-id=4242",
         "--rdzv-endpoint=node-a:29742", "phased_dmd_mp.pretrain_distill", "teacher=/data/t",

@@ -72,9 +72,11 @@ class RunLock:
 def _holder() -> str:
     job = os.environ.get("SLURM_JOB_ID")
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
-    return f"pid {os.getpid()} on {socket.gethostname()}" + (
-        f", SLURM job {job}" if job else ""
-    ) + f", since {started}"
+    return (
+        f"pid {os.getpid()} on {socket.gethostname()}"
+        + (f", SLURM job {job}" if job else "")
+        + f", since {started}"
+    )
 
 
 def foreign_entries(run_dir: Path) -> list[str]:

@@ -7,12 +7,15 @@ torchrun does not handle SIGUSR1, so its default action kills the launcher and o
 workers. `python -m phased_dmd_mp.launch` (torchrun with SIGUSR1 passed on to its workers,
 `forward_to_workers`) closes that gap; ranks that receive the signal themselves (srun launching
 ranks directly, or SLURM's cgroup process tracking signalling every process of the step) are
-covered by `stop_on_signals`, and a signal delivered twice counts once.
+covered by `stop_on_signals`, and a signal delivered twice counts once. A worker whose
+launcher dies (killed alone; without SLURM nothing else would stop the worker) gets SIGTERM
+from the kernel (`stop_with_launcher`) and stops like the others, with a checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import sys
@@ -87,4 +90,21 @@ def forward_to_workers(number, frame) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, number)
     name = signal.Signals(number).name
-    print(f"launcher: {name} passed on to workers {workers or '(none running yet)'}", file=sys.stderr)
+    print(
+        f"launcher: {name} passed on to workers {workers or '(none running yet)'}", file=sys.stderr
+    )
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def stop_with_launcher() -> None:
+    """Under torchrun (TORCHELASTIC_RUN_ID set), ask the kernel for SIGTERM when the launcher
+    dies (Linux prctl PR_SET_PDEATHSIG), so the ranks agree to stop with a checkpoint instead
+    of running on, orphaned."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    launcher = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != launcher:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
