@@ -69,10 +69,15 @@ def test_a_section_records_its_outcome_and_log(tmp_path, code, status):
 
 
 def test_summary_tables_compute_fraction_of_peak_and_ratios():
+    def stat(median):
+        return {"median": median, "min": median, "max": median}
+
+    size = 64 * 2**20
     rows = [
-        {"op": "dmd_loss", "dtype": "bfloat16", "elements": 64 * 2**20, "variant": v,
-         "ms": ms, "gbps": gbps}
-        for v, ms, gbps in [("eager", 3.0, 1440.0), ("compile", 1.5, 2880.0), ("fused", 1.0, 4320.0)]
+        {"op": "copy", "dtype": "bfloat16", "elements": size, "ms": stat(0.1), "gbps": stat(4000.0)},
+        {"op": "dmd_loss", "dtype": "bfloat16", "elements": size, "ms": stat(1.0),
+         "gbps": stat(4320.0), "of_copy": stat(1.08), "vs_eager": stat(3.0),
+         "vs_compile": stat(1.5)},
     ]  # fmt: skip
     kernels = gpu_suite.Section("kernels", [], 1, status="passed", results={"rows": rows})
     model = gpu_suite.Section(
@@ -83,7 +88,8 @@ def test_summary_tables_compute_fraction_of_peak_and_ratios():
     )  # fmt: skip
     broken = gpu_suite.Section("distill", [], 1, status="timed out", log_tail="Traceback: hang")
     text = gpu_suite.summary_markdown("NVIDIA H200", [kernels, model, broken])
-    assert "| dmd_loss | bfloat16 | 64M | 4320 | 90% | 3.00x | 1.50x |" in text
+    assert "| copy | bfloat16 | 64M | 4000 | 83% |  |  |  |" in text
+    assert "| dmd_loss | bfloat16 | 64M | 4320 | 90% | 108% | 3.00x | 1.50x |" in text
     assert "| bfloat16 | 2000.0 | 400.0 | 40.4% | 61.2 |" in text
     assert "refused: no transformer-engine" in text
     assert "## distill: timed out, log tail" in text and "Traceback: hang" in text
