@@ -11,7 +11,8 @@ and `copy`, a plain copy of N elements into a preallocated tensor: the bandwidth
 
 Repetitions are interleaved: each round times copy, fused, eager and compile once each, one
 after the other, so load from other processes hits all of them alike; every ratio is taken
-within a round and reported as the median [min-max] over rounds. Bandwidth = bytes the op must
+within a round and reported as the median [min-max] over rounds, by the wall clock and by the
+process's CPU time (with --threads 1 the fairer clock on a machine other jobs share). Bandwidth = bytes the op must
 move (each input read once, each full-size output written once) / time; "of copy" divides it
 by the same round's copy bandwidth (2 N elements moved).
 """
@@ -24,9 +25,9 @@ import json
 import os
 import re
 import statistics
+import time
 
 import torch
-from torch.utils.benchmark import Timer
 
 from phased_dmd_mp import losses, ops
 
@@ -76,9 +77,16 @@ def make_cases(n: int, dtype: torch.dtype, device: str):
     }
 
 
-def measure(fn, min_run_time: float) -> float:
-    timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median
+def measure(fn, min_run_time: float) -> tuple[float, float]:
+    """(median wall seconds, mean CPU seconds of this process) per call, over at least
+    min_run_time and 3 calls. CPU time is the fairer clock while other jobs share the cores:
+    run with --threads 1 for it, as idle threads of a parallel region spin on a CPU."""
+    walls, cpu, start = [], time.process_time(), time.perf_counter()
+    while len(walls) < 3 or time.perf_counter() - start < min_run_time:
+        begin = time.perf_counter()
+        fn()
+        walls.append(time.perf_counter() - begin)
+    return statistics.median(walls), (time.process_time() - cpu) / len(walls)
 
 
 def spread(values: list[float]) -> dict:
@@ -115,31 +123,38 @@ def bench_group(n, dtype, device, variants_wanted, rounds, min_run_time) -> list
         times["copy", "copy"].append(measure(copy, min_run_time))
         for key, variant in variants.items():
             times[key].append(measure(variant, min_run_time))
-    copy_gbps = [2 * n * bytes_per_element / t / 1e9 for t in times["copy", "copy"]]
-    rows = [
-        {
-            "op": "copy",
-            "dtype": str(dtype).split(".")[1],
-            "elements": n,
-            "ms": spread([1e3 * t for t in times["copy", "copy"]]),
-            "gbps": spread(copy_gbps),
-        }
-    ]
-    for op, (_, tensors_moved) in cases.items():
-        fused = times[op, "fused"]
-        gbps = [tensors_moved * n * bytes_per_element / t / 1e9 for t in fused]
-        row = {
-            "op": op,
-            "dtype": str(dtype).split(".")[1],
-            "elements": n,
-            "ms": spread([1e3 * t for t in fused]),
-            "gbps": spread(gbps),
-            "of_copy": spread([g / c for g, c in zip(gbps, copy_gbps)]),
-        }
-        for name in variants_wanted:
-            if name != "fused":
-                row[f"vs_{name}"] = spread([o / f for o, f in zip(times[op, name], fused)])
-        rows.append(row)
+    dtype_name = str(dtype).split(".")[1]
+    rows = []
+    for index, clock in enumerate(("wall", "cpu")):
+        copy_times = [t[index] for t in times["copy", "copy"]]
+        copy_gbps = [2 * n * bytes_per_element / t / 1e9 for t in copy_times]
+        rows.append(
+            {
+                "op": "copy",
+                "dtype": dtype_name,
+                "elements": n,
+                "clock": clock,
+                "ms": spread([1e3 * t for t in copy_times]),
+                "gbps": spread(copy_gbps),
+            }
+        )
+        for op, (_, tensors_moved) in cases.items():
+            fused = [t[index] for t in times[op, "fused"]]
+            gbps = [tensors_moved * n * bytes_per_element / t / 1e9 for t in fused]
+            row = {
+                "op": op,
+                "dtype": dtype_name,
+                "elements": n,
+                "clock": clock,
+                "ms": spread([1e3 * t for t in fused]),
+                "gbps": spread(gbps),
+                "of_copy": spread([g / c for g, c in zip(gbps, copy_gbps)]),
+            }
+            for name in variants_wanted:
+                if name != "fused":
+                    other = [t[index] for t in times[op, name]]
+                    row[f"vs_{name}"] = spread([o / f for o, f in zip(other, fused)])
+            rows.append(row)
     return rows
 
 
@@ -154,8 +169,11 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved repetitions")
     parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds per timing")
+    parser.add_argument("--threads", type=int, help="torch and kernel threads (default: torch's)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sizes = args.sizes or [parse_size(s) for s in ("16M", "64M")] + (
         [parse_size("256M")] if args.device == "cuda" else []
     )
@@ -170,8 +188,8 @@ def main() -> None:
         f"load average at start {load}; {args.rounds} interleaved rounds, median [min-max]"
     )
     variants = ["fused", "eager"] + ([] if args.no_compile else ["compile"])
-    print("| op | dtype | elements | fused ms | GB/s | of copy | vs eager | vs compile |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| op | dtype | elements | clock | fused ms | GB/s | of copy | vs eager | vs compile |")
+    print("|---|---|---|---|---|---|---|---|---|")
     rows = []
     for dtype_name in args.dtypes:
         for n in args.sizes or sizes:
@@ -182,7 +200,9 @@ def main() -> None:
                 cells += [show(r[k], "%" if k == "of_copy" else "x") if k in r else ""
                           for k in ("of_copy", "vs_eager", "vs_compile")]  # fmt: skip
                 print(
-                    f"| {r['op']} | {dtype_name} | {n / 2**20:g}M | " + " | ".join(cells) + " |",
+                    f"| {r['op']} | {dtype_name} | {n / 2**20:g}M | {r['clock']} | "
+                    + " | ".join(cells)
+                    + " |",
                     flush=True,
                 )
             rows += group

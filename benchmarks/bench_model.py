@@ -14,7 +14,7 @@ bf16 peak of the device, and peak memory (GPU: allocated; CPU: the process's pea
 A variant the machine cannot run (FP8 without an FP8 GPU) prints its refusal instead.
 Qwen-Image: pass its config and `--latent 1 H W` (latent height, width; 2x2 patches).
 
-    python benchmarks/bench_model.py --vs-diffusers [--rounds 5] [--json FILE]
+    python benchmarks/bench_model.py --vs-diffusers [--rounds 5] [--steps 10] [--threads 1]
 
 compares our Wan DiT with diffusers' `WanTransformer3DModel` holding the same weights (ours
 loaded with `from_diffusers`), float32, at two sizes (VS_DIFFUSERS_SIZES): forward (no grad)
@@ -229,7 +229,10 @@ def main(argv=None) -> int:
         "--vs-diffusers", action="store_true", help="ours vs diffusers' Wan, same weights"
     )
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (--vs-diffusers)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.vs_diffusers:
         ensure_initialized()
         print(
