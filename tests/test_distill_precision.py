@@ -42,7 +42,7 @@ def _generator_state(run_dir: Path) -> dict:
 
 def _teacher_values(teacher: Path, dtype: str) -> list[torch.Tensor]:
     distiller = Distiller(_config(teacher, *QUICK, *REAL_LR, f"dtype={dtype}"), teacher / "unused")
-    return [p.detach().float().clone() for p in distiller.generator[0].parameters()]
+    return [p.detach().float().clone() for p in distiller._expert(1).parameters()]
 
 
 def _change(after: list[torch.Tensor], before: list[torch.Tensor]) -> torch.Tensor:
@@ -235,3 +235,17 @@ def test_a_phase_holds_only_the_teacher_experts_its_noise_reaches(tmp_path, two_
     assert math.isfinite(trained.step())
     assert all(torch.equal(a, b) for a, b in zip(fake.low.parameters(), low_before))
     assert any(not torch.equal(a, b) for a, b in zip(fake.high.parameters(), high_before))
+
+
+def test_a_phase_builds_its_expert_and_retires_the_last_phases_state(tmp_path, teacher):
+    """Full-copy experts: expert 2 is its teacher until phase 2 trains (phase 1 holds one copy);
+    when phase 2 starts, phase 1's fake, gradient buffers and optimizer are gone."""
+    distiller = Distiller(_config(teacher, *QUICK, "num_steps=4", "num_phases=2"), tmp_path)
+    assert distiller.generator[1] is distiller.teacher and not distiller.copied_experts
+    for _ in range(2):  # phase 1 (iterations_per_phase = 2)
+        distiller._iteration()
+    assert distiller.copied_experts == {1} and distiller.generator[1] is distiller.teacher
+    assert set(distiller.trained) == {("fake", 1), ("generator", 1)}
+    distiller._iteration()  # phase 2
+    assert distiller.copied_experts == {1, 2} and set(distiller.fakes) == {2}
+    assert set(distiller.trained) == {("fake", 2), ("generator", 2)}

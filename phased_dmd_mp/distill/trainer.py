@@ -116,6 +116,7 @@ class Distiller:
         self.teacher = self._load_teacher(
             *teacher_experts(teacher_dir, spec, config.teacher_low_noise, config.moe_boundary)
         )
+        self.copied_experts: set[int] = set()  # full experts no longer their teacher
         self.generator = self._generator_experts()
         self.fakes: dict[int, VelocityModel | RoutedVelocity] = {}
         # (role, phase) -> DDP gradient buffers, optimizer, main params and EMA (optim.py)
@@ -179,13 +180,15 @@ class Distiller:
 
     def _generator_experts(self) -> list[VelocityModel]:
         """Expert k starts from the teacher (expert) owning the first step of phase k: a full
-        copy, or with LoRA, adapter k - 1 on that teacher's own (frozen, shared) weights."""
+        copy, or with LoRA, adapter k - 1 on that teacher's own (frozen, shared) weights. A full
+        copy is made when its phase first trains (`_expert`); until then that teacher, whose
+        weights it would have, stands in, so phase 1 holds one copy rather than K."""
         config = self.config
         owners = [
             self._teacher_at(self.timesteps[self.bounds[k]]) for k in range(config.num_phases)
         ]
         if config.generator_adapter == "full":
-            return [self._copy(owner, trainable=True) for owner in owners]
+            return owners
         for base in {id(o): o for o in owners}.values():
             add_lora(
                 base.module,
@@ -196,6 +199,13 @@ class Distiller:
             )
             base.has_lora = True
         return [VelocityModel(owner.module, adapter=k) for k, owner in enumerate(owners)]
+
+    def _expert(self, k: int) -> VelocityModel:
+        """Generator expert k, its full copy made now if it is still its teacher."""
+        if self.config.generator_adapter == "full" and k not in self.copied_experts:
+            self.generator[k - 1] = self._copy(self.generator[k - 1], trainable=True)
+            self.copied_experts.add(k)
+        return self.generator[k - 1]
 
     def _fake(self, k: int):
         """Phase k's fake model, re-initialised from the teacher when the phase starts. Of a
@@ -224,7 +234,7 @@ class Distiller:
         key = (role, k)
         if key not in self.trained:
             config = self.config
-            model = self.generator[k - 1] if role == "generator" else self._fake(k)
+            model = self._expert(k) if role == "generator" else self._fake(k)
             first = model.high if isinstance(model, RoutedVelocity) else model
             self.trained[key] = TrainedModel(
                 model.parameters(),
@@ -320,7 +330,7 @@ class Distiller:
     def fake_update(self, k: int) -> dict:
         config, fake = self.config, self._fake(k)
         r = self.rollout(k)
-        x_s = self._finish(self.generator[k - 1], r)
+        x_s = self._finish(self._expert(k), r)
         t, s = self._injection(k)
         eps = self._randn(x_s.shape)
         x_t = ops.add_noise_from(x_s, eps, t, s)
@@ -336,7 +346,7 @@ class Distiller:
         return {"fake_loss": loss, "fake_grad_norm": self._step(trained, "fake")}
 
     def generator_update(self, k: int) -> dict:
-        config, expert = self.config, self.generator[k - 1]
+        config, expert = self.config, self._expert(k)
         r = self.rollout(k)
         trained = self._trained("generator", k)
         trained.zero_grad()
@@ -618,7 +628,8 @@ class Distiller:
         checkpoint.check_layout(path)
         model_state, rank_state = checkpoint.load(path)
         with torch.no_grad():
-            for expert, tensors in zip(self.generator, model_state["generator"]):
+            for k, tensors in enumerate(model_state["generator"], start=1):
+                expert = self._expert(k) if tensors else self.generator[k - 1]
                 for p, value in zip(expert.parameters(), tensors, strict=True):
                     p.copy_(value)
             for k, weights in model_state["fakes"].items():
