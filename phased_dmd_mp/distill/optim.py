@@ -13,9 +13,11 @@ Transformer Engine / apex are absent). `DistillConfig.dtype` and `main_params_dt
               parameters and fp32 Adam moments (`Float16OptimizerWithFloat16Params`, or
               `DistributedOptimizer` when sharded) step, then cast back into the bf16 weights.
   bf16 pure   dtype bfloat16, main_params_dtype bfloat16: AdamW steps the bf16 weights with bf16
-              gradients and bf16 moments (`FP32Optimizer` on bf16 parameters). At the small
-              learning rates of distillation most updates round away (a 4e-7 step changes ~4%
-              of a bf16 model's elements); kept only as an explicit choice for comparison.
+              gradients and bf16 moments (`FP32Optimizer` on bf16 parameters; megatron's clip
+              asserts fp32 gradients, so this mode scales the bf16 ones by the same formula).
+              At distillation learning rates most updates round away (two updates at lr 2e-6
+              move the generator 31% as far as fp32 does, tests/test_distill_precision.py);
+              kept only as an explicit choice for comparison.
   fp32        dtype float32: weights, gradients and moments in fp32 (`FP32Optimizer`, or
               `DistributedOptimizer` when sharded, whose main parameters are then views of the
               weights).
@@ -36,14 +38,19 @@ LoRA adapters, hold only their weights: 2 B in bf16, 4 B in fp32):
   total per trained parameter        16     8 + 8 / D         18          6 + 12 / D            8
   EMA (generator, with ema_decay)     4       4 / D            4             4 / D              4
 
+(Sharded, megatron aligns each parameter in its buffers to 64 elements and pads the buffer to a
+multiple of D: nothing at real sizes, ~10% for the tests' tiny models.)
+
 The EMA is fp32 and follows the main parameters (sharded alike); a finished expert's EMA is
 gathered to full fp32 tensors (4 B per parameter on every rank) when its phase retires.
-Saving a checkpoint gathers one parameter at a time (one fp32 parameter's worth extra).
 
 Checkpoints (`state_dict`) hold full fp32 tensors per trained parameter (main parameters, Adam
 moments, EMA) plus the step count, independent of the data-parallel size and of sharding, so a
 sharded run's state loads into an unsharded one and back; the runner still refuses another
-data-parallel size because each rank's random streams are part of an exact resume.
+data-parallel size because each rank's random streams are part of an exact resume. On disk, per
+trained parameter and model-parallel rank (data-parallel rank 0 writes): 4 main + 8 moments
+(+ 4 EMA), next to the runner's copy of the weights (2 bf16 / 4 fp32); whole tensors are gathered
+one parameter at a time, so saving adds one fp32 parameter's worth of memory.
 """
 
 from __future__ import annotations
