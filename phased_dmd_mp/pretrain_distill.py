@@ -36,6 +36,15 @@ from phased_dmd_mp.distill.signals import stop_on_signals, stop_with_launcher
 
 
 def main(argv: list[str] | None = None) -> int:
+    # SLURM's warning may come while the job starts (validation, the rendezvous waiting for the
+    # other nodes, the model load): recorded from here on, it stops the run after one iteration
+    # with a checkpoint; unhandled, it would kill the rank and fail the job, which then does
+    # not requeue.
+    with stop_on_signals():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m phased_dmd_mp.pretrain_distill", description=__doc__.split("\n")[0]
     )
@@ -76,9 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         if dist.get_rank() == 0:  # held for the run's life; the kernel drops it if we die
             lock = _on_rank_0(lambda: rundir.RunLock(args.out))
         _fail_on_any_rank(parser, lock if isinstance(lock, str) else None)
-        with stop_on_signals():  # a signal while the run starts stops it after one iteration
-            stop_with_launcher()
-            return _run(parser, args, config)
+        stop_with_launcher()
+        return _run(parser, args, config)
     finally:
         if isinstance(lock, rundir.RunLock):
             lock.release()

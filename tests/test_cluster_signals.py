@@ -85,3 +85,24 @@ def test_sigusr1_to_the_launcher_checkpoints_and_resume_is_exact(tmp_path, teach
         _, _, ours = read_diffusers_dir(run / "export" / name)
         _, _, theirs = read_diffusers_dir(tmp_path / "straight" / "export" / name)
         assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_sigusr1_while_the_run_starts_stops_it_with_a_checkpoint(tmp_path, teacher, monkeypatch):
+    """SLURM's warning before the training loop (here: during validation; on a cluster also the
+    rendezvous and the model load) must not kill the rank: the run stops after one iteration,
+    checkpointed, exit 0, so the job requeues and --resume continues."""
+    from phased_dmd_mp import pretrain_distill
+    from phased_dmd_mp.distill import validate
+
+    checked = validate.validate_run
+
+    def validate_then_warned(*args, **kwargs):
+        checked(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    monkeypatch.setattr(validate, "validate_run", validate_then_warned)
+    previous = signal.getsignal(signal.SIGUSR1)
+    run = tmp_path / "run"
+    assert pretrain_distill.main(distill_args(run, teacher, *CONFIG)) == 0
+    assert checkpoint.complete_steps(run) == [1] and not (run / "export").exists()
+    assert signal.getsignal(signal.SIGUSR1) is previous  # handlers restored
