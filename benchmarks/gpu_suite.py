@@ -298,6 +298,8 @@ def kernel_table(results: dict, peak_gbps: float | None) -> list[str]:
         return f"{value:.0f}%" if unit == "%" else f"{value:.2f}{unit}"
 
     for row in results.get("rows", []):
+        if row.get("clock", "wall") != "wall":  # CPU time says nothing about a GPU kernel
+            continue
         gbps = row["gbps"]["median"]
         share = f"{100 * gbps / peak_gbps:.0f}%" if peak_gbps else "n/a"
         lines.append(

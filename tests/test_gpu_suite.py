@@ -78,6 +78,8 @@ def test_summary_tables_compute_fraction_of_peak_and_ratios():
         {"op": "dmd_loss", "dtype": "bfloat16", "elements": size, "ms": stat(1.0),
          "gbps": stat(4320.0), "of_copy": stat(1.08), "vs_eager": stat(3.0),
          "vs_compile": stat(1.5)},
+        {"op": "dmd_loss", "dtype": "bfloat16", "elements": size, "clock": "cpu",
+         "ms": stat(0.01), "gbps": stat(9e5)},
     ]  # fmt: skip
     kernels = gpu_suite.Section("kernels", [], 1, status="passed", results={"rows": rows})
     model = gpu_suite.Section(
@@ -90,6 +92,7 @@ def test_summary_tables_compute_fraction_of_peak_and_ratios():
     text = gpu_suite.summary_markdown("NVIDIA H200", [kernels, model, broken])
     assert "| copy | bfloat16 | 64M | 4000 | 83% |  |  |  |" in text
     assert "| dmd_loss | bfloat16 | 64M | 4320 | 90% | 108% | 3.00x | 1.50x |" in text
+    assert "900000" not in text  # CPU-clock rows are left out on a GPU
     assert "| bfloat16 | 2000.0 | 400.0 | 40.4% | 61.2 |" in text
     assert "refused: no transformer-engine" in text
     assert "## distill: timed out, log tail" in text and "Traceback: hang" in text
