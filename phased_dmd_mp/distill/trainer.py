@@ -20,7 +20,7 @@ import datetime
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,7 +38,7 @@ from phased_dmd_mp.data.teacher import (
     read_spec,
     teacher_experts,
 )
-from phased_dmd_mp.distill import checkpoint
+from phased_dmd_mp.distill import resume
 from phased_dmd_mp.distill.config import DistillConfig
 from phased_dmd_mp.distill.export import export_generator
 from phased_dmd_mp.distill.models import RoutedVelocity, VelocityModel
@@ -587,62 +587,8 @@ class Distiller:
     def export(self) -> Path:
         return export_generator(self)
 
-    def _model_state(self) -> dict:
-        def module_state(model):
-            if isinstance(model, RoutedVelocity):
-                return {
-                    "high": model.high.module.state_dict(),
-                    "low": model.low.module.state_dict(),
-                }
-            return model.module.state_dict()
-
-        return {
-            "generator": [[p.detach() for p in expert.parameters()] for expert in self.generator],
-            "fakes": {k: module_state(fake) for k, fake in self.fakes.items()},
-            # whole fp32 main params, Adam moments and EMA of each trained role
-            "optimizers": {f"{role}/{k}": t.state_dict() for (role, k), t in self.trained.items()},
-            "ema": self.finished_ema,
-            "progress": asdict(self.state),
-            "config": asdict(self.config),
-        }
-
     def save_checkpoint(self) -> Path:
-        trainable = [p for m in [*self.generator, *self.fakes.values()] for p in m.parameters()]
-        if not all(bool(torch.isfinite(p).all()) for p in trainable):
-            raise RuntimeError(
-                f"non-finite weights at iteration {self.state.iteration}: not checkpointing "
-                "them; lower the learning rates or resume from the last checkpoint"
-            )
-        rank_state = {"rng": self.rng.get_state(), "sampler": self.sampler.state_dict()}
-        path = checkpoint.save(
-            self.run_dir,
-            self.state.iteration,
-            self._model_state(),
-            rank_state,
-            self.config.keep_last,
-            asdict(self.config),
-        )
-        return path
+        return resume.save(self)
 
     def load_checkpoint(self, path: Path) -> None:
-        checkpoint.check_layout(path)
-        model_state, rank_state = checkpoint.load(path)
-        with torch.no_grad():
-            for k, tensors in enumerate(model_state["generator"], start=1):
-                expert = self._expert(k) if tensors else self.generator[k - 1]
-                for p, value in zip(expert.parameters(), tensors, strict=True):
-                    p.copy_(value)
-            for k, weights in model_state["fakes"].items():
-                fake = self._fake(k)
-                if isinstance(fake, RoutedVelocity):
-                    fake.high.module.load_state_dict(weights["high"])
-                    fake.low.module.load_state_dict(weights["low"])
-                else:
-                    fake.module.load_state_dict(weights)
-        for key, trained_state in model_state["optimizers"].items():
-            role, k = key.split("/")
-            self._trained(role, int(k)).load_state_dict(trained_state)
-        self.finished_ema = model_state["ema"]
-        self.state = Progress(**model_state["progress"])
-        self.rng.set_state(rank_state["rng"])
-        self.sampler.load_state_dict(rank_state["sampler"])
+        resume.restore(self, path)
