@@ -137,3 +137,18 @@ def test_cli_refuses_a_placeholder_expert_before_loading_any_model(
     code, err = run_cli(pretrain_distill.main, args, capsys)
     assert code == 2 and "teacher_low_noise: /path/to/wan22/transformer_2 does not exist" in err
     assert "Traceback" not in err
+
+
+def test_a_pipeline_folder_given_as_teacher_points_to_prepare(tmp_path):
+    """The likely first mistake with a downloaded model: `teacher=` the diffusers folder itself."""
+    pipeline = tmp_path / "Wan2.2-T2V-A14B-Diffusers"
+    pipeline.mkdir()
+    (pipeline / "model_index.json").write_text("{}")
+    with pytest.raises(ConfigError) as info:
+        validate_run(config(pipeline), 1)
+    message = str(info.value)
+    assert f"{pipeline} is a diffusers pipeline folder, not a teacher directory" in message
+    assert f"python -m phased_dmd_mp.prepare --pipeline {pipeline}" in message
+    assert "\n" not in message
+    with pytest.raises(ConfigError, match="write one with python -m phased_dmd_mp.prepare"):
+        validate_run(config(tmp_path), 1)

@@ -125,9 +125,16 @@ def read_spec(teacher_dir: str | Path) -> TeacherSpec:
     if not teacher_dir.is_dir():
         raise ConfigError(f"teacher directory {teacher_dir} does not exist")
     path = teacher_dir / SPEC_FILE
+    if not path.is_file() and (teacher_dir / "model_index.json").is_file():
+        raise ConfigError(
+            f"{teacher_dir} is a diffusers pipeline folder, not a teacher directory: make one "
+            f"from it with python -m phased_dmd_mp.prepare --pipeline {teacher_dir} "
+            "--prompts PROMPTS.txt --out TEACHER_DIR"
+        )
     if not path.is_file():
         raise ConfigError(
             f"{teacher_dir} has no {SPEC_FILE}: not a teacher directory (write one with "
+            "python -m phased_dmd_mp.prepare from a diffusers pipeline, or "
             "python -m phased_dmd_mp.pretrain_teacher)"
         )
     return load_config(TeacherSpec, path)
