@@ -35,7 +35,7 @@ def load_vae(pipeline_dir: str | Path, device="cpu", dtype: torch.dtype = torch.
     cls = getattr(diffusers, str(class_name), None)
     if cls is None or not class_name.startswith("AutoencoderKL"):
         raise ConfigError(f"{config_path}: _class_name {class_name!r} is not a diffusers VAE")
-    return cls.from_pretrained(folder, torch_dtype=dtype).to(device).eval()
+    return cls.from_pretrained(folder, dtype=dtype).to(device).eval()
 
 
 @torch.no_grad()

@@ -325,11 +325,15 @@ class Encoder:
         cuda = self.device.type == "cuda"
         # bf16 text encoders on the GPU; the VAE and CLIP in float32, as Wan's I2V example loads
         dtype = {"default": torch.bfloat16, "vae": torch.float32, "image_encoder": torch.float32}
-        skip = {"transformer": None, "transformer_2": None}
+        # the transformers are not needed to encode; a pipeline without transformer_2
+        # (Qwen-Image) warns about the keyword, so name only the ones it has
+        skip = {"transformer": None}
+        if pipe.transformer_2 is not None:
+            skip["transformer_2"] = None
         if pipe.kind != "wan_i2v":
             skip["vae"] = None
         self.pipe = diffusers.DiffusionPipeline.from_pretrained(
-            pipe.path, torch_dtype=dtype if cuda else torch.float32, **skip
+            pipe.path, dtype=dtype if cuda else torch.float32, **skip
         ).to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.text_len = WAN_TEXT_TOKENS if pipe.is_wan else qwen_text_len(self.pipe, texts)
@@ -441,7 +445,10 @@ def prepare(args) -> Path:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     if (out / CONDITIONS_DIR).exists():
-        raise ConfigError(f"{out / CONDITIONS_DIR} already exists: {out} is prepared already")
+        raise ConfigError(
+            f"{out / CONDITIONS_DIR} already exists: {out} is prepared already (choose another "
+            "--out, or remove it to prepare again)"
+        )
 
     partial = out / PARTIAL
     partial.mkdir(parents=True, exist_ok=True)
@@ -491,7 +498,7 @@ def prepare(args) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m phased_dmd_mp.prepare", description=__doc__.split("\n")[0]
+        prog="python -m phased_dmd_mp.prepare", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument(
         "--pipeline", required=True, type=Path, help="diffusers pipeline folder (model_index.json)"

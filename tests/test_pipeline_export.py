@@ -89,8 +89,9 @@ def test_routing_of_two_experts_and_what_diffusers_cannot_route():
     boundary = routing(wan, table, [1, 1, 2, 2])
     assert table[2] < boundary < table[1]
     assert routing(qwen, table, [1, 1, 1, 1]) is None
-    with pytest.raises(PipelineUnsupported, match="one expert"):
+    with pytest.raises(PipelineUnsupported, match="one expert") as info:
         routing(qwen, table, [1, 1, 2, 2])
+    assert "num_phases: 1 for a pipeline stock diffusers loads" in str(info.value)
     with pytest.raises(PipelineUnsupported, match="4"):
         routing(wan, table, [1, 2, 3, 4])
 

@@ -112,7 +112,9 @@ def routing(cls: type, timesteps: list[float], expert_of_step: list[int]) -> flo
         raise PipelineUnsupported(
             f"{cls.__name__} routes {'two experts' if 'transformer_2' in accepts else 'one expert'}"
             f" by timestep; this generator has {len(experts)}. Run it with python -m "
-            "phased_dmd_mp.sample, or load one expert per pipeline (README: Loading the student)"
+            "phased_dmd_mp.sample (README 'Distill your own model', step 5), or distill "
+            f"with num_phases: {2 if 'transformer_2' in accepts else 1} for a pipeline stock "
+            "diffusers loads"
         )
     first_low = expert_of_step.index(2)
     if expert_of_step != [1] * first_low + [2] * (len(expert_of_step) - first_low):
