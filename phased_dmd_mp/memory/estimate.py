@@ -1,0 +1,221 @@
+"""Memory of one rank of a distillation run, per phase, before any GPU time.
+
+`estimate(plan)` adds up, for each phase and each distinct pipeline stage (first, middle,
+last), what that rank holds at the peak of an iteration (fake updates, then the generator
+update):
+
+  parameters        every model's weights on the stage: the teacher (one or two experts),
+                    the generator experts (full copies; or with LoRA the adapters of every
+                    expert on the teacher's shared weights) and the phase's fake model (the
+                    teacher experts its noise injection reaches), in the run's dtype
+  gradients         fp32 DDP buffers (`main_grad`) of what the phase trains: the fake model
+                    and the phase's expert (all its weights, or its adapter)
+  main parameters   fp32 copies of the trained weights (bf16 runs), split over data-parallel
+                    ranks with the distributed optimizer (ZeRO-1)
+  optimizer states  Adam's exp_avg and exp_avg_sq of the trained weights (fp32; split alike)
+  EMA               fp32 EMA of the phase's expert (split alike) and of finished experts
+  activations       the largest DiT call of the iteration (`activations.py`): a training call
+                    (layers x microbatches in flight + its peak), or a forward-only call (the
+                    teacher on a guided pair of microbatches)
+  buffers           the iteration's fp32 latents (rollout, noise, noised latents, teacher,
+                    guided and fake velocities), the conditions and the pipeline's send and
+                    receive buffers
+
+Bytes per trained parameter follow `phased_dmd_mp/distill/optim.py`'s table; parameter counts
+are exact (`parameters.py`). The result is in bytes; `Plan` says what is estimated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from phased_dmd_mp.distill.config import DistillConfig
+from phased_dmd_mp.memory.activations import CallShape, activation_bytes
+from phased_dmd_mp.memory.parameters import distinct_stages, stage_parameters
+from phased_dmd_mp.models.config import QwenImageConfig, WanConfig
+from phased_dmd_mp.schedule import injection_interval, phase_step_boundaries, timestep_table
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+FP32 = 4
+PARTS = ("parameters", "gradients", "main parameters", "optimizer states", "EMA",
+         "activations", "buffers")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A run to estimate: its config, the teacher architecture (both experts of a two-expert
+    teacher share it), the latent shape [C, F, H, W], text tokens per sample and the world."""
+
+    config: DistillConfig
+    arch: WanConfig | QwenImageConfig
+    latent_shape: tuple[int, int, int, int]
+    text_tokens: int
+    world_size: int
+    shift: float
+    two_expert_teacher: bool = False
+    moe_boundary: float | None = None
+
+    @property
+    def tensor_parallel(self) -> int:
+        return self.config.tensor_parallel
+
+    @property
+    def pipeline_parallel(self) -> int:
+        return self.config.pipeline_parallel
+
+    @property
+    def data_parallel(self) -> int:
+        return self.world_size // (self.tensor_parallel * self.pipeline_parallel)
+
+    @property
+    def rank_batch(self) -> int:
+        return self.config.batch_size // self.data_parallel
+
+    @property
+    def micro_batch(self) -> int:
+        return min(self.config.micro_batch_size or self.rank_batch, self.rank_batch)
+
+    @property
+    def tokens(self) -> int:
+        """Image/video tokens per sample: latent frames x height x width over the patch."""
+        _, frames, height, width = self.latent_shape
+        patch = self.arch.patch_size
+        pt, ph, pw = patch if isinstance(patch, tuple) else (1, patch, patch)
+        return (frames // pt) * (height // ph) * (width // pw)
+
+
+@dataclass
+class RankMemory:
+    """Bytes of one pipeline stage's ranks in one phase, by part (PARTS), with notes."""
+
+    phase: int
+    pp_rank: int
+    parts: dict[str, int] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+
+def _trained_bytes(config: DistillConfig, data_parallel: int) -> dict[str, float]:
+    """Bytes per trained parameter by part (distill/optim.py's table)."""
+    dtype = config.dtype
+    main_dtype = getattr(config, "main_params_dtype", "float32")
+    shard = data_parallel if getattr(config, "distributed_optimizer", True) else 1
+    if dtype == "float32":
+        return {"gradients": 4, "main parameters": 0, "optimizer states": 8 / shard, "EMA": 4 / shard}
+    if main_dtype == "bfloat16":  # pure bf16: bf16 gradients and moments, nothing sharded
+        return {"gradients": 2, "main parameters": 0, "optimizer states": 4, "EMA": 4}
+    return {"gradients": 4, "main parameters": 4 / shard, "optimizer states": 8 / shard,
+            "EMA": 4 / shard}  # fmt: skip
+
+
+def fake_experts(plan: Plan, phase: int) -> int:
+    """How many teacher experts phase `phase`'s fake model copies: a two-expert teacher's
+    experts that the phase's noise injection reaches (as the trainer's `_fake`)."""
+    if not plan.two_expert_teacher:
+        return 1
+    config = plan.config
+    low, high = injection_interval(
+        phase, config.num_steps, config.num_phases, plan.shift, config.intervals
+    )
+    lo, hi = config.t_range
+    if config.phase_t_ranges:
+        lo, hi = max(lo, config.phase_t_ranges[phase - 1][0]), min(hi, config.phase_t_ranges[phase - 1][1])
+    low, high = max(low, lo), min(high, hi)
+    return int(high > plan.moe_boundary) + int(low < plan.moe_boundary)
+
+
+def _call_shape(plan: Plan) -> CallShape:
+    return CallShape(plan.tokens, plan.text_tokens, plan.tensor_parallel)
+
+
+def activations(plan: Plan, pp_rank: int) -> tuple[int, str]:
+    """Peak activation bytes of the iteration's largest DiT call on stage pp_rank, and which
+    call it is."""
+    config, arch = plan.config, plan.arch
+    shape, micro = _call_shape(plan), plan.micro_batch
+    layers = arch.num_layers // plan.pipeline_parallel
+    microbatches = plan.rank_batch // micro
+    in_flight = min(plan.pipeline_parallel - pp_rank, microbatches)  # 1F1B warm-up depth
+    candidates = {}
+    for role, adapter in (("fake", "full"), ("generator", config.generator_adapter)):
+        kept = activation_bytes(arch, shape, micro, "layer", dtype=config.dtype, adapter=adapter,
+                                recompute=config.recompute)  # fmt: skip
+        peak = activation_bytes(arch, shape, micro, "train", dtype=config.dtype, adapter=adapter,
+                                recompute=config.recompute)  # fmt: skip
+        steps = config.steps_with_gradient if role == "generator" else 1
+        candidates[f"{role} training, {in_flight} x {layers} layers x {micro} samples"] = (
+            steps * in_flight * layers * kept + peak
+        )
+    guided = 2 if (config.guidance_scale is None or config.guidance_scale != 1.0) else 1
+    forward = activation_bytes(arch, shape, guided * micro, "forward", dtype=config.dtype)
+    candidates[f"teacher forward, {guided * micro} samples"] = forward
+    name = max(candidates, key=candidates.get)
+    return candidates[name], name
+
+
+def buffers(plan: Plan, pp_rank: int) -> int:
+    """The iteration's latent-sized fp32 tensors, the conditions and pipeline send/receive
+    buffers."""
+    latent = math.prod(plan.latent_shape) * plan.rank_batch * FP32
+    # generator update: rollout x, x_s, noise, x_t, teacher cond + uncond, fake velocity, and
+    # the guided pair's concatenated inputs and output (2 x each)
+    latents = 11 * latent
+    text_width = plan.arch.text_dim if isinstance(plan.arch, WanConfig) else plan.arch.joint_attention_dim
+    conditions = 4 * plan.rank_batch * plan.text_tokens * text_width * FP32  # cond, uncond, pair
+    pipeline = 0
+    if plan.pipeline_parallel > 1:
+        rows = plan.tokens + plan.text_tokens + 8
+        pipeline = 2 * rows * plan.micro_batch * plan.arch.hidden_size * DTYPE_BYTES[plan.config.dtype]
+    return latents + conditions + pipeline
+
+
+def estimate(plan: Plan) -> list[RankMemory]:
+    """RankMemory of every phase x distinct pipeline stage. Sequential phases hold one phase's
+    fake model and trained states at a time; `phase_order: alternating` holds all of them."""
+    config, arch = plan.config, plan.arch
+    dtype_bytes = DTYPE_BYTES[config.dtype]
+    per_trained = _trained_bytes(config, plan.data_parallel)
+    lora = config.generator_adapter == "lora"
+    teacher_experts = 2 if plan.two_expert_teacher else 1
+    result = []
+    for pp_rank in distinct_stages(plan.pipeline_parallel):
+        stage = stage_parameters(arch, plan.tensor_parallel, plan.pipeline_parallel, pp_rank,
+                                 config.lora_rank if lora else 0)  # fmt: skip
+        act, act_note = activations(plan, pp_rank)
+        phases = range(1, config.num_phases + 1)
+        for phase in phases:
+            fakes = fake_experts(plan, phase)
+            expert = stage.adapter if lora else stage.weights
+            experts_trained = 1
+            if config.phase_order == "alternating":  # every phase's fake and expert at once
+                fakes, experts_trained = sum(fake_experts(plan, k) for k in phases), len(phases)
+            if lora:  # every expert's adapter lives on the teacher expert owning its phase
+                weights = teacher_experts * stage.weights + config.num_phases * stage.adapter
+            else:
+                weights = teacher_experts * stage.weights + config.num_phases * stage.weights
+            weights += fakes * stage.weights
+            trained = fakes * stage.weights + experts_trained * expert
+            parts = {"parameters": weights * dtype_bytes}
+            for part in ("gradients", "main parameters", "optimizer states"):
+                parts[part] = round(trained * per_trained[part])
+            parts["EMA"] = 0
+            if config.ema_decay is not None:  # trained experts' (sharded), finished ones' (full)
+                finished = 0 if config.phase_order == "alternating" else phase - 1
+                parts["EMA"] = round(experts_trained * expert * per_trained["EMA"])
+                parts["EMA"] += finished * expert * FP32
+            parts["activations"] = act
+            parts["buffers"] = buffers(plan, pp_rank)
+            memory = RankMemory(phase, pp_rank, parts)
+            memory.notes["activations"] = act_note
+            memory.notes["parameters"] = (
+                f"teacher {teacher_experts} x {stage.weights / 1e9:.3g}B, "
+                + (f"{config.num_phases} adapters x {stage.adapter / 1e6:.3g}M" if lora
+                   else f"{config.num_phases} experts x {stage.weights / 1e9:.3g}B")
+                + f", fake {fakes} x {stage.weights / 1e9:.3g}B"
+            )  # fmt: skip
+            result.append(memory)
+    return result

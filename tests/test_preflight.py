@@ -1,0 +1,179 @@
+"""preflight: exact parameter counts, exact live-tensor measurement, activation constants that
+reproduce measurements, the estimate of a whole iteration against its measured peak (three
+small runs, one of them TP=2 under torchrun), and the CLI's verdicts."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from phased_dmd_mp import preflight
+from phased_dmd_mp.data.conditions import write_condition_set
+from phased_dmd_mp.data.teacher import TeacherSpec, write_spec
+from phased_dmd_mp.memory.activations import activation_bytes
+from phased_dmd_mp.memory.calibrate import measure_point
+from phased_dmd_mp.memory.measure import LiveTensorBytes
+from phased_dmd_mp.memory.parameters import stage_parameters
+from phased_dmd_mp.models import QwenImageConfig, WanConfig, build
+from phased_dmd_mp.models.convert import diffusers_to_ours, ours_to_diffusers, shard
+from phased_dmd_mp.models.convert import write_diffusers_dir
+from phased_dmd_mp.models.lora import add_lora, adapter_parameters
+from phased_dmd_mp.parallel.state import ensure_initialized
+
+ROOT = Path(__file__).parents[1]
+WORKER = ROOT / "tests" / "parallel" / "preflight_worker.py"
+TOLERANCE = 0.15  # the estimate is within 15% of the measured peak of an iteration
+
+WAN = WanConfig(num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=4,
+                text_dim=8, freq_dim=16, ffn_dim=96, num_layers=4)  # fmt: skip
+QWEN = QwenImageConfig(patch_size=2, in_channels=16, out_channels=4, num_layers=4,
+                       attention_head_dim=16, num_attention_heads=4, joint_attention_dim=8,
+                       axes_dims_rope=(4, 6, 6))  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", [WAN, QWEN], ids=["wan", "qwen_image"])
+def test_stage_parameters_are_the_shards(arch):
+    """Meta-device counts of every (TP=2, PP=2) rank equal the converter's real shards."""
+    ensure_initialized()
+    torch.manual_seed(0)
+    whole = build(arch).state_dict()
+    shards = shard({k: v for k, v in whole.items() if isinstance(v, torch.Tensor)}, arch, 2, 2)
+    for (tp_rank, pp_rank), tensors in shards.items():
+        counted = stage_parameters(arch, 2, 2, pp_rank).weights
+        assert counted == sum(v.numel() for k, v in tensors.items() if "_extra_state" not in k)
+    assert stage_parameters(arch, 1, 1, 0).weights == sum(p.numel() for p in build(arch).parameters())
+
+
+def test_lora_adapter_count():
+    ensure_initialized()
+    model = build(WAN)
+    add_lora(model, 8, 1.0, 2)
+    assert stage_parameters(WAN, 1, 1, 0, lora_rank=8).adapter == sum(
+        p.numel() for p in adapter_parameters(model, 1)
+    )
+
+
+def test_live_tensor_bytes_is_exact():
+    weight = torch.nn.Parameter(torch.randn(256, 128))
+    x = torch.randn(32, 256)
+    (x @ weight).sum().backward()  # the gradient exists before measuring, unread from Python
+    with LiveTensorBytes() as tracker:
+        start = tracker.live
+        a = torch.randn(1000, 250)  # 1 MB
+        b = a * 2  # 2 MB live
+        del a
+        c = b + 1  # 2 MB again
+        del b, c
+        after = tracker.live
+    assert tracker.peak - start == 2_000_000
+    assert after == start
+    assert start >= (256 * 128 * 2 + 32 * 256) * 4  # weight, its gradient, x
+
+
+@pytest.mark.parametrize(
+    "kind,tp,dtype,adapter,recompute",
+    [("wan", 2, "bfloat16", "lora", False), ("qwen_image", 1, "float32", "full", False),
+     ("wan", 1, "bfloat16", "full", True)],
+)  # fmt: skip
+def test_layer_constants_reproduce_a_new_measurement(kind, tp, dtype, adapter, recompute):
+    """Bytes a layer keeps for backward, measured at a shape the calibration never drew, equal
+    the formula's (exact up to rounding)."""
+    ensure_initialized()
+    seed, batch, frames, size, text = random.Random(7).randrange(1 << 30), 2, 3, 12, 17
+    common = (tp, batch, frames, size, text, dtype, adapter, recompute)
+    arch, shape, kept1, _, _ = measure_point((kind, seed), 1, *common)
+    _, _, kept2, _, _ = measure_point((kind, seed), 2, *common)
+    estimated = activation_bytes(arch, shape, batch, "layer", dtype=dtype, adapter=adapter,
+                                 recompute=recompute)  # fmt: skip
+    assert estimated == pytest.approx(kept2 - kept1, rel=0.01)
+
+
+# --- a whole iteration: estimated vs measured ------------------------------------------------
+
+SMALL_WAN = WanConfig(num_attention_heads=4, attention_head_dim=128, in_channels=4,
+                      out_channels=4, text_dim=32, freq_dim=32, ffn_dim=1536, num_layers=2)  # fmt: skip
+SMALL_QWEN = QwenImageConfig(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                             attention_head_dim=128, num_attention_heads=2,
+                             joint_attention_dim=32, axes_dims_rope=(16, 56, 56))  # fmt: skip
+RUNS = {  # name: (arch, latent shape, world size, overrides)
+    "wan_full_fp32": (SMALL_WAN, (4, 2, 16, 16), 1, ["batch_size=2"]),
+    "wan_lora_tp2": (SMALL_WAN, (4, 2, 16, 16), 2,
+                     ["batch_size=2", "tensor_parallel=2", "generator_adapter=lora", "lora_rank=16"]),
+    "qwen_recompute_bf16": (SMALL_QWEN, (4, 1, 32, 32), 1,
+                            ["batch_size=2", "recompute=true", "dtype=bfloat16"]),
+}  # fmt: skip
+
+
+def write_teacher(path: Path, arch, latent_shape, text_tokens: int = 16) -> Path:
+    ensure_initialized()
+    torch.manual_seed(0)
+    model = build(arch)
+    write_diffusers_dir(path / "transformer", arch, ours_to_diffusers(model.state_dict(), arch))
+    width = arch.text_dim if isinstance(arch, WanConfig) else arch.joint_attention_dim
+    items = {"text": torch.randn(4, text_tokens, width)}
+    write_condition_set(path / "conditions", items, {"text": torch.zeros(text_tokens, width)})
+    write_spec(path, TeacherSpec(latent_shape=latent_shape, shift=5.0, guidance_scale=4.0))
+    return path
+
+
+def measure_run(tmp_path: Path, name: str) -> dict:
+    arch, latent_shape, world, overrides = RUNS[name]
+    teacher = write_teacher(tmp_path / "teacher", arch, latent_shape)
+    launcher = [sys.executable]
+    if world > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [*launcher, str(WORKER), str(teacher), str(tmp_path / "run"), "fake_updates=1",
+               *overrides]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_estimate_is_within_15_percent_of_the_measured_peak(tmp_path, name):
+    result = measure_run(tmp_path, name)
+    error = result["estimated"] / result["measured"] - 1
+    assert abs(error) < TOLERANCE, (name, error, result)
+
+
+# --- the command line ------------------------------------------------------------------------
+
+RECIPE = str(ROOT / "configs" / "wan2.1_t2v_14b_phased_dmd.yaml")
+WAN14B = str(ROOT / "configs" / "models" / "wan2.1_t2v_14b.yaml")
+
+
+def run_preflight(capsys, *args) -> tuple[int, str, str]:
+    code = preflight.main([*args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_recipe_fits_on_eight_gpus(capsys):
+    code, out, _ = run_preflight(capsys, "--config", RECIPE, "--world-size", "8",
+                                 "--gpu-memory", "80GiB", "--model", WAN14B,
+                                 "--latent-shape", "16", "21", "60", "104")  # fmt: skip
+    assert code == 0, out
+    assert "phase 2, every rank (ranks 0-7)" in out and "fits: peak" in out
+
+
+def test_cli_names_what_does_not_fit_and_suggests_layouts(capsys):
+    code, out, _ = run_preflight(capsys, "--config", RECIPE, "--set", "tensor_parallel=1",
+                                 "--set", "recompute=false", "--world-size", "8",
+                                 "--gpu-memory", "80GiB", "--model", WAN14B,
+                                 "--latent-shape", "16", "21", "60", "104")  # fmt: skip
+    assert code == 1
+    assert "does not fit: phase 1, pipeline stage 0" in out
+    assert "fits at" in out and "--set tensor_parallel=" in out
+
+
+def test_cli_layout_mistake_is_one_line(capsys):
+    code, _, err = run_preflight(capsys, "--config", RECIPE, "--world-size", "12",
+                                 "--model", WAN14B, "--latent-shape", "16", "21", "60", "104")  # fmt: skip
+    assert code == 2
+    assert err.count("\n") == 1 and "world size 12" in err
