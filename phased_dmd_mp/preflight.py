@@ -29,10 +29,10 @@ from phased_dmd_mp.config import ConfigError, add_config_arguments, load_config
 from phased_dmd_mp.data.conditions import read_manifest
 from phased_dmd_mp.data.teacher import CONDITIONS_DIR, read_spec, teacher_experts
 from phased_dmd_mp.distill.config import DistillConfig
+from phased_dmd_mp.distill.validate import read_transformer_arch, validate_run
 from phased_dmd_mp.memory.estimate import PARTS, Plan, RankMemory, estimate
-from phased_dmd_mp.models.config import QwenImageConfig, WanConfig, megatron_config
-from phased_dmd_mp.models.config import ExecutionConfig
-from phased_dmd_mp.models.convert import read_diffusers_config, read_layout
+from phased_dmd_mp.models.config import QwenImageConfig, WanConfig
+from phased_dmd_mp.parallel.layout import check_layout
 
 GIB = 2**30
 UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
@@ -48,16 +48,6 @@ def parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * UNITS[match.group(2).lower()])
 
 
-def read_arch(path: Path) -> WanConfig | QwenImageConfig:
-    """A transformer folder's architecture: diffusers config.json or our sharded checkpoint."""
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"{path} has no config.json (expected a transformer folder)")
-    try:
-        return read_diffusers_config(path)[1]
-    except (ConfigError, KeyError, ValueError):
-        return read_layout(path)[0]
-
-
 def read_model(path: Path) -> WanConfig | QwenImageConfig:
     """A configs/models/*.yaml architecture (Qwen-Image's have joint_attention_dim)."""
     import yaml
@@ -68,28 +58,16 @@ def read_model(path: Path) -> WanConfig | QwenImageConfig:
     return load_config(QwenImageConfig if "joint_attention_dim" in keys else WanConfig, path)
 
 
-def check_layout(arch, config: DistillConfig, world_size: int) -> None:
-    """The layout rules, ConfigError naming the first that fails."""
-    tp, pp = config.tensor_parallel, config.pipeline_parallel
-    if world_size % (tp * pp):
-        raise ConfigError(
-            f"world size {world_size} is not divisible by tensor_parallel x pipeline_parallel "
-            f"= {tp} x {pp}"
-        )
-    ffn = arch.ffn_dim if isinstance(arch, WanConfig) else 4 * arch.hidden_size
-    megatron_config(arch, ExecutionConfig(), ffn, tp, pp, init_weights=False)
-    data_parallel = world_size // (tp * pp)
-    if config.batch_size % data_parallel:
-        raise ConfigError(
-            f"batch_size {config.batch_size} is not divisible by the data-parallel size "
-            f"{data_parallel}"
-        )
-    rank_batch = config.batch_size // data_parallel
-    if config.micro_batch_size is not None and rank_batch % config.micro_batch_size:
-        raise ConfigError(
-            f"the batch per data-parallel rank ({rank_batch}) is not divisible by "
-            f"micro_batch_size {config.micro_batch_size}"
-        )
+def check_run_layout(arch, config: DistillConfig, world_size: int) -> None:
+    """parallel/layout.py's rules for this config on world_size ranks (ConfigError)."""
+    check_layout(
+        arch,
+        tensor_parallel=config.tensor_parallel,
+        pipeline_parallel=config.pipeline_parallel,
+        world_size=world_size,
+        batch_size=config.batch_size,
+        micro_batch_size=config.micro_batch_size,
+    )
 
 
 def make_plan(args, config: DistillConfig) -> tuple[Plan, str]:
@@ -102,13 +80,12 @@ def make_plan(args, config: DistillConfig) -> tuple[Plan, str]:
         latent, text, shift = tuple(args.latent_shape), args.text_tokens, config.shift or 5.0
         source = f"{args.model}"
     else:
+        validate_run(config, args.world_size)  # teacher files, shapes, conditions, layout
         teacher = Path(config.teacher)
         spec = read_spec(teacher)
         high, low, boundary = teacher_experts(teacher, spec, config.teacher_low_noise,
                                               config.moe_boundary)  # fmt: skip
-        arch = read_arch(high)
-        if low is not None and read_arch(low) != arch:
-            raise ConfigError(f"the teacher's experts {high} and {low} differ in architecture")
+        arch = read_transformer_arch(high, "teacher")
         latent, shift = tuple(args.latent_shape or spec.latent_shape), config.shift or spec.shift
         text = args.text_tokens
         if text is None:
@@ -121,9 +98,6 @@ def make_plan(args, config: DistillConfig) -> tuple[Plan, str]:
         text_tokens=text or DEFAULT_TEXT_TOKENS[kind], world_size=args.world_size, shift=shift,
         two_expert_teacher=boundary is not None, moe_boundary=boundary,
     )  # fmt: skip
-    channels = arch.in_channels if kind == "wan" else arch.in_channels // 4
-    if latent[0] > channels:
-        raise ConfigError(f"latent shape {list(latent)} has more channels than the model takes ({channels})")
     return plan, source
 
 
@@ -154,7 +128,7 @@ def suggest(plan: Plan, budget: int, limit: int = 3) -> list[tuple[dict, int]]:
                                   micro_batch_size=micro, recompute=recompute)  # fmt: skip
                     try:
                         candidate = dataclasses.replace(config, **values)
-                        check_layout(arch, candidate, world)
+                        check_run_layout(arch, candidate, world)
                     except (ConfigError, ValueError):
                         continue
                     ok, memory = fits(dataclasses.replace(plan, config=candidate), budget)
@@ -189,7 +163,11 @@ def report(plan: Plan, memory: list[RankMemory], budget: int, source: str) -> st
         f"recompute {'on' if config.recompute else 'off'}, generator {config.generator_adapter}",
     ]
     for m in memory:
-        stage = f"stage {m.pp_rank}/{plan.pipeline_parallel}" if plan.pipeline_parallel > 1 else "every rank"
+        stage = (
+            f"stage {m.pp_rank}/{plan.pipeline_parallel}"
+            if plan.pipeline_parallel > 1
+            else "every rank"
+        )
         lines.append(f"phase {m.phase}, {stage} ({_ranks(plan, m.pp_rank)}):")
         for part in PARTS:
             note = m.notes.get(part, "")
@@ -216,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         budget = parse_bytes(args.gpu_memory)
         config = load_config(DistillConfig, args.config, args.overrides)
         plan, source = make_plan(args, config)
-        check_layout(plan.arch, config, args.world_size)
+        check_run_layout(plan.arch, config, args.world_size)
     except ConfigError as error:
         print(f"preflight: {error}", file=sys.stderr)
         return 2
@@ -227,8 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     worst = next(m for m in memory if m.total > budget)
     largest = max(worst.parts, key=worst.parts.get)
+    where = f"pipeline stage {worst.pp_rank}" if plan.pipeline_parallel > 1 else "every rank"
     print(
-        f"does not fit: phase {worst.phase}, pipeline stage {worst.pp_rank} needs "
+        f"does not fit: phase {worst.phase}, {where} needs "
         f"{worst.total / GIB:.2f} GiB of {budget / GIB:.2f} GiB (largest part: {largest}, "
         f"{worst.parts[largest] / GIB:.2f} GiB)"
     )
@@ -236,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     if not suggestions:
         print(f"no layout of {args.world_size} GPUs fits; more GPUs or a smaller batch_size")
     for values, peak in suggestions:
-        sets = " ".join(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items())
+        sets = " ".join(
+            f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items()
+        )
         print(f"  fits at {peak / GIB:.2f} GiB: {sets}")
     return 1
 

@@ -19,9 +19,10 @@ its s counts the text tokens too.
 
 The constants are fits to measurements by `python -m phased_dmd_mp.memory.calibrate`, stored in
 `constants.json` next to this file per model kind, dtype, trained weights (full or LoRA) and
-recompute, with each fit's largest relative residual. The per-layer formula is exact (residual
-0); the two peaks are maxima of several buffers, fitted within a few percent, and small next to
-L layers at real sizes. Calibration uses head dim 128 and 2-3 heads per tensor-parallel rank,
+recompute, with each fit's largest relative residual. The per-layer formula is exact in float32
+(residual 0) and within ~1% in bfloat16; the two peaks are maxima of several buffers (residuals
+up to tens of percent for `train`, ~5% for `forward`), and `train` is small next to L layers.
+LoRA is calibrated at the recipes' rank 64. Calibration uses head dim 128 and 2-3 heads per tensor-parallel rank,
 like the released models, and no attention mask: SDPA then takes a fused path (no s x s scores),
 as it does on a GPU.
 """

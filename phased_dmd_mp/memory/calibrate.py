@@ -6,8 +6,9 @@ For each model kind, dtype, trained weights (full or LoRA) and recompute setting
 small random models (one and two layers; widths, heads, FFN, tokens, text tokens, batch and an
 emulated tensor-parallel size of 1 or 2 varied over `--points` shapes), measures each call with
 `LiveTensorBytes` and fits the per-sample constants by least squares. The largest relative
-residual of each fit is stored with it (the formula is exact for these models up to rounding,
-so it should be ~0). One run takes a few minutes on one CPU core.
+residual of each fit is stored with it (~0 for the per-layer bytes, which the formula describes
+exactly; larger for the two peaks, which are maxima). About 2 minutes per key on an idle core;
+`--only wan/bfloat16` recalibrates a subset.
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ def small_arch(kind: str, rng: random.Random, layers: int, tp: int):
     return arch
 
 
-def _inputs(arch, batch: int, frames: int, size: int, text: int, dtype) -> tuple[dict, torch.Tensor]:
+def _inputs(
+    arch, batch: int, frames: int, size: int, text: int, dtype
+) -> tuple[dict, torch.Tensor]:
     channels = 4
     frames = frames if isinstance(arch, WanConfig) else 1
     x = torch.randn(batch, channels, frames, size, size)
@@ -137,7 +140,7 @@ def fit(kind: str, dtype: str, adapter: str, recompute: bool, points: int, seed:
         a, b = np.array(rows[quantity]), np.array(targets[quantity], dtype=float)
         if quantity == "layer":  # exact: per-token statistics may enter with either sign
             coefficients = np.linalg.lstsq(a, b, rcond=None)[0]
-        else:  # maxima of several buffers: a conservative, non-negative fit
+        else:  # maxima of several buffers: non-negative least squares
             coefficients = nnls(a, b)[0]
         predicted = a @ coefficients
         residual = float(np.max(np.abs(predicted - b) / np.maximum(b, 1)))
@@ -148,7 +151,7 @@ def fit(kind: str, dtype: str, adapter: str, recompute: bool, points: int, seed:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--points", type=int, default=16)
+    parser.add_argument("--points", type=int, default=14)
     parser.add_argument("--out", default=str(CONSTANTS_FILE))
     parser.add_argument(
         "--only", default="", help="calibrate only keys containing this, e.g. wan/bfloat16"
@@ -166,7 +169,11 @@ def main() -> None:
         print(key, {k: v for k, v in result.items() if "residual" in k}, flush=True)
         fits = json.loads(out.read_text())["fits"] if out.is_file() else {}  # keeps other keys
         fits[key] = result
-        data = {"features": QUANTITY_FEATURES, "points": args.points, "fits": dict(sorted(fits.items()))}
+        data = {
+            "features": QUANTITY_FEATURES,
+            "points": args.points,
+            "fits": dict(sorted(fits.items())),
+        }
         out.write_text(json.dumps(data, indent=1) + "\n")
 
 

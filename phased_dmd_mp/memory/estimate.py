@@ -105,7 +105,12 @@ def _trained_bytes(config: DistillConfig, data_parallel: int) -> dict[str, float
     main_dtype = getattr(config, "main_params_dtype", "float32")
     shard = data_parallel if getattr(config, "distributed_optimizer", True) else 1
     if dtype == "float32":
-        return {"gradients": 4, "main parameters": 0, "optimizer states": 8 / shard, "EMA": 4 / shard}
+        return {
+            "gradients": 4,
+            "main parameters": 0,
+            "optimizer states": 8 / shard,
+            "EMA": 4 / shard,
+        }
     if main_dtype == "bfloat16":  # pure bf16: bf16 gradients and moments, nothing sharded
         return {"gradients": 2, "main parameters": 0, "optimizer states": 4, "EMA": 4}
     return {"gradients": 4, "main parameters": 4 / shard, "optimizer states": 8 / shard,
@@ -123,9 +128,23 @@ def fake_experts(plan: Plan, phase: int) -> int:
     )
     lo, hi = config.t_range
     if config.phase_t_ranges:
-        lo, hi = max(lo, config.phase_t_ranges[phase - 1][0]), min(hi, config.phase_t_ranges[phase - 1][1])
+        lo, hi = (
+            max(lo, config.phase_t_ranges[phase - 1][0]),
+            min(hi, config.phase_t_ranges[phase - 1][1]),
+        )
     low, high = max(low, lo), min(high, hi)
     return int(high > plan.moe_boundary) + int(low < plan.moe_boundary)
+
+
+def lora_bases(plan: Plan) -> int:
+    """Teacher experts that carry LoRA adapters: those owning a phase's first step (each gets
+    num_phases adapters, as the trainer's `_generator_experts`)."""
+    if not plan.two_expert_teacher:
+        return 1
+    config = plan.config
+    times = timestep_table(config.num_steps, plan.shift).tolist()
+    starts = phase_step_boundaries(config.num_steps, config.num_phases)[:-1]
+    return len({times[i] >= plan.moe_boundary for i in starts})
 
 
 def _call_shape(plan: Plan) -> CallShape:
@@ -164,12 +183,16 @@ def buffers(plan: Plan, pp_rank: int) -> int:
     # generator update: rollout x, x_s, noise, x_t, teacher cond + uncond, fake velocity, and
     # the guided pair's concatenated inputs and output (2 x each)
     latents = 11 * latent
-    text_width = plan.arch.text_dim if isinstance(plan.arch, WanConfig) else plan.arch.joint_attention_dim
+    text_width = (
+        plan.arch.text_dim if isinstance(plan.arch, WanConfig) else plan.arch.joint_attention_dim
+    )
     conditions = 4 * plan.rank_batch * plan.text_tokens * text_width * FP32  # cond, uncond, pair
     pipeline = 0
     if plan.pipeline_parallel > 1:
         rows = plan.tokens + plan.text_tokens + 8
-        pipeline = 2 * rows * plan.micro_batch * plan.arch.hidden_size * DTYPE_BYTES[plan.config.dtype]
+        pipeline = (
+            2 * rows * plan.micro_batch * plan.arch.hidden_size * DTYPE_BYTES[plan.config.dtype]
+        )
     return latents + conditions + pipeline
 
 
@@ -193,8 +216,9 @@ def estimate(plan: Plan) -> list[RankMemory]:
             experts_trained = 1
             if config.phase_order == "alternating":  # every phase's fake and expert at once
                 fakes, experts_trained = sum(fake_experts(plan, k) for k in phases), len(phases)
-            if lora:  # every expert's adapter lives on the teacher expert owning its phase
-                weights = teacher_experts * stage.weights + config.num_phases * stage.adapter
+            if lora:  # num_phases adapters on each teacher expert owning a phase
+                adapters = lora_bases(plan) * config.num_phases
+                weights = teacher_experts * stage.weights + adapters * stage.adapter
             else:
                 weights = teacher_experts * stage.weights + config.num_phases * stage.weights
             weights += fakes * stage.weights
@@ -213,7 +237,7 @@ def estimate(plan: Plan) -> list[RankMemory]:
             memory.notes["activations"] = act_note
             memory.notes["parameters"] = (
                 f"teacher {teacher_experts} x {stage.weights / 1e9:.3g}B, "
-                + (f"{config.num_phases} adapters x {stage.adapter / 1e6:.3g}M" if lora
+                + (f"{lora_bases(plan) * config.num_phases} adapters x {stage.adapter / 1e6:.3g}M" if lora
                    else f"{config.num_phases} experts x {stage.weights / 1e9:.3g}B")
                 + f", fake {fakes} x {stage.weights / 1e9:.3g}B"
             )  # fmt: skip
