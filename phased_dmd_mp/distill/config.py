@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from phased_dmd_mp.losses import DEFAULT_MAX_WEIGHT
-from phased_dmd_mp.schedule import phase_step_boundaries
+from phased_dmd_mp.schedule import injection_interval, phase_step_boundaries
 
 Algorithm = Literal["phased_dmd", "dmd", "few_step_dmd", "dmd_sgts"]
 
@@ -164,7 +164,9 @@ class DistillConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.collective_timeout > 0:
-            raise ValueError(f"collective_timeout must be > 0 seconds, got {self.collective_timeout}")
+            raise ValueError(
+                f"collective_timeout must be > 0 seconds, got {self.collective_timeout}"
+            )
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
         if not (self.generator_lr > 0 and self.fake_lr > 0):
@@ -192,6 +194,25 @@ class DistillConfig:
             )
         if self.guidance_scale is not None and self.guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+
+    def injection_range(self, phase: int, shift: float) -> tuple[float, float]:
+        """Where phase `phase` (1-based) injects noise, in shifted time: its interval
+        (schedule.injection_interval) within t_range and its phase_t_ranges entry.
+
+        Raises ValueError when they do not overlap."""
+        low, high = injection_interval(
+            phase, self.num_steps, self.num_phases, shift, self.intervals
+        )
+        lo, hi = self.t_range
+        if self.phase_t_ranges:
+            phase_lo, phase_hi = self.phase_t_ranges[phase - 1]
+            lo, hi = max(lo, phase_lo), min(hi, phase_hi)
+        if max(low, lo) >= min(high, hi):
+            raise ValueError(
+                f"phase {phase}'s noise-injection interval ({low:.4g}, {high:.4g}) does not "
+                f"overlap t_range / phase_t_ranges ({lo:.4g}, {hi:.4g})"
+            )
+        return max(low, lo), min(high, hi)
 
     @property
     def steps_per_phase(self) -> int:

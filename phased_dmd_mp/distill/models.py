@@ -138,6 +138,12 @@ class VelocityModel:
         return float(_from_last_stage(value, (), torch.float32, x.device))
 
 
+def experts_reached(low: float, high: float, boundary: float) -> tuple[bool, bool]:
+    """(high-noise, low-noise): which experts of a model routed at `boundary` (t >= boundary
+    goes to the high-noise expert) see timesteps drawn in the open interval (low, high)."""
+    return high > boundary, low < boundary
+
+
 class RoutedVelocity:
     """A two-expert model split at a boundary timestep (Wan2.2: high noise at t >= boundary)."""
 

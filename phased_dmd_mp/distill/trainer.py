@@ -41,7 +41,7 @@ from phased_dmd_mp.data.teacher import (
 from phased_dmd_mp.distill import resume
 from phased_dmd_mp.distill.config import DistillConfig
 from phased_dmd_mp.distill.export import export_generator
-from phased_dmd_mp.distill.models import RoutedVelocity, VelocityModel
+from phased_dmd_mp.distill.models import RoutedVelocity, VelocityModel, experts_reached
 from phased_dmd_mp.distill.optim import TrainedModel, weights_swapped
 from phased_dmd_mp.distill.previews import log_samples
 from phased_dmd_mp.distill.signals import agree, stop_on_signals
@@ -54,7 +54,6 @@ from phased_dmd_mp.parallel.layout import rank_batch_size
 from phased_dmd_mp.parallel.state import initialize
 from phased_dmd_mp.schedule import (
     FLOW_MATCHING,
-    injection_interval,
     phase_step_boundaries,
     sample_timesteps,
     timestep_table,
@@ -214,15 +213,9 @@ class Distiller:
         if k not in self.fakes:
             teacher = self.teacher
             if isinstance(teacher, RoutedVelocity):
-                low, high = self._injection_range(k)
-                reached = [
-                    expert
-                    for expert, needed in (
-                        (teacher.high, high > teacher.boundary),
-                        (teacher.low, low < teacher.boundary),
-                    )
-                    if needed
-                ]
+                low, high = self.config.injection_range(k, self.shift)
+                needed = experts_reached(low, high, teacher.boundary)
+                reached = [e for e, n in zip((teacher.high, teacher.low), needed) if n]
                 copies = [self._copy(expert, True) for expert in reached]
                 fake = copies[0] if len(copies) == 1 else RoutedVelocity(*copies, teacher.boundary)
             else:
@@ -303,25 +296,9 @@ class Distiller:
             x = self._advance(model, x, t_from, t_to, r.cond, noise)
         return x
 
-    def _injection_range(self, k: int) -> tuple[float, float]:
-        """Where phase k injects noise: its interval within t_range and its phase_t_ranges."""
-        low, high = injection_interval(
-            k, self.config.num_steps, self.config.num_phases, self.shift, self.config.intervals
-        )
-        lo, hi = self.config.t_range
-        if self.config.phase_t_ranges:
-            phase_lo, phase_hi = self.config.phase_t_ranges[k - 1]
-            lo, hi = max(lo, phase_lo), min(hi, phase_hi)
-        if max(low, lo) >= min(high, hi):
-            raise ValueError(
-                f"phase {k}'s noise-injection interval ({low:.4g}, {high:.4g}) does not overlap "
-                f"t_range / phase_t_ranges ({lo:.4g}, {hi:.4g})"
-            )
-        return max(low, lo), min(high, hi)
-
     def _injection(self, k: int) -> tuple[Tensor, float]:
         """Noise-injection timesteps of phase k and its boundary s."""
-        low, high = self._injection_range(k)
+        low, high = self.config.injection_range(k, self.shift)
         t = sample_timesteps(self.rank_batch, low, high, self.shift, generator=self.rng)
         return t.to(self.device), self.timesteps[self.bounds[k]]
 

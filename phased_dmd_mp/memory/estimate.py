@@ -31,10 +31,11 @@ import math
 from dataclasses import dataclass, field
 
 from phased_dmd_mp.distill.config import DistillConfig
+from phased_dmd_mp.distill.models import experts_reached
 from phased_dmd_mp.memory.activations import CallShape, activation_bytes
 from phased_dmd_mp.memory.parameters import distinct_stages, stage_parameters
 from phased_dmd_mp.models.config import QwenImageConfig, WanConfig
-from phased_dmd_mp.schedule import injection_interval, phase_step_boundaries, timestep_table
+from phased_dmd_mp.schedule import phase_step_boundaries, timestep_table
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 FP32 = 4
@@ -119,21 +120,11 @@ def _trained_bytes(config: DistillConfig, data_parallel: int) -> dict[str, float
 
 def fake_experts(plan: Plan, phase: int) -> int:
     """How many teacher experts phase `phase`'s fake model copies: a two-expert teacher's
-    experts that the phase's noise injection reaches (as the trainer's `_fake`)."""
+    experts that the phase's noise injection reaches (the trainer's rule)."""
     if not plan.two_expert_teacher:
         return 1
-    config = plan.config
-    low, high = injection_interval(
-        phase, config.num_steps, config.num_phases, plan.shift, config.intervals
-    )
-    lo, hi = config.t_range
-    if config.phase_t_ranges:
-        lo, hi = (
-            max(lo, config.phase_t_ranges[phase - 1][0]),
-            min(hi, config.phase_t_ranges[phase - 1][1]),
-        )
-    low, high = max(low, lo), min(high, hi)
-    return int(high > plan.moe_boundary) + int(low < plan.moe_boundary)
+    low, high = plan.config.injection_range(phase, plan.shift)
+    return sum(experts_reached(low, high, plan.moe_boundary))
 
 
 def lora_bases(plan: Plan) -> int:
