@@ -130,3 +130,22 @@ def test_checkpoints_of_other_layouts_are_resharded_on_load(tmp_path):
     other = build(convert.MODEL_KINDS["wan"](**{**WAN_I2V, "num_layers": 2}), ExecutionConfig())
     with pytest.raises(ConfigError, match="not this model"):
         load_checkpoint(other, tmp_path / "saved")
+
+
+def test_the_converter_runs_as_a_module_without_runpy_warnings(tmp_path):
+    """`python -m phased_dmd_mp.models.convert` as the README writes it: a mistake is one line
+    and exit code 2, and nothing else is printed (importing the package must not have
+    loaded convert.py before runpy runs it, which makes Python warn on every call)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "phased_dmd_mp.models.convert", "to-ours", str(tmp_path),
+            str(tmp_path / "out"), "--tp", "0"]  # fmt: skip
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
