@@ -39,6 +39,16 @@ def test_every_algorithm_trains_and_exports(single_process_runs, teacher, name):
     assert any(not torch.equal(teacher_state[k], expert_state[k]) for k in teacher_state)
 
 
+def test_export_names_the_teacher_by_absolute_path(tmp_path, teacher, monkeypatch):
+    """A run started with a relative teacher path can be sampled from any directory."""
+    monkeypatch.chdir(teacher.parent)
+    dmd = ["algorithm=dmd", "num_steps=1", "num_phases=1"]
+    assert run_distill(tmp_path / "run", teacher.name, *dmd) == 0
+    summary = json.loads((tmp_path / "run" / "export" / "generator.json").read_text())
+    assert summary["teacher"] == str(teacher.resolve())
+    assert summary["conditions"] == str((teacher / "conditions").resolve())
+
+
 def test_phases_freeze_earlier_experts_and_restart_the_fake(tmp_path, teacher):
     config_args = ["num_steps=4", "num_phases=2", "checkpoint_every=1", "keep_last=10"]
     assert run(tmp_path, teacher, *config_args) == 0

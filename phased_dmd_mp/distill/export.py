@@ -69,8 +69,11 @@ def export_generator(d) -> Path:
             "step_noise": d.config.step_noise,
             "latent_shape": list(d.latent_shape),
             "value_range": list(d.value_range),
-            "teacher": str(d.config.teacher),
-            "conditions": str(d.config.conditions or Path(d.config.teacher) / CONDITIONS_DIR),
+            # absolute, so `sample --checkpoint RUN` works from any directory
+            "teacher": str(Path(d.config.teacher).resolve()),
+            "conditions": str(
+                Path(d.config.conditions or Path(d.config.teacher) / CONDITIONS_DIR).resolve()
+            ),
             "algorithm": d.config.algorithm,
             "iterations": d.state.iteration,
             # With LoRA, expert_k is the merged model and expert_k_lora the adapter alone
