@@ -109,3 +109,9 @@ def test_distill_script_launches_resumes_and_requeues(tmp_path):
     (run / "export" / "generator.json").write_text("{}")
     result, srun, requeued, _ = sbatch(tmp_path, run)
     assert result.returncode == 0 and requeued == ""  # finished
+
+
+def test_each_recipe_has_exactly_one_layout_row():
+    text = (ROOT / "scripts" / "slurm" / "distill.sbatch").read_text()
+    rows = re.findall(r"^#\s+(configs/\S+\.yaml)\s+\d+ x \d+", text, re.MULTILINE)
+    assert len(rows) == len(set(rows)), f"duplicate layout rows: {rows}"
