@@ -86,7 +86,19 @@ def _main(argv: list[str] | None) -> int:
             lock = _on_rank_0(lambda: rundir.RunLock(args.out))
         _fail_on_any_rank(parser, lock if isinstance(lock, str) else None)
         stop_with_launcher()
-        return _run(parser, args, config)
+        try:
+            return _run(parser, args, config)
+        except RuntimeError as error:  # gloo and NCCL say so in their messages
+            if "timed out" not in str(error).lower() and "timeout" not in str(error).lower():
+                raise
+            message = " ".join(str(error).split())[:400]
+            print(
+                f"error: rank {dist.get_rank()}: a collective timed out after collective_timeout "
+                f"= {config.collective_timeout:g} s (a rank hung or died; the checkpoints are "
+                f"intact, continue with --resume): {message}",
+                file=sys.stderr,
+            )
+            return 1
     finally:
         if isinstance(lock, rundir.RunLock):
             lock.release()
@@ -129,6 +141,14 @@ def _run(parser, args, config: DistillConfig) -> int:
     dist.barrier()
     if resume_from is not None:
         distiller.load_checkpoint(resume_from)
+        finished = distiller.state.iteration >= distiller.total_iterations
+        if finished and (args.out / "export" / "generator.json").is_file():
+            if is_logger:
+                print(
+                    f"--resume: {args.out} already finished its {distiller.total_iterations} "
+                    f"generator updates; nothing left to train (generator in {args.out / 'export'})"
+                )
+            return 0
     try:
         last = distiller.train()
     except checkpoint.DiskFullError as error:

@@ -195,5 +195,6 @@ def test_hung_rank_fails_the_job_after_the_collective_timeout(tmp_path, teacher)
     detected = time.monotonic() - hung_at
     kill_node(job)  # as srun --kill-on-bad-exit=1 does once rank 0 has failed
     assert f"Timed out waiting {HUNG_TIMEOUT * 1000}ms" in log.read_text(), log.read_text()[-3000:]
+    assert f"a collective timed out after collective_timeout = {HUNG_TIMEOUT} s" in log.read_text()
     assert HUNG_TIMEOUT <= detected < HUNG_TIMEOUT + 15, detected
     print(f"hung rank: rank 0 failed {detected:.1f} s after the hang (timeout {HUNG_TIMEOUT} s)")

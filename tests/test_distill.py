@@ -97,6 +97,18 @@ def test_resume_continues_exactly(tmp_path, teacher, monkeypatch):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resuming_a_finished_run_trains_and_exports_nothing(tmp_path, teacher, capsys):
+    dmd = ["algorithm=dmd", "num_steps=1", "num_phases=1"]
+    assert run(tmp_path, teacher, *dmd) == 0
+    exported = (tmp_path / "export" / "generator.json").stat().st_mtime_ns
+    history = (tmp_path / "history.json").read_text()
+    capsys.readouterr()
+    assert run(tmp_path, teacher, *dmd, extra=["--resume"]) == 0
+    assert "nothing left to train" in capsys.readouterr().out
+    assert (tmp_path / "export" / "generator.json").stat().st_mtime_ns == exported
+    assert (tmp_path / "history.json").read_text() == history
+
+
 def test_non_finite_generator_update_is_skipped(tmp_path, teacher, monkeypatch):
     original = Distiller._dmd_loss
     calls = []
