@@ -29,7 +29,7 @@ from phased_dmd_mp.config import ConfigError, add_config_arguments, load_config
 from phased_dmd_mp.data.conditions import read_manifest
 from phased_dmd_mp.data.teacher import CONDITIONS_DIR, read_spec, teacher_experts
 from phased_dmd_mp.distill.config import DistillConfig
-from phased_dmd_mp.distill.validate import read_transformer_arch, validate_run
+from phased_dmd_mp.distill.validate import check_latents, read_transformer_arch, validate_run
 from phased_dmd_mp.memory.estimate import PARTS, Plan, RankMemory, estimate
 from phased_dmd_mp.models.config import QwenImageConfig, WanConfig
 from phased_dmd_mp.parallel.layout import check_layout
@@ -45,7 +45,10 @@ def parse_bytes(text: str) -> int:
     match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", text)
     if not match or match.group(2).lower() not in UNITS:
         raise ConfigError(f"--gpu-memory {text!r} is not a size such as 80GiB or 80GB")
-    return int(float(match.group(1)) * UNITS[match.group(2).lower()])
+    size = int(float(match.group(1)) * UNITS[match.group(2).lower()])
+    if size <= 0:
+        raise ConfigError(f"--gpu-memory {text!r} must be more than 0")
+    return size
 
 
 def read_model(path: Path) -> WanConfig | QwenImageConfig:
@@ -78,8 +81,17 @@ def make_plan(args, config: DistillConfig) -> tuple[Plan, str]:
         if args.latent_shape is None:
             raise ConfigError("--model needs --latent-shape C F H W (the teacher's latents)")
         latent, text, shift = tuple(args.latent_shape), args.text_tokens, config.shift or 5.0
+        # A Wan I2V model takes image-latent channels too, which only the conditions know:
+        # check out_channels, frames and patch divisibility; a wrong C would skew every number.
+        image_channels = max(arch.in_channels - latent[0], 0) if isinstance(arch, WanConfig) else 0
+        check_latents(arch, latent, image_channels, "--latent-shape", args.model)
         source = f"{args.model}"
     else:
+        if not Path(config.teacher).is_dir():
+            raise ConfigError(
+                f"teacher directory {config.teacher} does not exist; before it is on disk, give "
+                "--model configs/models/X.yaml --latent-shape C F H W instead"
+            )
         validate_run(config, args.world_size)  # teacher files, shapes, conditions, layout
         teacher = Path(config.teacher)
         spec = read_spec(teacher)

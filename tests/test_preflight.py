@@ -183,3 +183,22 @@ def test_cli_layout_mistake_is_one_line(capsys):
                                  "--model", WAN14B, "--latent-shape", "16", "21", "60", "104")  # fmt: skip
     assert code == 2
     assert err.count("\n") == 1 and "world size = 12" in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--latent-shape", "32", "21", "60", "104"], "in_channels = 16"),
+    (["--latent-shape", "16", "21", "61", "104"], "latent height = 61"),
+    (["--latent-shape", "16", "21", "60", "104", "--gpu-memory", "0GiB"], "must be more than 0"),
+])  # fmt: skip
+def test_cli_latents_against_model_and_budget_are_one_line(capsys, flags, message):
+    code, _, err = run_preflight(capsys, "--config", RECIPE, "--world-size", "8",
+                                 "--model", WAN14B, *flags)  # fmt: skip
+    assert code == 2
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_cli_missing_teacher_points_to_model_flags(capsys):
+    code, _, err = run_preflight(capsys, "--config", RECIPE, "--set", "teacher=runs/nowhere",
+                                 "--world-size", "8")  # fmt: skip
+    assert code == 2
+    assert err.count("\n") == 1 and "runs/nowhere does not exist" in err and "--model" in err

@@ -73,7 +73,7 @@ def _check_experts_agree(high, low, high_file: Path, low_file: Path) -> None:
             )
 
 
-def _check_latents(arch, latent_shape, image_channels: int, spec_file: Path, arch_file: Path):
+def check_latents(arch, latent_shape, image_channels: int, spec_file: Path, arch_file: Path):
     channels, *grid = latent_shape
     if isinstance(arch, WanConfig):
         patch = arch.patch_size
@@ -176,7 +176,7 @@ def validate_run(config: DistillConfig, world_size: int) -> None:
     except ConfigError as error:
         raise ConfigError(f"{'conditions' if config.conditions else 'teacher'}: {error}") from None
     image_channels = specs["image_latents"][0][0] if "image_latents" in specs else 0
-    _check_latents(arch, spec.latent_shape, image_channels, spec_file, arch_file)
+    check_latents(arch, spec.latent_shape, image_channels, spec_file, arch_file)
     _check_conditions(arch, specs, spec.latent_shape, conditions / MANIFEST, arch_file)
 
     check_layout(
