@@ -63,12 +63,6 @@ def to_uint8(pixels: Tensor) -> np.ndarray:
     return (pixels.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
 
 
-def image_grid(images: Tensor) -> Tensor:
-    """[rows, cols, H, W, 3] images as one [rows x H, cols x W, 3] image."""
-    rows, cols, height, width, channels = images.shape
-    return images.permute(0, 2, 1, 3, 4).reshape(rows * height, cols * width, channels)
-
-
 def write_png(image: Tensor, path: str | Path) -> Path:
     """An [H, W, 3] image in [0, 1] as a PNG."""
     from PIL import Image

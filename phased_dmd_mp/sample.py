@@ -340,7 +340,10 @@ def write_decoded(
                 media.write_png(pixels[c, j, 0], stem.with_suffix(".png"))
             else:
                 media.write_mp4(pixels[c, j], stem.with_suffix(".mp4"))
-    grid = media.write_png(media.image_grid(pixels[:, :, 0]), out_dir / "grid.png")
+    grid = out_dir / "grid.png"  # first frames, labelled as the evaluation's grids
+    first_frames = pixels[:, :, 0].permute(0, 1, 4, 2, 3) * 2 - 1  # [c, s, 3, H, W] in [-1, 1]
+    labels = [str(label) for label in labels_of(source.conditions)]
+    save_grid(SampleFile(grid, source.name, first_frames, labels, None), grid, coverage_radius=0.0)
     if pixels.shape[2] == 1:
         np.savez(
             out_dir / "samples.npz",

@@ -76,3 +76,28 @@ def test_preview_grid_separates_images_and_labels_rows_and_columns(tmp_path):
     # Labels: ink left of the mosaic (condition labels) and below it (seed numbers, "seed").
     assert dark[:, : columns.min() - 2].any() and dark[rows.max() + 2 :, :].any()
     assert dark[: rows.min() - 2, :].any()  # the title above
+
+
+def test_video_frames_preview_is_a_labelled_colour_mosaic_at_their_aspect(tmp_path):
+    """Pixel previews of pipeline teachers (samples/iter_N.png, sample's grid.png): colour
+    frames, wider than tall, drawn with gaps and labels like the digits grid."""
+    conditions, seeds, height, width = 2, 3, 48, 80
+    frames = torch.zeros(conditions, seeds, 3, height, width)
+    frames[:, :, 0] = 1.0  # red frames
+    path = tmp_path / "iter_000002.png"
+    save_grid_png(frames, None, "iteration 2", path)
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    red = (pixels[..., 0] > 200) & (pixels[..., 1] < 60) & (pixels[..., 2] < 60)
+    columns = np.flatnonzero(red.any(0))
+    rows = np.flatnonzero(red.any(1))
+    block = red[rows.min() : rows.max() + 1, columns.min() : columns.max() + 1]
+
+    def runs(line):
+        return int(line[0]) + int(np.count_nonzero(line[1:] & ~line[:-1]))
+
+    assert runs(block[block.shape[0] // (2 * conditions)]) == seeds
+    assert runs(block[:, block.shape[1] // (2 * seeds)]) == conditions
+    aspect = (block.shape[1] / seeds) / (block.shape[0] / conditions)
+    assert abs(aspect - width / height) < 0.15 * width / height  # frames keep their shape
+    dark = pixels.sum(-1) < 200
+    assert dark[:, : columns.min() - 2].any() and dark[rows.max() + 2 :, :].any()  # labels

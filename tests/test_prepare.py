@@ -339,7 +339,7 @@ def test_pretrain_distill_runs_on_the_prepared_two_expert_teacher_in_bf16(
     )
     assert routed and routed[0] == 0.875  # the teacher (its fakes copy it: same boundary)
     png = iio.imread(run / "samples" / "iter_000002.png")
-    assert png.shape == (5 * 32, 4 * 32, 3) and png.std() > 0  # 5 prompts x 4 seeds
+    assert png.ndim == 3 and png.std() > 0  # 5 prompts x 4 seeds, labelled (test_figures)
     video = iio.imread(run / "samples" / "iter_000002.mp4")
     assert video.shape == (5, 32, 4 * 32, 3)  # 5 frames, 4 prompts side by side
     history = json.loads((run / "history.json").read_text())

@@ -59,7 +59,8 @@ def write_pixel_previews(d, latents: Tensor) -> None:
     name = d.run_dir / "samples" / f"iter_{d.state.iteration:06d}"
     # Wan's VAE is causal in time: the first latent frame alone decodes to the first frame
     first = media.decode_latents(d.preview_vae, latents[:, :, :, :1].flatten(0, 1), d.micro)
-    media.write_png(media.image_grid(first[:, 0].unflatten(0, (conditions, seeds))), f"{name}.png")
+    frames = first[:, 0].unflatten(0, (conditions, seeds)).permute(0, 1, 4, 2, 3)  # [c, s, 3, H, W]
+    save_grid_png(frames, None, f"iteration {d.state.iteration}", Path(f"{name}.png"))
     if latents.shape[3] > 1:
         shown = latents[: min(conditions, VIDEO_CONDITIONS), 0]
         videos = media.decode_latents(d.preview_vae, shown, d.micro)  # [n, F, H, W, 3]
@@ -76,7 +77,7 @@ def record_measurement(history: list[dict], iteration: int, **values: float) -> 
 
 
 def save_grid_png(grid: Tensor, labels: list[str] | None, title: str, path: Path) -> None:
-    """Images [conditions, seeds, 1, H, W] in [0, 1] as a PNG: a mosaic with gaps between the
+    """Images [conditions, seeds, 1 or 3, H, W] in [0, 1] as a PNG: a mosaic with gaps between the
     images, rows labelled by condition (`labels`, else its index) and columns by seed, drawn as
     the evaluation draws its grids (phased_dmd_mp.eval.report)."""
     from phased_dmd_mp.eval.report import save_grid

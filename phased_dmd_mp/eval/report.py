@@ -88,7 +88,8 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-TILE_INCHES = 0.5  # one image of a mosaic
+TILE_INCHES = 0.5  # one image of a mosaic, at least (digits: 8 x 8 pixels)
+MAX_TILE_INCHES = 2.0  # and at most: a video frame is drawn at 100 pixels an inch up to this
 SCATTER_INCHES = 3.4
 MIN_PANEL_INCHES = 2.4  # a mosaic narrower than this is centred in a panel this wide
 # Room around a panel's axes, in inches: the axis label and tick labels (left: plus the longest
@@ -115,7 +116,8 @@ def comparison_figure(sample_files: list[SampleFile], coverage_radius: float):
     rows = -(-len(sample_files) // columns)
     if sample_files[0].kind == "images":
         mosaic_rows, mosaic_cols = _mosaic_size(sample_files[0])
-        width, height = TILE_INCHES * mosaic_cols, TILE_INCHES * mosaic_rows
+        tile_width, tile_height = _tile_inches(sample_files[0])
+        width, height = tile_width * mosaic_cols, tile_height * mosaic_rows
     else:
         width = height = SCATTER_INCHES
     width = max(width, MIN_PANEL_INCHES)
@@ -189,18 +191,30 @@ def _mosaic_size(sample_file: SampleFile) -> tuple[int, int]:
     )
 
 
+def _tile_inches(sample_file: SampleFile) -> tuple[float, float]:
+    """(width, height) of one image of the mosaic: 100 pixels an inch, between TILE_INCHES and
+    MAX_TILE_INCHES wide, the image's aspect ratio kept."""
+    height, width = sample_file.samples.shape[-2:]
+    tile_width = min(max(TILE_INCHES, width / 100), MAX_TILE_INCHES)
+    return tile_width, tile_width * height / width
+
+
 def _draw_mosaic(ax, sample_file: SampleFile) -> None:
-    """One mosaic (a single imshow: fast), images separated by 1-pixel white gaps, without a
-    frame (its line would read as one more image edge)."""
+    """One mosaic (a single imshow: fast), images separated by white gaps (1 pixel of an 8 x 8
+    digit, 1/16 of a larger image's side, so they survive the downscaling of video frames),
+    without a frame (its line would read as one more image edge)."""
     images = (sample_file.samples[:GRID_CONDITIONS, :GRID_SEEDS] + 1) / 2
     rows, cols, channels, height, width = images.shape
-    padded = torch.nn.functional.pad(images, (0, 1, 0, 1), value=1.0)  # [R, S, C, H+1, W+1]
-    mosaic = padded.permute(0, 3, 1, 4, 2).reshape(rows * (height + 1), cols * (width + 1), -1)
-    mosaic = mosaic[:-1, :-1]  # gaps between images only
+    gap = max(1, min(height, width) // 16)
+    padded = torch.nn.functional.pad(images, (0, gap, 0, gap), value=1.0)  # [R, S, C, H+g, W+g]
+    mosaic = padded.permute(0, 3, 1, 4, 2).reshape(rows * (height + gap), cols * (width + gap), -1)
+    mosaic = mosaic[:-gap, :-gap]  # gaps between images only
     mosaic = mosaic[:, :, 0] if channels == 1 else mosaic[:, :, :3]
     ax.imshow(mosaic.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_xticks([(col + 0.5) * (width + 1) - 1 for col in range(cols)], range(cols))
-    ax.set_yticks([(row + 0.5) * (height + 1) - 1 for row in range(rows)], _row_labels(sample_file))
+    ax.set_xticks([col * (width + gap) + (width - 1) / 2 for col in range(cols)], range(cols))
+    ax.set_yticks(
+        [row * (height + gap) + (height - 1) / 2 for row in range(rows)], _row_labels(sample_file)
+    )
     ax.tick_params(length=0, labelsize=TICK_POINTS)
     ax.spines[:].set_visible(False)
     ax.set_xlabel("seed", fontsize=8)
