@@ -195,12 +195,14 @@ def precision_main(args, tmp: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--width", type=int, default=None, help="128; 256 with --precision")
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--size", type=int, default=16, help="latent height = width")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--layers", type=int, default=4, help="default 4")
+    parser.add_argument("--size", type=int, default=16, help="latent height = width (default 16)")
+    parser.add_argument("--batch", type=int, default=8, help="default 8")
+    parser.add_argument("--steps", type=int, nargs="+", default=[2, 4, 8], help="default 2 4 8")
     parser.add_argument("--precision", action="store_true", help="the precision table")
     parser.add_argument("--repeats", type=int, default=5, help="timed update pairs (--precision)")
     parser.add_argument("--precision-worker", type=Path, help=argparse.SUPPRESS)
