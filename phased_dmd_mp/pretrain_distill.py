@@ -44,8 +44,16 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """Config mistakes print one line naming the key or file; argparse's usage block above it
+    would push that line out of view on every rank of a launch."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def _main(argv: list[str] | None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrors(
         prog="python -m phased_dmd_mp.pretrain_distill", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--out", required=True, type=Path, help="run directory")

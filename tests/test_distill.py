@@ -142,7 +142,12 @@ def test_history_records_each_measurement_under_its_own_iteration(tmp_path, teac
 def test_user_mistakes_are_clean_errors(tmp_path, teacher, capsys):
     with pytest.raises(SystemExit) as info:
         run(tmp_path / "a", tmp_path / "no-teacher")
-    assert info.value.code == 2 and "does not exist" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "does not exist" in err and err.count("\n") == 1, err
+    with pytest.raises(SystemExit):  # the README's pure bf16 without distributed_optimizer: false
+        run(tmp_path / "a", teacher, "dtype=bfloat16", "main_params_dtype=bfloat16")
+    err = capsys.readouterr().err
+    assert "set distributed_optimizer false" in err and err.count("\n") == 1, err
     with pytest.raises(SystemExit):
         run(tmp_path / "a", teacher, "num_steps=4", "num_phases=3")
     assert "evenly" in capsys.readouterr().err
