@@ -215,13 +215,16 @@ def main(argv: list[str] | None = None) -> int:
     if ok:
         print(f"fits: peak {max(m.total for m in memory) / GIB:.2f} GiB per GPU")
         return 0
-    worst = next(m for m in memory if m.total > budget)
-    largest = max(worst.parts, key=worst.parts.get)
-    where = f"pipeline stage {worst.pp_rank}" if plan.pipeline_parallel > 1 else "every rank"
+    first = next(m for m in memory if m.total > budget)
+    largest = max(first.parts, key=first.parts.get)
+    where = f"pipeline stage {first.pp_rank}" if plan.pipeline_parallel > 1 else "every rank"
+    # a later phase may need far more (Wan2.2's two-expert fake): say so, or 81 GiB reads as "close"
+    peak = max(memory, key=lambda m: m.total)
+    peak_note = f"; peak: phase {peak.phase}, {peak.total / GIB:.2f} GiB" if peak is not first else ""
     print(
-        f"does not fit: phase {worst.phase}, {where} needs "
-        f"{worst.total / GIB:.2f} GiB of {budget / GIB:.2f} GiB (largest part: {largest}, "
-        f"{worst.parts[largest] / GIB:.2f} GiB)"
+        f"does not fit: phase {first.phase}, {where} needs "
+        f"{first.total / GIB:.2f} GiB of {budget / GIB:.2f} GiB (largest part: {largest}, "
+        f"{first.parts[largest] / GIB:.2f} GiB){peak_note}"
     )
     suggestions = suggest(plan, budget)
     if not suggestions:
