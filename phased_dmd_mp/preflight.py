@@ -29,10 +29,14 @@ from phased_dmd_mp.config import ConfigError, add_config_arguments, load_config
 from phased_dmd_mp.data.conditions import read_manifest
 from phased_dmd_mp.data.teacher import CONDITIONS_DIR, read_spec, teacher_experts
 from phased_dmd_mp.distill.config import DistillConfig
-from phased_dmd_mp.distill.validate import check_latents, read_transformer_arch, validate_run
+from phased_dmd_mp.distill.validate import (
+    check_latents,
+    check_run_layout,
+    read_transformer_arch,
+    validate_run,
+)
 from phased_dmd_mp.memory.estimate import PARTS, Plan, RankMemory, estimate
 from phased_dmd_mp.models.config import QwenImageConfig, WanConfig
-from phased_dmd_mp.parallel.layout import check_layout
 
 GIB = 2**30
 UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
@@ -59,18 +63,6 @@ def read_model(path: Path) -> WanConfig | QwenImageConfig:
         raise ConfigError(f"--model {path} does not exist")
     keys = yaml.safe_load(path.read_text()) or {}
     return load_config(QwenImageConfig if "joint_attention_dim" in keys else WanConfig, path)
-
-
-def check_run_layout(arch, config: DistillConfig, world_size: int) -> None:
-    """parallel/layout.py's rules for this config on world_size ranks (ConfigError)."""
-    check_layout(
-        arch,
-        tensor_parallel=config.tensor_parallel,
-        pipeline_parallel=config.pipeline_parallel,
-        world_size=world_size,
-        batch_size=config.batch_size,
-        micro_batch_size=config.micro_batch_size,
-    )
 
 
 def make_plan(args, config: DistillConfig) -> tuple[Plan, str]:
@@ -220,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     where = f"pipeline stage {first.pp_rank}" if plan.pipeline_parallel > 1 else "every rank"
     # a later phase may need far more (Wan2.2's two-expert fake): say so, or 81 GiB reads as "close"
     peak = max(memory, key=lambda m: m.total)
-    peak_note = f"; peak: phase {peak.phase}, {peak.total / GIB:.2f} GiB" if peak is not first else ""
+    peak_note = (
+        f"; peak: phase {peak.phase}, {peak.total / GIB:.2f} GiB" if peak is not first else ""
+    )
     print(
         f"does not fit: phase {first.phase}, {where} needs "
         f"{first.total / GIB:.2f} GiB of {budget / GIB:.2f} GiB (largest part: {largest}, "

@@ -179,6 +179,11 @@ def validate_run(config: DistillConfig, world_size: int) -> None:
     check_latents(arch, spec.latent_shape, image_channels, spec_file, arch_file)
     _check_conditions(arch, specs, spec.latent_shape, conditions / MANIFEST, arch_file)
 
+    check_run_layout(arch, config, world_size)
+
+
+def check_run_layout(arch, config: DistillConfig, world_size: int) -> None:
+    """parallel/layout.py's rules for this config's layout on world_size ranks (ConfigError)."""
     check_layout(
         arch,
         tensor_parallel=config.tensor_parallel,
