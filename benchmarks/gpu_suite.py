@@ -123,6 +123,8 @@ def plan(out: Path) -> list[Section]:
                 "bfloat16",
                 "--min-run-time",
                 "0.2",
+                "--rounds",
+                "3",
                 "--json",
                 str(out / "kernels.json"),
             ],
@@ -328,9 +330,16 @@ def model_table(rows: list[dict]) -> list[str]:
 
 def summary_markdown(device: str, sections: list[Section]) -> str:
     peak = next((v for k, v in HBM_PEAK_GBPS.items() if k in device), None)
-    lines = [f"# GPU suite on {device}", "", "| section | status | seconds |", "|---|---|---|"]
-    lines += [f"| {s.name} | {s.status} | {s.seconds if s.seconds is not None else ''} |"
-              for s in sections]  # fmt: skip
+    lines = [f"# GPU suite on {device}", "", "| section | status | seconds | limit (s) |",
+             "|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {s.name} | {s.status} | {s.seconds if s.seconds is not None else ''} | "
+              f"{s.limit_s} |" for s in sections]  # fmt: skip
+    planned = [s for s in sections if s.status == "planned"]
+    if planned:  # a dry run: what a GPU machine would run (`gpu_suite.sh run OUT` there)
+        lines += ["", "## plan (run on a GPU with `bash benchmarks/gpu_suite.sh run OUT`)", ""]
+        for s in planned:
+            env = " ".join(f"{k}={v}" for k, v in s.env.items())
+            lines.append(f"- {s.name}: `{(env + ' ') if env else ''}{shlex.join(s.command)}`")
     for s in sections:
         if not s.results:
             continue

@@ -29,7 +29,9 @@ def test_dry_run_plans_every_section_within_eight_minutes(tmp_path):
         paths = [Path(a) for a in sections[name]["command"] if a.endswith((".py", ".yaml"))]
         assert all(p.exists() or p.parent == gpu_suite.WORK for p in paths), paths
     assert {w.split("==")[0] for w in summary["wheels"]} == {"megatron-core", "diffusers"}
-    assert "| distill | planned |" in (tmp_path / "summary.md").read_text()
+    summary_md = (tmp_path / "summary.md").read_text()
+    assert "| distill | planned |  | 110 |" in summary_md
+    assert "- build: `PHASED_DMD_CUDA=ON PHASED_DMD_CUDA_ARCHS=90 " in summary_md
 
 
 def test_wheels_must_match_pyproject_pins(tmp_path, monkeypatch):
