@@ -60,8 +60,8 @@ def write_teacher(path: Path, width: int, layers: int, size: int) -> Path:
     return path
 
 
-def measure(distiller: Distiller) -> tuple[int, int | None]:
-    """(bytes saved for backward, peak CUDA bytes or None) of one generator update."""
+def saved_bytes(step) -> int:
+    """Bytes of the distinct storages autograd saves for backward while `step()` runs."""
     saved, seen = 0, set()
 
     def pack(tensor: torch.Tensor):
@@ -72,12 +72,19 @@ def measure(distiller: Distiller) -> tuple[int, int | None]:
             saved += key[1]
         return tensor
 
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        step()
+    return saved
+
+
+def measure(distiller: Distiller) -> tuple[int, int | None]:
+    """(bytes saved for backward, peak CUDA bytes or None) of one generator update."""
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        distiller.generator_update(distiller.config.num_phases)  # the last phase: deepest rollout
+    # the last phase: deepest rollout
+    saved = saved_bytes(lambda: distiller.generator_update(distiller.config.num_phases))
     return saved, (torch.cuda.max_memory_allocated() if cuda else None)
 
 
@@ -109,19 +116,7 @@ def one_update_pair(d: Distiller) -> tuple[int, float]:
     peaks = []
     start = time.perf_counter()
     for update in (d.fake_update, d.generator_update):
-        saved, seen = 0, set()
-
-        def pack(tensor: torch.Tensor):
-            nonlocal saved
-            key = (tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
-            if key not in seen:
-                seen.add(key)
-                saved += key[1]
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            update(1)
-        peaks.append(saved)
+        peaks.append(saved_bytes(lambda update=update: update(1)))
     return max(peaks), time.perf_counter() - start
 
 
