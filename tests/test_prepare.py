@@ -168,7 +168,7 @@ def test_an_interrupted_run_resumes_without_redoing_shards(
 ):
     _, reference = prepared("wan22_t2v")
     calls = []
-    real = prepare.Encoder.text
+    real = prepare.ConditionEncoder.text
 
     def crash_after_two(self, prompts):
         calls.append(list(prompts))
@@ -176,7 +176,7 @@ def test_an_interrupted_run_resumes_without_redoing_shards(
             raise KeyboardInterrupt  # killed while encoding the third batch
         return real(self, prompts)
 
-    monkeypatch.setattr(prepare.Encoder, "text", crash_after_two)
+    monkeypatch.setattr(prepare.ConditionEncoder, "text", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         run_prepare(tmp_path, tiny_pipeline("wan22_t2v"), "--frames", "5")
     partial = tmp_path / "teacher" / prepare.PARTIAL
@@ -187,7 +187,7 @@ def test_an_interrupted_run_resumes_without_redoing_shards(
     assert not (tmp_path / "teacher" / "teacher.yaml").exists()
 
     # other arguments are refused: the finished shards were made with these
-    monkeypatch.setattr(prepare.Encoder, "text", real)
+    monkeypatch.setattr(prepare.ConditionEncoder, "text", real)
     with pytest.raises(SystemExit):
         run_prepare(tmp_path, tiny_pipeline("wan22_t2v"), "--frames", "9")
 
@@ -195,7 +195,7 @@ def test_an_interrupted_run_resumes_without_redoing_shards(
     (partial / ".items-00002.safetensors.tmp").write_bytes(b"half a shard")
     calls.clear()
     monkeypatch.setattr(
-        prepare.Encoder, "text", lambda self, p: calls.append(list(p)) or real(self, p)
+        prepare.ConditionEncoder, "text", lambda self, p: calls.append(list(p)) or real(self, p)
     )
     teacher = run_prepare(tmp_path, tiny_pipeline("wan22_t2v"), "--frames", "5")
     assert calls == [PROMPTS[4:], [""]]  # the last shard and the negative prompt only
