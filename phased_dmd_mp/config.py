@@ -6,8 +6,14 @@ Unknown keys, wrong types and values the dataclass rejects in `__post_init__` al
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
+import io
+import re
+import textwrap
+import tokenize
 import types
 import typing
 from pathlib import Path
@@ -26,7 +32,10 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is typing.Literal:
         if value not in args:
-            raise ConfigError(f"{name} must be one of {list(args)}, got {value!r}")
+            hint = ""
+            if isinstance(value, bool) and any(isinstance(arg, str) for arg in args):
+                hint = " (YAML reads a bare on/off/yes/no as true/false: quote it, e.g. 'off')"
+            raise ConfigError(f"{name} must be one of {list(args)}, got {value!r}{hint}")
         return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -114,3 +123,77 @@ def add_config_arguments(parser, cls: type, example: str) -> None:
         metavar="KEY=VALUE",
         help=f"override one config key (repeatable), e.g. --set {example}",
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldDoc:
+    """One key of a config dataclass as its source documents it."""
+
+    name: str
+    type: str  # e.g. "int", "float | null", "[float, float]", "sgts | all"
+    default: str | None  # YAML, e.g. "0.875", "null", "[0.02, 0.98]"; None: required
+    comment: str  # the `#` comments above the key and on its lines, joined
+    section: str  # the last `# --- section ---` line above the key; "" before any
+
+
+SECTION = re.compile(r"^#\s*---\s*(.*?)\s*---\s*$")
+
+
+def _type_text(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return " | ".join(str(arg) for arg in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("null" if arg is type(None) else _type_text(arg) for arg in args)
+    if origin is tuple:
+        items = [_type_text(args[0]), "..."] if args[-1] is Ellipsis else map(_type_text, args)
+        return f"[{', '.join(items)}]"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _yaml_text(value: Any) -> str:
+    if isinstance(value, tuple):
+        return f"[{', '.join(_yaml_text(item) for item in value)}]"
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
+
+
+def field_docs(cls: type) -> list[FieldDoc]:
+    """Every field of the config dataclass `cls`, in order, with its type, default and the
+    comments of its source: the comment lines directly above it and those on its own lines,
+    and the section (`# --- name ---`) it sits in. These comments are the config's reference
+    documentation (docs/configuration.md is generated from them)."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    lines = source.splitlines()
+    comments = {}  # line number (1-based) -> comment text
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            comments[token.start[0]] = token.string
+    body = ast.parse(source).body[0].body
+    hints = typing.get_type_hints(cls)
+    fields = {field.name: field for field in dataclasses.fields(cls)}
+    docs, section, previous_end = [], "", 0
+    for node in body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            previous_end = node.end_lineno
+            continue
+        above = []
+        for number in range(previous_end + 1, node.lineno):
+            text = comments.get(number)
+            if text is None or lines[number - 1].strip() != text:  # blank or code: restart
+                above = []
+            elif header := SECTION.match(text):
+                section, above = header.group(1), []
+            else:
+                above.append(text)
+        inline = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
+        comment = " ".join(text.lstrip("#").strip() for text in above + inline)
+        field = fields[node.target.id]
+        if field.default is not dataclasses.MISSING:
+            default = _yaml_text(field.default)
+        elif field.default_factory is not dataclasses.MISSING:
+            default = _yaml_text(field.default_factory())
+        else:
+            default = None
+        docs.append(FieldDoc(field.name, _type_text(hints[field.name]), default, comment, section))
+        previous_end = node.end_lineno
+    return docs

@@ -44,17 +44,19 @@ DIGITS_SHAPE = (1, 8, 8)  # channels, height, width of what the digits extractor
 
 @dataclass(frozen=True)
 class EvalConfig:
-    # "auto" (digits CNN for images, the points themselves for points), a name in
-    # eval.extractors.EXTRACTORS, or "package.module:factory".
+    # Feature extractor of the diversity and fidelity metrics: auto (the digits CNN for images,
+    # the points themselves for points), a name in eval.extractors.EXTRACTORS, or
+    # package.module:factory (docs/evaluation.md).
     features: str = "auto"
-    perceptual: str = "auto"
+    perceptual: str = "auto"  # perceptual distance, chosen the same way
     knn_k: int = 3  # precision/recall neighbourhood (Kynkaanniemi et al. use 3)
     coverage_radius: float = 3.0  # in mixture stds; farther from every mode = off-mode
     mixture_reference_samples: int = 10000  # real draws from the mixture for FD and P/R
-    # The mixture of point files that do not carry one (their own takes precedence).
+    # The mixture of point files that do not carry one (their own takes precedence): means
+    # [modes, D]; give all three mixture_* keys or none.
     mixture_means: tuple[tuple[float, ...], ...] | None = None
-    mixture_weights: tuple[float, ...] | None = None
-    mixture_std: float | None = None
+    mixture_weights: tuple[float, ...] | None = None  # one per mode
+    mixture_std: float | None = None  # of every mode
     seed: int = 0  # real-data draws and the subsampling for precision/recall
 
     def __post_init__(self):
@@ -114,7 +116,7 @@ def _check_digits_shape(files: list[SampleFile], config: EvalConfig) -> None:
             raise EvaluationError(
                 f"{file.path}: images {list(shape)} are not the 8x8 gray digits the default "
                 "extractor knows; plug in one for them with --set features=module:factory --set "
-                "perceptual=module:factory (README 'Evaluation', phased_dmd_mp/eval/extractors.py)"
+                "perceptual=module:factory (docs/evaluation.md, phased_dmd_mp/eval/extractors.py)"
             )
 
 

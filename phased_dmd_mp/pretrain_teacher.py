@@ -76,34 +76,34 @@ from phased_dmd_mp.schedule import FLOW_MATCHING, sample_timesteps, timestep_tab
 
 @dataclass(frozen=True)
 class TeacherConfig:
+    # --- data ---
     # What the teacher learns: the digits (class-conditioned images) or a Gaussian mixture
     # (unconditional 2D points; the mixture_* keys below).
     dataset: Literal["digits", "mixture"] = "digits"
     mixture_side: int = 5  # modes on a side x side grid, equal weights
     mixture_spacing: float = 1.0  # between neighbouring means (5, 1.0: {-2, -1, 0, 1, 2}^2)
     mixture_std: float = 0.05  # of every mode
-    # The DiT, Wan architecture: (1, 2, 2) patches make 16 tokens of an 8x8 digit, (1, 1, 1) one
-    # token of a point.
-    num_layers: int = 4
-    num_attention_heads: int = 4
-    attention_head_dim: int = 32
-    ffn_dim: int = 512
+    # --- the DiT (Wan architecture; 16 tokens per 8x8 digit, one per point) ---
+    num_layers: int = 4  # transformer blocks
+    num_attention_heads: int = 4  # heads per attention layer
+    attention_head_dim: int = 32  # width of each head (even); hidden = heads x head width
+    ffn_dim: int = 512  # hidden width of each block's MLP
     freq_dim: int = 256  # sinusoidal timestep features (Wan's value)
     text_dim: int = 32  # width of the class embeddings
-    # Training.
-    train_steps: int = 1000
-    batch_size: int = 128
+    # --- training ---
+    train_steps: int = 1000  # optimizer steps
+    batch_size: int = 128  # samples per step
     lr: float = 1e-3  # peak; linear warm-up, then cosine decay to 0
-    warmup_steps: int = 100
-    weight_decay: float = 0.01
+    warmup_steps: int = 100  # steps of the linear warm-up
+    weight_decay: float = 0.01  # AdamW's weight decay
     ema_decay: float = 0.999  # ramped up as min(ema_decay, (1 + step) / (10 + step))
     condition_dropout: float = 0.1  # fraction trained on the null condition, for CFG
     shift: float = 1.0  # timestep shift of training draws and of the sampling schedule
-    # Sampling and evaluation of the teacher.
-    sampling_steps: int = 40
+    # --- sampling and evaluation of the teacher ---
+    sampling_steps: int = 40  # written to teacher.yaml: the teacher's sampling steps
     guidance_scale: float = 1.5  # uncond + scale (cond - uncond)
     eval_seeds: int = 50  # samples per class for the metrics (the grid shows the first 8)
-    seed: int = 0
+    seed: int = 0  # of the initial weights, batches and noise
 
     def __post_init__(self):
         if self.mixture_side < 1:

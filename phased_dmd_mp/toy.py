@@ -42,18 +42,18 @@ SUBINTERVAL_OBJECTIVES = OBJECTIVES[1:]
 
 @dataclass(frozen=True)
 class ToyConfig:
-    atoms: tuple[float, ...] = (-1.0, 0.0, 1.0, 2.0)
+    atoms: tuple[float, ...] = (-1.0, 0.0, 1.0, 2.0)  # x_0 is uniform on these values
     subinterval_start: float = 0.5  # s: subinterval models train on (s, 1)
-    width: int = 128
+    width: int = 128  # hidden width of each MLP
     depth: int = 6  # linear layers per MLP
-    train_steps: int = 2000
-    batch_size: int = 2048
+    train_steps: int = 2000  # optimizer steps of each model
+    batch_size: int = 2048  # samples per step
     lr: float = 3e-3  # peak of a one-cycle schedule (5% warm-up, cosine decay)
     max_weight: float = DEFAULT_MAX_WEIGHT  # clamp of 1 / sigma_{t|s}^2 in Eq. 13
     eval_trajectories: int = 4096  # trajectories the metrics average over
     plot_trajectories: int = 200  # of which the figure draws the first (the paper draws 200)
     ode_steps: int = 200  # Euler steps over (0, 1)
-    seed: int = 0
+    seed: int = 0  # of the weights, training draws and the trajectories' noise
 
     def __post_init__(self):
         if len(self.atoms) < 2:

@@ -96,7 +96,10 @@ def test_distill_script_launches_resumes_and_requeues(tmp_path):
     preflight = importlib.util.find_spec("phased_dmd_mp.preflight") is not None
     assert (log / "preflight").exists() == preflight
     if preflight:
-        assert "--world-size 16 --gpu-memory 80GiB" in (log / "preflight").read_text()
+        # with the overrides: the recipe's teacher is a placeholder (preflight exits 2 on it)
+        assert "--world-size 16 --gpu-memory 80GiB --set teacher=/data/t" in (
+            log / "preflight"
+        ).read_text()
 
     (run / "checkpoints" / "step-00000050").mkdir(parents=True)
     result, srun, requeued, _ = sbatch(tmp_path, run)

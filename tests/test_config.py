@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from phased_dmd_mp import toy
@@ -45,3 +47,28 @@ def test_cli_reports_mistakes_without_a_traceback(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "depth must be >= 2" in err and "Traceback" not in err
+
+
+def test_a_bare_off_names_yaml_booleans():
+    """`--set fp8=off` reads as false in YAML; the error says to quote it, and quoting works."""
+    from phased_dmd_mp.distill.config import DistillConfig
+
+    with pytest.raises(ConfigError, match="fp8 must be one of .*got False .*quote it"):
+        load_config(DistillConfig, None, ["fp8=off"])
+    assert load_config(DistillConfig, None, ["fp8='off'"]).fp8 == "off"
+
+
+def test_field_docs_read_types_defaults_comments_and_sections():
+    from phased_dmd_mp.config import field_docs
+    from phased_dmd_mp.distill.config import DistillConfig
+
+    docs = {doc.name: doc for doc in field_docs(DistillConfig)}
+    assert list(docs) == [field.name for field in dataclasses.fields(DistillConfig)]
+    shift = docs["phase_t_ranges"]
+    assert (shift.type, shift.default, shift.section) == ("[[float, float], ...]", "[]", "algorithm")
+    assert "0.875" in shift.comment and "#" not in shift.comment
+    assert docs["moe_boundary"].type == "float | null" and docs["moe_boundary"].default == "null"
+    assert docs["phase_gradient"].type == "sgts | all"
+    assert docs["fp8"].default == "'off'"  # the YAML a user must write
+    assert docs["teacher"].section == "what to distill"
+    assert docs["max_consecutive_skips"].section == "cluster"

@@ -144,7 +144,7 @@ def test_user_mistakes_are_clean_errors(tmp_path, teacher, capsys):
         run(tmp_path / "a", tmp_path / "no-teacher")
     err = capsys.readouterr().err
     assert info.value.code == 2 and "does not exist" in err and err.count("\n") == 1, err
-    with pytest.raises(SystemExit):  # the README's pure bf16 without distributed_optimizer: false
+    with pytest.raises(SystemExit):  # docs' pure bf16 without distributed_optimizer: false
         run(tmp_path / "a", teacher, "dtype=bfloat16", "main_params_dtype=bfloat16")
     err = capsys.readouterr().err
     assert "set distributed_optimizer false" in err and err.count("\n") == 1, err

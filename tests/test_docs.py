@@ -30,3 +30,25 @@ def test_the_method_notes_are_referenced_and_cover_the_equations():
                   "reverse nested", "boundary", "guidance", "shift"):  # fmt: skip
         assert topic in method, topic
     assert "docs/method.md" in (ROOT / "phased_dmd_mp" / "losses.py").read_text()
+
+
+def test_configuration_page_is_what_the_generator_writes():
+    """docs/configuration.md is generated from the config dataclasses' comments; after changing
+    a key or its comment, rerun the command at the top of the page."""
+    from phased_dmd_mp.config_docs import COMMAND, render
+
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    assert page == render(), f"docs/configuration.md is stale: run `{COMMAND}`"
+
+
+def test_every_config_key_has_a_comment():
+    from phased_dmd_mp.config import field_docs
+    from phased_dmd_mp.config_docs import SECTIONS, _load
+
+    undocumented = [
+        f"{path}: {doc.name}"
+        for _, path, _, _ in SECTIONS
+        for doc in field_docs(_load(path))
+        if len(doc.comment) < 8
+    ]
+    assert undocumented == []

@@ -133,7 +133,7 @@ def test_checkpoints_of_other_layouts_are_resharded_on_load(tmp_path):
 
 
 def test_the_converter_runs_as_a_module_without_runpy_warnings(tmp_path):
-    """`python -m phased_dmd_mp.models.convert` as the README writes it: a mistake is one line
+    """`python -m phased_dmd_mp.models.convert` as docs/models.md writes it: a mistake is one line
     and exit code 2, and nothing else is printed (importing the package must not have
     loaded convert.py before runpy runs it, which makes Python warn on every call)."""
     import os

@@ -144,7 +144,7 @@ def test_estimate_is_within_15_percent_of_the_measured_peak(tmp_path, name):
     print(
         f"{name}: measured {result['measured']} B, estimated {result['estimated']} B, "
         f"error {error:+.1%}"
-    )  # shown by pytest -s (the README's table)
+    )  # shown by pytest -s (docs/parallelism-and-memory.md's table)
     assert abs(error) < TOLERANCE, (name, error, result)
 
 

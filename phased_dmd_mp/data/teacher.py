@@ -43,27 +43,28 @@ CONDITIONS_DIR = "conditions"
 class TeacherSpec:
     """What the runner and the sampler need to know about a teacher besides its weights."""
 
-    latent_shape: tuple[int, int, int, int]  # channels, frames, height, width
+    latent_shape: tuple[int, int, int, int]  # of one sample: channels, frames, height, width
     shift: float  # timestep shift of its sampling schedule (Wan 3-5, Qwen-Image 3)
     guidance_scale: float  # CFG: uncond + scale (cond - uncond); 1 = no guidance
-    sampling_steps: int = 40
+    sampling_steps: int = 40  # the teacher's sampling steps (sample --teacher's default)
     value_range: tuple[float, float] = (-1.0, 1.0)  # of the data (pixels or latents)
     # The diffusers pipeline folder (model_index.json) the teacher's transformer came from,
     # relative to the teacher directory or absolute: its VAE decodes samples to pixels and the
     # export writes the student's pipeline from it (distill/diffusers_pipeline.py).
     pipeline: str | None = None
-    # Point teachers only: the Gaussian mixture (means [modes, D], weights, shared std) that the
-    # samples, latents flattened to D = C * F * H * W values, should follow. With it the sampler
-    # writes points and the evaluation measures modes; image and video teachers leave it out.
+    # --- point teachers only ---
+    # The Gaussian mixture the samples (latents flattened to D = C * F * H * W values) should
+    # follow: means [modes, D]. With it the sampler writes points and the evaluation measures
+    # modes; image and video teachers leave the mixture_* keys out.
     mixture_means: tuple[tuple[float, ...], ...] | None = None
-    mixture_weights: tuple[float, ...] | None = None
-    mixture_std: float | None = None
-    # Teachers made from a diffusers pipeline folder (python -m phased_dmd_mp.prepare) refer to
-    # its transformer folder(s) (relative to the teacher directory or absolute) and Wan2.2's
-    # boundary_ratio (the low-noise expert `transformer_2` scores t < boundary_ratio, t in
-    # [0, 1] = timestep / 1000).
-    transformer: str | None = None  # default: <teacher>/transformer
-    transformer_2: str | None = None
+    mixture_weights: tuple[float, ...] | None = None  # one per mode, summing to 1
+    mixture_std: float | None = None  # of every mode
+    # --- teachers made by prepare from a diffusers pipeline folder ---
+    # The transformer folder, relative to the teacher directory or absolute; default:
+    # <teacher>/transformer.
+    transformer: str | None = None
+    transformer_2: str | None = None  # Wan2.2's low-noise expert folder (same rules)
+    # Wan2.2's switch: transformer_2 scores t < boundary_ratio (t in [0, 1] = timestep / 1000)
     boundary_ratio: float | None = None
 
     def __post_init__(self):

@@ -41,65 +41,88 @@ RESUMABLE_KEYS = frozenset(
 @dataclass(frozen=True)
 class DistillConfig:
     # --- what to distill ---
-    teacher: str = (  # pretrain_teacher or prepare output: conditions/, teacher.yaml (+ weights)
-        "runs/teacher"
-    )
-    # A second diffusers dir: Wan2.2-style MoE teacher (default: teacher.yaml's transformer_2)
+    # Teacher directory (pretrain_teacher's or prepare's output): teacher.yaml, conditions/ and
+    # the transformer, or the paths of the diffusers folders holding it.
+    teacher: str = "runs/teacher"
+    # Low-noise expert of a two-expert (Wan2.2) teacher, a diffusers transformer folder;
+    # default: teacher.yaml's transformer_2.
     teacher_low_noise: str | None = None
-    # t at which the MoE teacher switches (0.875 T2V, 0.9 I2V; default: teacher.yaml's
-    # boundary_ratio)
+    # Timestep t in (0, 1) at which a two-expert teacher switches from its high- to its
+    # low-noise expert (0.875 Wan2.2 T2V, 0.9 I2V); default: teacher.yaml's boundary_ratio.
     moe_boundary: float | None = None
-    conditions: str | None = None  # condition set; default <teacher>/conditions
+    conditions: str | None = None  # condition set directory; default: <teacher>/conditions
     # --- algorithm ---
+    # phased_dmd (the paper's), or a baseline: dmd (one step), few_step_dmd (N steps,
+    # backpropagation through all of them), dmd_sgts (N steps, stochastic gradient truncation).
     algorithm: Algorithm = "phased_dmd"
-    num_steps: int = 4
-    num_phases: int = 2
+    num_steps: int = 4  # sampling steps N of the distilled generator
+    num_phases: int = 2  # phases K, one generator expert each; must divide num_steps
+    # Inside a phase of several steps, backpropagate through one random step (sgts, the
+    # paper's 4-step 2-phase runs) or through all of them (all: memory grows with the steps).
     phase_gradient: Literal["sgts", "all"] = "sgts"
-    intervals: Literal["nested", "disjoint"] = "nested"  # disjoint: TDM's, an ablation
-    phase_order: Literal["sequential", "alternating"] = "sequential"  # alternating: LightX2V's
-    shift: float | None = None  # timestep shift; default: the teacher's
+    # Where a phase ending at time s injects noise to score its output: the reverse nested
+    # interval (s, 1) (the paper's) or its own steps' interval (disjoint: TDM's, an ablation).
+    intervals: Literal["nested", "disjoint"] = "nested"
+    # sequential: each phase trains to the end, earlier experts frozen (the paper's);
+    # alternating: the phases take turns, one iteration each (LightX2V's schedule).
+    phase_order: Literal["sequential", "alternating"] = "sequential"
+    shift: float | None = None  # timestep shift of the student's steps; default: the teacher's
+    # How a generator step moves its predicted x_0 to the next timestep: with the predicted
+    # noise (deterministic, the Euler step) or with fresh noise (renoise, DMD2's sampler).
     step_noise: Literal["deterministic", "renoise"] = "deterministic"
-    t_range: tuple[float, float] = (0.02, 0.98)  # noise injection never leaves this range
-    phase_t_ranges: tuple[
-        tuple[float, float], ...
-    ] = ()  # per phase, e.g. Wan2.2 phase 1 (0.875, 1)
-    guidance_scale: float | None = (
-        None  # teacher CFG, uncond + g (cond - uncond); default: teacher's
-    )
+    t_range: tuple[float, float] = (0.02, 0.98)  # [low, high]: noise is injected only inside
+    # One [low, high] per phase, narrowing where that phase injects noise: Wan2.2's
+    # [[0.875, 1], [0, 1]] keeps phase 1 on the high-noise expert's side. Default: no limit.
+    phase_t_ranges: tuple[tuple[float, float], ...] = ()
+    # Teacher CFG scale g in uncond + g (cond - uncond): 1 = no guidance (the convention
+    # cond + g' (cond - uncond) has g' = g - 1); default: teacher.yaml's guidance_scale.
+    guidance_scale: float | None = None
     normalize_gradient: bool = False  # DMD2's per-sample normalisation of the generator gradient
-    max_weight: float = DEFAULT_MAX_WEIGHT  # clamp of 1 / sigma_{t|s}^2 (Eq. 13)
+    max_weight: float = DEFAULT_MAX_WEIGHT  # cap of Eq. 13's weight 1 / sigma_{t|s}^2
     # --- optimisation ---
-    iterations_per_phase: int = 200  # generator updates per phase
-    fake_updates: int = 5  # fake updates per generator update
+    iterations_per_phase: int = 200  # iterations (generator updates) per phase
+    fake_updates: int = 5  # fake-model updates per generator update
     batch_size: int = 64  # samples per update, over all data-parallel ranks
-    micro_batch_size: int | None = None  # per rank and forward, divides the rank batch
-    generator_lr: float = 1e-4
-    fake_lr: float = 1e-4
-    betas: tuple[float, float] = (0.0, 0.999)
-    weight_decay: float = 0.0
+    # Samples per forward and backward on each rank (gradient accumulation); divides the
+    # rank's batch (batch_size / DP); default: the whole rank batch at once.
+    micro_batch_size: int | None = None
+    generator_lr: float = 1e-4  # AdamW learning rate of the generator experts
+    fake_lr: float = 1e-4  # AdamW learning rate of the fake model
+    betas: tuple[float, float] = (0.0, 0.999)  # AdamW betas of both (beta1 0, as in DMD2)
+    weight_decay: float = 0.0  # AdamW weight decay of both
     grad_clip: float = 1.0  # max gradient norm; 0 disables
     ema_decay: float | None = None  # EMA of the generator experts (the export uses it when set)
-    generator_adapter: Literal["full", "lora"] = "full"  # lora: experts share the teacher's weights
-    lora_rank: int = 64
-    lora_alpha: float = 8.0
+    # Generator experts as full copies of the teacher (full) or as LoRA adapters on its shared,
+    # frozen weights (lora, the paper's: far less memory).
+    generator_adapter: Literal["full", "lora"] = "full"
+    lora_rank: int = 64  # rank of each LoRA adapter (the paper's 64)
+    lora_alpha: float = 8.0  # an adapter adds (lora_alpha / lora_rank) B A x (the paper's 8)
     # --- runtime ---
-    tensor_parallel: int = 1
+    tensor_parallel: int = 1  # GPUs each layer is split over (megatron tensor parallelism)
+    # Pipeline stages the layers are split into; data parallel is the rest of the world,
+    # world size / (tensor_parallel x pipeline_parallel).
     pipeline_parallel: int = 1
     dtype: Literal["float32", "bfloat16"] = "float32"  # weights the models compute with
-    # bfloat16 weights: float32 keeps fp32 main params, fp32 gradient buffers and fp32 Adam
-    # moments (megatron's mixed precision); bfloat16 steps the bf16 weights themselves, where
-    # small updates round away (distill/optim.py); must be float32 when dtype is float32
+    # With dtype bfloat16: float32 keeps fp32 main params, gradient buffers and Adam moments
+    # (megatron's mixed precision); bfloat16 steps the bf16 weights themselves (pure bf16, needs
+    # distributed_optimizer false), where small updates round away (distill/optim.py). Must be
+    # float32 when dtype is float32.
     main_params_dtype: Literal["float32", "bfloat16"] = "float32"
     distributed_optimizer: bool = True  # ZeRO-1: main params and moments split over DP ranks
-    recompute: bool = False
+    recompute: bool = False  # recompute each layer's activations in backward: less memory
+    # FP8 linears on FP8 GPUs: te (Transformer Engine) or torch (torch._scaled_mm; takes LoRA)
     fp8: Literal["off", "te", "torch"] = "off"
+    # Fused loss kernels: where they support the inputs (auto), always (fused: an error says
+    # why they cannot run) or never (reference: the pure-torch ops).
     kernels: Literal["auto", "fused", "reference"] = "auto"
-    seed: int = 0
+    seed: int = 0  # of the noise, timesteps and conditions drawn (a stream per DP rank)
     # --- bookkeeping ---
-    log_every: int = 10
-    sample_every: int = 100  # fixed-seed sample grid and diversity proxy
-    checkpoint_every: int = 100
-    keep_last: int = 2
+    log_every: int = 10  # iterations between log lines and tensorboard points
+    # Iterations between the fixed-seed sample grids (RUN/samples/iter_N.png, tensorboard) and
+    # their diversity proxy
+    sample_every: int = 100
+    checkpoint_every: int = 100  # iterations between checkpoints (RUN/checkpoints/step-N)
+    keep_last: int = 2  # checkpoints kept; older ones are deleted
     # --- cluster ---
     # Seconds a collective may wait for a rank before the job fails (a hung or lost rank):
     # torch.distributed's process group and megatron's groups. A lost node usually fails a

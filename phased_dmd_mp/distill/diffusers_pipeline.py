@@ -112,7 +112,7 @@ def routing(cls: type, timesteps: list[float], expert_of_step: list[int]) -> flo
         raise PipelineUnsupported(
             f"{cls.__name__} routes {'two experts' if 'transformer_2' in accepts else 'one expert'}"
             f" by timestep; this generator has {len(experts)}. Run it with python -m "
-            "phased_dmd_mp.sample (README 'Distill your own model', step 5), or distill "
+            "phased_dmd_mp.sample (docs/distill-your-own-model.md, 'Sample'), or distill "
             f"with num_phases: {2 if 'transformer_2' in accepts else 1} for a pipeline stock "
             "diffusers loads"
         )

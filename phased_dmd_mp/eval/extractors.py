@@ -8,7 +8,7 @@ The evaluation config names each with a spec, resolved by `resolve`:
 - a name in `EXTRACTORS`: "digits" (the project's digits CNN, both roles, see digits.py) or
   "points" (point data: the points themselves, Euclidean distance);
 - "package.module:factory": any zero-argument callable returning such an object, which is how
-  DINOv3 features or LPIPS distances with weights on disk plug in (README, "Evaluation").
+  DINOv3 features or LPIPS distances with weights on disk plug in (docs/evaluation.md).
 """
 
 from __future__ import annotations
