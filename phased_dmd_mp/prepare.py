@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from phased_dmd_mp.config import ConfigError
 from phased_dmd_mp.data import conditions as cs
+from phased_dmd_mp.data import readers
 from phased_dmd_mp.data.encoders import ConditionEncoder
 from phased_dmd_mp.data.pipeline_folder import (
     PipelineFolder,
@@ -52,7 +53,6 @@ from phased_dmd_mp.data.pipeline_folder import (
 )
 from phased_dmd_mp.data.teacher import CONDITIONS_DIR, SPEC_FILE, write_spec
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 PARTIAL = "conditions.partial"
 RUN_FILE = "prepare.json"  # in PARTIAL: the arguments the shards were made with
 
@@ -60,43 +60,33 @@ RUN_FILE = "prepare.json"  # in PARTIAL: the arguments the shards were made with
 # --- inputs ----------------------------------------------------------------------------------
 
 
-def read_prompts(path: Path) -> tuple[list[str], list[str | None]]:
-    """(prompts, image names): one prompt per non-empty line; a line `IMAGE<TAB>prompt` names
-    its first frame (a file in --images), otherwise images go with prompts in sorted order."""
-    if not path.is_file():
-        raise ConfigError(f"prompt file {path} does not exist")
-    prompts, names = [], []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        name, tab, text = line.partition("\t")
-        prompts.append(text.strip() if tab else line.strip())
-        names.append(name.strip() if tab else None)
-    if not prompts:
-        raise ConfigError(f"prompt file {path} holds no prompts")
-    return prompts, names
+def takes_images(pipe: PipelineFolder) -> bool:
+    """Whether the pipeline conditions on a first frame (--images, IMAGE<TAB>prompt lines)."""
+    return pipe.kind == "wan_i2v"
 
 
-def match_images(
-    pipe: PipelineFolder, images: Path | None, names: list[str | None]
+def first_frames(
+    pipe: PipelineFolder, images: Path | None, prompts: list[readers.Prompt], prompt_file: Path
 ) -> list[Path] | None:
-    """The first-frame file of each prompt (I2V), by name or by sorted order."""
-    if pipe.kind != "wan_i2v":
+    """The first-frame file of each prompt (image-to-video), by name or by sorted order."""
+    if not takes_images(pipe):
         if images is not None:
             raise ConfigError(f"--images is for image-to-video pipelines, not {pipe.cls}")
         return None
     if images is None or not images.is_dir():
         raise ConfigError(f"{pipe.cls} needs --images DIR (the first frames), got {images}")
-    if any(name is not None for name in names):
-        files = [images / name if name else None for name in names]
-        for line, file in enumerate(files, 1):
-            if file is None or not file.is_file():
-                raise ConfigError(f"prompt {line} names no image in {images} ({file})")
-        return files
-    files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if len(files) != len(names):
-        raise ConfigError(f"{images} holds {len(files)} images for {len(names)} prompts")
-    return files
+    return readers.match_images(prompts, images, prompt_file)
+
+
+def _check_finite(items: dict, lines: list[readers.Prompt], prompt_file: Path) -> None:
+    """Refuse a batch whose encodings hold NaN/Inf, naming the prompt's file:line."""
+    bad = readers.nonfinite_items(items)
+    if bad:
+        row = min(bad)
+        raise ConfigError(
+            f"{prompt_file}:{lines[row].line}: the encoders gave NaN/Inf ({', '.join(bad[row])}) "
+            f"for {lines[row].text!r}; nothing of this batch was kept"
+        )
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -138,8 +128,12 @@ def prepare(args) -> Path:
     args.height, args.width, args.frames = height, width, frames
     latent_shape = check(pipe, height, width, frames)
     spec = teacher_spec(pipe, latent_shape)
-    prompts, names = read_prompts(args.prompts)
-    images = match_images(pipe, args.images, names)
+    # every input read and checked before the pipeline loads (data/readers.py)
+    lines = readers.read_prompt_file(args.prompts, images=takes_images(pipe))
+    prompts = [prompt.text for prompt in lines]
+    images = first_frames(pipe, args.images, lines, args.prompts)
+    if images is not None:
+        readers.check_images(images, progress=not args.no_progress)
     negative = "" if args.negative_prompt is None else args.negative_prompt
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -180,9 +174,15 @@ def prepare(args) -> Path:
             items = encoder.text(prompts[chunk])
             if images is not None:
                 items.update(encoder.image(images[chunk]))
+            _check_finite(items, lines[chunk], args.prompts)
             _atomic_save(items, partial / cs.shard_name(index))
             bar.update(len(prompts[chunk]))
     uncond = {k: v[0] for k, v in encoder.text([negative]).items()}
+    if bad := readers.nonfinite_items({k: v[None] for k, v in uncond.items()}):
+        raise ConfigError(
+            f"the text encoder gave NaN/Inf ({', '.join(bad[0])}) for the negative prompt "
+            f"{negative!r}"
+        )
     with safe_open(partial / cs.shard_name(0), framework="pt") as handle:
         specs = {name: handle.get_slice(name) for name in handle.keys()}
         specs = {
@@ -190,7 +190,7 @@ def prepare(args) -> Path:
             for name, view in specs.items()
         }
     counts = [min(args.batch_size, len(prompts) - i * args.batch_size) for i in range(batches)]
-    cs.publish(partial, specs, counts, uncond, out / CONDITIONS_DIR)
+    cs.publish(partial, specs, counts, uncond, out / CONDITIONS_DIR, finite=True)
     write_spec(out, spec)
     return out
 

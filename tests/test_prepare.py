@@ -374,3 +374,87 @@ def test_validate_run_follows_the_prepared_teacher_yaml(prepared, tmp_path):
     _, i2v = prepared("wan21_i2v")
     with pytest.raises(ConfigError, match="teacher_low_noise needs moe_boundary"):
         validate_run(DistillConfig(teacher=str(i2v), teacher_low_noise=str(low)), world_size=1)
+
+
+# --- inputs as users hand them in (issue 20; data/readers.py) ---------------------------------
+
+
+def test_a_bom_and_crlf_prompt_file_gives_the_plain_files_conditions(prepared, tmp_path):
+    """A UTF-8 BOM used to stay in the first prompt (Qwen-Image encoded '\\ufeffa red cat':
+    more tokens); with CRLF line ends the conditions must be the plain file's, bit for bit."""
+    pipeline, reference = prepared("qwen_image")
+    prompts = tmp_path / "windows.txt"
+    prompts.write_bytes(("\ufeff" + "\r\n".join(PROMPTS) + "\r\n").encode())
+    args = ["--pipeline", str(pipeline), "--prompts", str(prompts), "--out", str(tmp_path / "t")]
+    assert prepare.main([*args, "--batch-size", "2", "--no-progress", *SIZE]) == 0
+    got = ConditionSet(tmp_path / "t" / "conditions").batch(range(len(PROMPTS)))
+    expected = ConditionSet(reference / "conditions").batch(range(len(PROMPTS)))
+    assert torch.equal(got.text_mask, expected.text_mask)
+    assert torch.equal(got.text, expected.text)
+
+
+@torch.no_grad()
+def test_a_16_bit_greyscale_first_frame_is_scaled_not_white(prepared, tmp_path):
+    """Pillow's convert('RGB') clamps I;16 to 255 (99.6% white); prepare must encode the image
+    the user sees: the same latents as its 8-bit version."""
+    pipeline, _ = prepared("wan21_i2v")
+    rng = np.random.default_rng(1)
+    grey16 = rng.integers(0, 65536, (32, 32), dtype=np.uint16)
+    grey8 = np.round(grey16 * (255 / 65535)).astype(np.uint8)
+    from PIL import Image
+
+    for name, image in (("deep", Image.fromarray(grey16)), ("plain", Image.fromarray(grey8))):
+        folder = tmp_path / name
+        folder.mkdir()
+        for i in range(len(PROMPTS)):
+            image.save(folder / f"{i:03d}.png")
+        args = ["--frames", "5", "--images", str(folder)]
+        run_prepare(tmp_path, pipeline, *args, name=f"teacher_{name}")
+    deep = ConditionSet(tmp_path / "teacher_deep" / "conditions").batch([0])
+    plain = ConditionSet(tmp_path / "teacher_plain" / "conditions").batch([0])
+    torch.testing.assert_close(deep.image_latents, plain.image_latents, rtol=0, atol=0)
+    torch.testing.assert_close(deep.image_embeds, plain.image_embeds, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "html"])
+def test_a_bad_first_frame_is_one_line_before_the_pipeline_loads(
+    prepared, tmp_path, capsys, monkeypatch, damage
+):
+    pipeline, by_order = prepared("wan21_i2v")
+    images = tmp_path / "images"
+    shutil.copytree(by_order.parent / "images", images)
+    bad = images / "003.png"
+    if damage == "truncated":
+        bad.write_bytes(bad.read_bytes()[:200])
+    else:
+        bad.write_text("<!DOCTYPE html><html><head><title>403 Forbidden</title></head></html>")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the pipeline loaded before the inputs were checked")
+
+    monkeypatch.setattr(prepare.ConditionEncoder, "__init__", never)
+    with pytest.raises(SystemExit) as exit_info:
+        run_prepare(tmp_path, pipeline, "--frames", "5", "--images", str(images))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and str(bad) in err.strip().splitlines()[-1]
+    assert ("truncated" if damage == "truncated" else "HTML") in err
+    assert not (tmp_path / "teacher" / prepare.PARTIAL).exists()
+
+
+def test_a_nonfinite_encoding_names_the_prompts_line(prepared, tmp_path, capsys, monkeypatch):
+    pipeline, _ = prepared("wan22_t2v")
+    real = prepare.ConditionEncoder.text
+
+    def overflowing(self, prompts):  # a float16 T5 overflows on some prompts
+        out = real(self, prompts)
+        if "blue ball in snow" in prompts:
+            out["text"][prompts.index("blue ball in snow"), 0, 0] = float("inf")
+        return out
+
+    monkeypatch.setattr(prepare.ConditionEncoder, "text", overflowing)
+    with pytest.raises(SystemExit) as exit_info:
+        run_prepare(tmp_path, pipeline, "--frames", "5")
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "p.txt:3: the encoders gave NaN/Inf (text) for 'blue ball in snow'" in last

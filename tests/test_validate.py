@@ -35,12 +35,14 @@ def write_transformer(path: Path, arch) -> Path:
 
 
 def write_manifest(path: Path, tensors: dict) -> Path:
-    """A condition set's manifest only: validation never opens the tensors."""
+    """A condition set's manifest only: validation never opens the tensors (`finite`: its
+    writer checked them, so validation does not scan them)."""
     path.mkdir(parents=True)
     manifest = {
         "format": FORMAT, "version": VERSION, "count": 1,
         "tensors": {name: {"shape": shape, "dtype": "float32"} for name, shape in tensors.items()},
         "shards": [{"file": "items-00000.safetensors", "count": 1}], "uncond": "uncond.safetensors",
+        "finite": True,
     }  # fmt: skip
     (path / MANIFEST).write_text(json.dumps(manifest))
     return path
@@ -152,3 +154,34 @@ def test_a_pipeline_folder_given_as_teacher_points_to_prepare(tmp_path):
     assert "\n" not in message
     with pytest.raises(ConfigError, match="write one with python -m phased_dmd_mp.prepare"):
         validate_run(config(tmp_path), 1)
+
+
+def test_a_nonfinite_condition_is_named_before_any_model_loads(
+    tmp_path, teacher, capsys, monkeypatch
+):
+    """A set written by other code (no `finite` record) holding an Inf: validation reads it and
+    names the condition, instead of the runner skipping updates without saying why."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from phased_dmd_mp.distill import trainer
+
+    conditions = shutil.copytree(teacher / "conditions", tmp_path / "conditions")
+    manifest = json.loads((conditions / MANIFEST).read_text())
+    manifest.pop("finite", None)
+    (conditions / MANIFEST).write_text(json.dumps(manifest))
+    shard = conditions / manifest["shards"][-1]["file"]
+    tensors = load_file(shard)
+    tensors["text"][1, 0, 0] = float("inf")
+    save_file(tensors, shard)
+    index = manifest["count"] - manifest["shards"][-1]["count"] + 1
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the conditions were checked")
+
+    monkeypatch.setattr(trainer.Distiller, "__init__", no_loading)
+    args = distill_args(tmp_path / "run", teacher, f"conditions={conditions}")
+    code, err = run_cli(pretrain_distill.main, args, capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert f"conditions: condition set {conditions}: condition {index}: NaN/Inf in text" in err

@@ -5,7 +5,7 @@ A condition set is a directory:
     conditions.json       {"format": "phased_dmd_mp.conditions", "version": 1, "count": N,
                            "tensors": {name: {"shape": [per-item shape], "dtype": "float32"}},
                            "shards": [{"file": "items-00000.safetensors", "count": n}, ...],
-                           "uncond": "uncond.safetensors"}
+                           "uncond": "uncond.safetensors", "finite": true}
     items-*.safetensors   the items, each tensor stacked on a leading item dimension [n, ...]
     uncond.safetensors    the unconditional entry of classifier-free guidance (null condition or
                           negative prompt), its tensors [1, ...] with the items' shapes
@@ -14,6 +14,8 @@ Tensors are named like the fields of `conditioning.Conditions`: `text` [L, D] pe
 (required: class embeddings, T5 or Qwen2.5-VL prompt embeddings padded to L tokens),
 `text_mask` [L] (1 = real token), `image_latents` [C, F, H, W] and `image_embeds` [T, D'] (I2V
 first-frame latents, Wan2.1 CLIP tokens), plus `labels` (an int per item, e.g. a digit class).
+`finite` (optional) records that the writer found every value finite, so validation need not
+read the items again; a set without it is scanned (data/readers.py `check_finite`).
 The unconditional entry holds the text fields only: under CFG the negative branch sees the
 batch's own image conditioning (as Wan's I2V pipeline does), so it is taken from that batch.
 
@@ -40,6 +42,7 @@ from torch import Tensor
 
 from phased_dmd_mp.conditioning import Conditions
 from phased_dmd_mp.config import ConfigError
+from phased_dmd_mp.data.readers import describe_nonfinite, nonfinite_items
 
 FORMAT = "phased_dmd_mp.conditions"
 VERSION = 1
@@ -127,7 +130,13 @@ def read_manifest(path: Path) -> dict:
             f"{manifest_path}: the shards hold {sum(n for _, n in shard_list)} items, "
             f"count says {count}"
         )
-    return {"count": count, "specs": specs, "shards": shard_list, "uncond": str(uncond)}
+    return {
+        "count": count,
+        "specs": specs,
+        "shards": shard_list,
+        "uncond": str(uncond),
+        "finite": manifest.get("finite") is True,
+    }
 
 
 def _check_specs(specs: dict[str, tuple[tuple[int, ...], str]], where: object) -> None:
@@ -265,11 +274,17 @@ class ConditionSetWriter:
         if self.path.exists():
             raise ConfigError(f"{self.path} already exists; a condition set is written once")
         self._uncond = {name: tensor.detach().cpu().contiguous() for name, tensor in uncond.items()}
+        bad = nonfinite_items({name: t[None] for name, t in self._uncond.items()})
+        if bad:
+            raise ConfigError(
+                f"{self.path}: the unconditional entry has NaN/Inf in {', '.join(bad[0])}"
+            )
         self._shard_bytes = shard_bytes
         self._specs: dict[str, tuple[tuple[int, ...], str]] | None = None
         self._pending: list[dict[str, Tensor]] = []
         self._pending_rows = 0
         self._shards: list[dict] = []
+        self._written = 0  # items in the shards so far
         self._staging = staging_dir(self.path)
 
     def __enter__(self):
@@ -302,7 +317,13 @@ class ConditionSetWriter:
             self._specs = specs
         elif specs != self._specs:
             raise ConfigError(f"items {specs} do not match the earlier items {self._specs}")
-        self._pending.append({name: t.detach().cpu() for name, t in tensors.items()})
+        pending = {name: t.detach().cpu() for name, t in tensors.items()}
+        bad = nonfinite_items(pending)
+        if bad:
+            first = self._written + self._pending_rows
+            found = {first + row: names for row, names in bad.items()}
+            raise ConfigError(f"{self.path}: {describe_nonfinite(found)}")
+        self._pending.append(pending)
         self._pending_rows += rows.pop()
         while self._pending_rows >= self._items_per_shard():
             self._flush(self._items_per_shard())
@@ -326,6 +347,7 @@ class ConditionSetWriter:
         name = shard_name(len(self._shards))
         save_file(shard, self._staging / name)
         self._shards.append({"file": name, "count": rows})
+        self._written += rows
         self._pending_rows -= rows
         self._pending = [rest] if self._pending_rows else []
 
@@ -336,7 +358,7 @@ class ConditionSetWriter:
         if self._pending_rows:
             self._flush(self._pending_rows)
         counts = [shard["count"] for shard in self._shards]
-        return publish(self._staging, self._specs, counts, self._uncond, self.path)
+        return publish(self._staging, self._specs, counts, self._uncond, self.path, finite=True)
 
     def discard(self) -> None:
         shutil.rmtree(self._staging, ignore_errors=True)
@@ -348,9 +370,11 @@ def publish(
     counts: list[int],
     uncond: Mapping[str, Tensor],
     path: Path,
+    finite: bool = False,
 ) -> ConditionSet:
     """Finish a set whose shards `shard_name(0..)` (holding `counts` items) are in `staging`:
-    write the unconditional entry and the manifest, then rename `staging` to `path`."""
+    write the unconditional entry and the manifest, then rename `staging` to `path`.
+    `finite`: the caller checked every value (recorded, so validation skips the scan)."""
     save_file({name: t[None].contiguous() for name, t in uncond.items()}, staging / UNCOND_FILE)
     manifest = {
         "format": FORMAT,
@@ -361,6 +385,7 @@ def publish(
         },
         "shards": [{"file": shard_name(i), "count": n} for i, n in enumerate(counts)],
         "uncond": UNCOND_FILE,
+        **({"finite": True} if finite else {}),
     }
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     os.rename(staging, path)

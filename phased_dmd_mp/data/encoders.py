@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from phased_dmd_mp.data.readers import read_image
 from phased_dmd_mp.data.pipeline_folder import (
     QWEN_MAX_TOKENS,
     WAN_TEXT_TOKENS,
@@ -68,14 +69,12 @@ class ConditionEncoder:
     def image(self, files: list[Path]) -> dict[str, torch.Tensor]:
         """{"image_latents": [n, 4 + C, F, H, W]} (+ "image_embeds" [n, T, D'] for Wan2.1),
         each image through WanImageToVideoPipeline.prepare_latents / encode_image."""
-        from diffusers.utils import load_image
-
         pipe, out = self.pipe, {"image_latents": []}
         clip = pipe.image_encoder is not None
         if clip:
             out["image_embeds"] = []
         for file in files:
-            image = load_image(str(file))
+            image = read_image(file)  # 8-bit RGB as the user sees it (data/readers.py)
             pixels = pipe.video_processor.preprocess(image, height=self.height, width=self.width)
             _, condition = pipe.prepare_latents(
                 pixels.to(self.device, dtype=torch.float32),

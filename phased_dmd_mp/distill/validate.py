@@ -1,9 +1,10 @@
 """Everything a distillation config points at, checked before any model loads.
 
-`validate_run(config, world_size)` reads only small files: the teacher's teacher.yaml, the
+`validate_run(config, world_size)` reads small files: the teacher's teacher.yaml, the
 config.json of each teacher transformer (diffusers format or our sharded one) and the condition
-set's manifest. It raises `phased_dmd_mp.config.ConfigError`, one line naming the key or file and
-both values, for what would otherwise fail after every rank loaded a 14B teacher:
+set's manifest (and its items only when the manifest does not record them finite). It raises
+`phased_dmd_mp.config.ConfigError`, one line naming the key or file and both values, for what
+would otherwise fail after every rank loaded a 14B teacher:
 
 - paths: `teacher` (with teacher.yaml and transformer/config.json, or the transformer folder
   teacher.yaml names), `teacher_low_noise` (a transformer folder; default teacher.yaml's
@@ -15,7 +16,8 @@ both values, for what would otherwise fail after every rank loaded a 14B teacher
   channels; patch sizes divide frames/height/width;
 - the conditions against the transformer: text width = text_dim (Wan) / joint_attention_dim
   (Qwen-Image), image latents on the latent grid, CLIP image tokens exactly when the model has
-  an image embedder (Wan2.1 I2V);
+  an image embedder (Wan2.1 I2V); every value finite (a set whose manifest does not record
+  that its writer checked it is read once; data/readers.py `check_finite`);
 - a two-expert teacher's experts have the same architecture;
 - the parallel layout (phased_dmd_mp/parallel/layout.py) on `world_size` ranks.
 """
@@ -27,7 +29,8 @@ import json
 from pathlib import Path
 
 from phased_dmd_mp.config import ConfigError
-from phased_dmd_mp.data.conditions import MANIFEST, read_manifest
+from phased_dmd_mp.data.conditions import MANIFEST, ConditionSet, read_manifest
+from phased_dmd_mp.data.readers import check_finite
 from phased_dmd_mp.data.teacher import (
     CONDITIONS_DIR,
     SPEC_FILE,
@@ -150,7 +153,7 @@ def _check_conditions(arch, specs: dict, latent_shape, manifest: Path, arch_file
 
 def validate_run(config: DistillConfig, world_size: int) -> None:
     """Check the files `config` points at and its layout on `world_size` ranks (module
-    docstring); reads JSON/YAML only. Raises ConfigError."""
+    docstring); reads no weights. Raises ConfigError."""
     teacher = Path(config.teacher)
     spec = read_spec(teacher)  # the directory and teacher.yaml
     spec_file = teacher / SPEC_FILE
@@ -171,15 +174,21 @@ def validate_run(config: DistillConfig, world_size: int) -> None:
         _check_experts_agree(arch, low_arch, arch_file, low / "config.json")
 
     conditions = Path(config.conditions) if config.conditions else teacher / CONDITIONS_DIR
+    key = "conditions" if config.conditions else "teacher"
     try:
-        specs = read_manifest(conditions)["specs"]
+        manifest = read_manifest(conditions)
     except ConfigError as error:
-        raise ConfigError(f"{'conditions' if config.conditions else 'teacher'}: {error}") from None
+        raise ConfigError(f"{key}: {error}") from None
+    specs = manifest["specs"]
     image_channels = specs["image_latents"][0][0] if "image_latents" in specs else 0
     check_latents(arch, spec.latent_shape, image_channels, spec_file, arch_file)
     _check_conditions(arch, specs, spec.latent_shape, conditions / MANIFEST, arch_file)
-
     check_run_layout(arch, config, world_size)
+    if not manifest["finite"]:  # last: the only check that reads more than a small file
+        try:
+            check_finite(ConditionSet(conditions))
+        except ConfigError as error:
+            raise ConfigError(f"{key}: {error}") from None
 
 
 def check_run_layout(arch, config: DistillConfig, world_size: int) -> None:
