@@ -64,9 +64,10 @@ def test_field_docs_read_types_defaults_comments_and_sections():
 
     docs = {doc.name: doc for doc in field_docs(DistillConfig)}
     assert list(docs) == [field.name for field in dataclasses.fields(DistillConfig)]
-    shift = docs["phase_t_ranges"]
-    assert (shift.type, shift.default, shift.section) == ("[[float, float], ...]", "[]", "algorithm")
-    assert "0.875" in shift.comment and "#" not in shift.comment
+    ranges = docs["phase_t_ranges"]
+    assert ranges.type == "[[float, float], ...]" and ranges.default == "[]"
+    assert ranges.section == "algorithm"
+    assert "0.875" in ranges.comment and "#" not in ranges.comment
     assert docs["moe_boundary"].type == "float | null" and docs["moe_boundary"].default == "null"
     assert docs["phase_gradient"].type == "sgts | all"
     assert docs["fp8"].default == "'off'"  # the YAML a user must write
