@@ -31,15 +31,13 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
+from phased_dmd_mp import atomic
 from phased_dmd_mp.config import ConfigError
 from phased_dmd_mp.data import conditions as cs
 from phased_dmd_mp.data import readers
@@ -113,12 +111,6 @@ def _done_shards(partial: Path, batches: int) -> int:
     return done
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, path)
-
-
 def prepare(args) -> Path:
     out: Path = args.out
     pipe = read_pipeline(args.pipeline)
@@ -156,7 +148,7 @@ def prepare(args) -> Path:
                     f"{value!r}: rerun with the same arguments or delete {partial}"
                 )
     else:
-        run_file.write_text(json.dumps(run, indent=2) + "\n")
+        atomic.write_json(run_file, run)
 
     batches = math.ceil(len(prompts) / args.batch_size)
     done = _done_shards(partial, batches)
@@ -175,7 +167,7 @@ def prepare(args) -> Path:
             if images is not None:
                 items.update(encoder.image(images[chunk]))
             _check_finite(items, lines[chunk], args.prompts)
-            _atomic_save(items, partial / cs.shard_name(index))
+            atomic.save_safetensors(items, partial / cs.shard_name(index))
             bar.update(len(prompts[chunk]))
     uncond = {k: v[0] for k, v in encoder.text([negative]).items()}
     if bad := readers.nonfinite_items({k: v[None] for k, v in uncond.items()}):
@@ -223,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         out = prepare(args)
     except ConfigError as error:
         parser.error(str(error))
+    except atomic.DiskFullError as error:  # the finished shards stay: rerun to continue
+        print(f"{parser.prog}: error: {error.strerror}", file=sys.stderr)
+        return 1
     print(f"teacher directory {out} ({SPEC_FILE}, {CONDITIONS_DIR}/)", file=sys.stderr)
     return 0
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import sys
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch.distributed as dist
 import yaml
 
+from phased_dmd_mp import atomic
 from phased_dmd_mp.config import ConfigError, add_config_arguments, load_config
 from phased_dmd_mp.distill import checkpoint, rundir
 from phased_dmd_mp.distill.config import RESUMABLE_KEYS, DistillConfig
@@ -137,16 +137,20 @@ def _run(parser, args, config: DistillConfig) -> int:
         distiller = Distiller(config, args.out, progress=not args.no_progress)
     except ConfigError as error:
         parser.error(str(error))
-    if is_logger:
-        if args.overwrite:
-            removed = rundir.remove_run(args.out)
-            if removed:
-                print(f"--overwrite: removed {', '.join(removed)} from {args.out}")
-        rundir.mark(args.out)
-        (args.out / "config.yaml").write_text(
-            yaml.safe_dump(_yaml_roundtrip(config), sort_keys=False)
-        )
-    dist.barrier()
+
+    def start_run_dir():
+        if is_logger:
+            if args.overwrite:
+                removed = rundir.remove_run(args.out)
+                if removed:
+                    print(f"--overwrite: removed {', '.join(removed)} from {args.out}")
+            rundir.mark(args.out)
+            atomic.write_yaml(args.out / "config.yaml", _yaml_roundtrip(config))
+
+    try:
+        atomic.collective_write(start_run_dir)  # also the barrier before anyone resumes
+    except atomic.DiskFullError as error:
+        return _disk_full(error, is_logger)
     if resume_from is not None:
         distiller.load_checkpoint(resume_from)
         finished = distiller.state.iteration >= distiller.total_iterations
@@ -159,12 +163,10 @@ def _run(parser, args, config: DistillConfig) -> int:
             return 0
     try:
         last = distiller.train()
-    except checkpoint.DiskFullError as error:
         if is_logger:
-            print(f"error: {error.strerror}", file=sys.stderr)
-        return 1
-    if is_logger:
-        (args.out / "history.json").write_text(json.dumps(distiller.state.history, indent=1) + "\n")
+            atomic.write_json(args.out / "history.json", distiller.state.history, indent=1)
+    except atomic.DiskFullError as error:  # checkpoint, export, previews, history: every rank
+        return _disk_full(error, is_logger)
     if distiller.diverged:
         if is_logger:
             saved = checkpoint.complete_steps(args.out)
@@ -188,6 +190,12 @@ def _run(parser, args, config: DistillConfig) -> int:
             f"{last.get('generator_loss', float('nan')):.4g}; generator in {args.out / 'export'}"
         )
     return 0
+
+
+def _disk_full(error: atomic.DiskFullError, is_logger: bool) -> int:
+    if is_logger:
+        print(f"error: {error.strerror}", file=sys.stderr)
+    return 1
 
 
 def _on_rank_0(check):

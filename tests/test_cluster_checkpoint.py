@@ -14,7 +14,7 @@ import torch
 from cli_helpers import run_cli
 from distill_helpers import ALGORITHMS, distill_args
 
-from phased_dmd_mp import pretrain_distill
+from phased_dmd_mp import atomic, pretrain_distill
 from phased_dmd_mp.distill import checkpoint
 from phased_dmd_mp.models.convert import read_diffusers_dir
 
@@ -97,7 +97,7 @@ def test_disk_full_while_saving_says_so_and_removes_the_partial(
 
     def fill_at_step_3(obj, path):
         if path.parent.name.startswith("step-00000003"):
-            monkeypatch.setattr(checkpoint, "_open_for_write", lambda p: _FullAfter(p, "wb"))
+            monkeypatch.setattr(atomic, "_open_for_write", lambda p: _FullAfter(p, "wb"))
         return original(obj, path)
 
     monkeypatch.setattr(checkpoint, "_write", fill_at_step_3)
@@ -147,3 +147,43 @@ def test_diverged_run_stops_with_a_checkpoint_and_does_not_export(tmp_path, teac
     code, err = cli(capsys, tmp_path / "short", teacher, *diverging)
     assert code == 1 and "not exporting an untrained generator" in err
     assert not (tmp_path / "short" / "export").exists()
+
+
+def os_error_28(*args, **kwargs):
+    """safetensors' own words for a full disk (its Rust writer's io::Error)."""
+    from safetensors import SafetensorError
+
+    raise SafetensorError(
+        "Error while serializing: I/O error: No space left on device (os error 28)"
+    )
+
+
+@pytest.mark.parametrize("full_at", ["expert_1.sharded", "expert_2_lora"])
+def test_disk_full_during_the_export_is_one_line_and_leaves_no_partial_export(
+    tmp_path, teacher, single_process_runs, capsys, monkeypatch, full_at
+):
+    """The export's writes (expert shards, LoRA files, generator.json) go through the guarded
+    path: a full disk is one line naming the export, exit 1, and nothing half-written is left
+    (was: a 31-line SafetensorError traceback and export/expert_1.sharded behind)."""
+    lora = full_at.endswith("_lora")
+    overrides = [*(ALGORITHMS["phased_dmd_lora"] if lora else SGTS), "checkpoint_every=100"]
+    real = atomic._save_file
+
+    def full_disk(tensors, path, metadata):
+        if full_at in str(path):
+            os_error_28()
+        return real(tensors, path, metadata)
+
+    monkeypatch.setattr(atomic, "_save_file", full_disk)
+    code, err = cli(capsys, tmp_path, teacher, *overrides)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1 and len(lines) == 1, err
+    assert f"disk full writing the export {tmp_path / 'export'}" in lines[0]
+    assert "Traceback" not in err and "SafetensorError" not in err
+    assert not (tmp_path / "export").exists() and not list(tmp_path.glob(".export*"))
+    assert not list(tmp_path.rglob("*.partial*")) and not list(tmp_path.rglob("*.sharded"))
+    monkeypatch.undo()
+    code, err = cli(capsys, tmp_path, teacher, *overrides, extra=["--resume"])
+    assert code == 0 and (tmp_path / "export" / "generator.json").is_file(), err
+    if not lora:
+        assert_same_export(tmp_path, single_process_runs["phased_dmd_sgts"])

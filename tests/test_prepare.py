@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from phased_dmd_mp import prepare
+from phased_dmd_mp import atomic, prepare
 from phased_dmd_mp.data.conditions import ConditionSet
 from phased_dmd_mp.data.teacher import read_spec, teacher_experts
 
@@ -192,7 +192,7 @@ def test_an_interrupted_run_resumes_without_redoing_shards(
         run_prepare(tmp_path, tiny_pipeline("wan22_t2v"), "--frames", "9")
 
     # a kill while a shard was being written leaves only its temporary file
-    (partial / ".items-00002.safetensors.tmp").write_bytes(b"half a shard")
+    atomic.partial_name(partial / "items-00002.safetensors").write_bytes(b"half a shard")
     calls.clear()
     monkeypatch.setattr(
         prepare.ConditionEncoder, "text", lambda self, p: calls.append(list(p)) or real(self, p)
@@ -458,3 +458,32 @@ def test_a_nonfinite_encoding_names_the_prompts_line(prepared, tmp_path, capsys,
     assert exit_info.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "p.txt:3: the encoders gave NaN/Inf (text) for 'blue ball in snow'" in last
+
+
+def test_disk_full_while_encoding_is_one_line_and_a_rerun_continues(
+    prepared, tmp_path, capsys, monkeypatch
+):
+    """A shard that does not fit: exit 1 naming it, the finished shards kept, no half shard."""
+    pipeline, reference = prepared("wan22_t2v")
+    real = atomic._save_file
+
+    def full_at_the_second_shard(tensors, path, metadata):
+        if "items-00001" in str(path):
+            from safetensors import SafetensorError
+
+            raise SafetensorError("I/O error: No space left on device (os error 28)")
+        return real(tensors, path, metadata)
+
+    monkeypatch.setattr(atomic, "_save_file", full_at_the_second_shard)
+    args = ["--pipeline", str(pipeline), "--prompts", str(write_prompts(tmp_path / "p.txt"))]
+    args += ["--out", str(tmp_path / "t"), "--batch-size", "2", "--no-progress", *SIZE]
+    assert prepare.main([*args, "--frames", "5"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    partial = tmp_path / "t" / prepare.PARTIAL
+    assert f"error: disk full writing {partial / 'items-00001.safetensors'} (" in err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert sorted(p.name for p in partial.iterdir()) == ["items-00000.safetensors", "prepare.json"]
+    monkeypatch.undo()
+    assert prepare.main([*args, "--frames", "5"]) == 0
+    got = ConditionSet(tmp_path / "t" / "conditions").batch(range(len(PROMPTS))).text
+    assert torch.equal(got, ConditionSet(reference / "conditions").batch(range(len(PROMPTS))).text)

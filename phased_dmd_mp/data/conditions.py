@@ -37,10 +37,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from phased_dmd_mp.conditioning import Conditions
+from phased_dmd_mp import atomic
 from phased_dmd_mp.config import ConfigError
 from phased_dmd_mp.data.readers import describe_nonfinite, nonfinite_items
 
@@ -345,7 +345,7 @@ class ConditionSetWriter:
         shard = {name: tensor[:rows].contiguous() for name, tensor in joined.items()}
         rest = {name: tensor[rows:] for name, tensor in joined.items()}
         name = shard_name(len(self._shards))
-        save_file(shard, self._staging / name)
+        atomic.save_safetensors(shard, self._staging / name)
         self._shards.append({"file": name, "count": rows})
         self._written += rows
         self._pending_rows -= rows
@@ -375,7 +375,7 @@ def publish(
     """Finish a set whose shards `shard_name(0..)` (holding `counts` items) are in `staging`:
     write the unconditional entry and the manifest, then rename `staging` to `path`.
     `finite`: the caller checked every value (recorded, so validation skips the scan)."""
-    save_file({name: t[None].contiguous() for name, t in uncond.items()}, staging / UNCOND_FILE)
+    atomic.save_safetensors({name: t[None] for name, t in uncond.items()}, staging / UNCOND_FILE)
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -387,7 +387,7 @@ def publish(
         "uncond": UNCOND_FILE,
         **({"finite": True} if finite else {}),
     }
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    atomic.write_json(staging / MANIFEST, manifest)
     os.rename(staging, path)
     return ConditionSet(path)
 

@@ -24,9 +24,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from megatron.core.process_groups_config import ProcessGroupCollection
 
+from phased_dmd_mp import atomic
 from phased_dmd_mp.config import ConfigError, load_config
 from phased_dmd_mp.data.conditions import ConditionSet
 from phased_dmd_mp.eval.mixture import Mixture
@@ -118,7 +118,7 @@ def write_spec(teacher_dir: str | Path, spec: TeacherSpec) -> None:
     values = {  # unset optional keys (an image teacher's mixture) are left out
         key: _plain(value) for key, value in dataclasses.asdict(spec).items() if value is not None
     }
-    (Path(teacher_dir) / SPEC_FILE).write_text(yaml.safe_dump(values, sort_keys=False))
+    atomic.write_yaml(Path(teacher_dir) / SPEC_FILE, values)
 
 
 def read_spec(teacher_dir: str | Path) -> TeacherSpec:

@@ -17,9 +17,7 @@ raises DiskFullError with the sizes, and the .partial directory is removed.
 
 from __future__ import annotations
 
-import errno
 import hashlib
-import io
 import json
 import os
 import re
@@ -30,16 +28,14 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from phased_dmd_mp import atomic
+from phased_dmd_mp.atomic import DiskFullError
 from phased_dmd_mp.distill.signals import agree
 
 _STEP = re.compile(r"^step-(\d{8})$")
 MANIFEST = "manifest.json"
 _HEADROOM = 1.05  # a checkpoint's size varies a little (optimizer state appears, pickles)
 _HASH_CHUNK = 1 << 24
-
-
-class DiskFullError(OSError):
-    """No room for a checkpoint (checked before the save, or ENOSPC while writing)."""
 
 
 class CheckpointError(RuntimeError):
@@ -74,45 +70,9 @@ def step_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step-{step:08d}"
 
 
-class _HashingWriter(io.RawIOBase):
-    """A file torch.save writes through: hashes what passes and keeps the OSError of a failed
-    write (torch.save reports it only as 'unexpected pos A vs B')."""
-
-    def __init__(self, file):
-        self.file, self.sha256, self.size, self.error = file, hashlib.sha256(), 0, None
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:
-        try:
-            written = self.file.write(data)
-        except OSError as error:
-            self.error = error
-            raise
-        self.sha256.update(data)
-        self.size += len(data)
-        return written
-
-
-def _open_for_write(path: Path):
-    return open(path, "wb")
-
-
 def _write(obj, path: Path) -> dict:
-    """torch.save into `path`, flushed to disk; returns {'sha256', 'bytes'}."""
-    with _open_for_write(path) as file:
-        writer = _HashingWriter(file)
-        try:
-            torch.save(obj, writer)
-            file.flush()
-            os.fsync(file.fileno())
-        except (OSError, RuntimeError) as error:
-            cause = writer.error or error
-            if getattr(cause, "errno", None) == errno.ENOSPC:
-                raise DiskFullError(errno.ENOSPC, f"no space left on device writing {path}")
-            raise
-    return {"sha256": writer.sha256.hexdigest(), "bytes": writer.size}
+    """torch.save into `path` through the guarded path (atomic.py); {'sha256', 'bytes'}."""
+    return atomic.torch_save(obj, path)
 
 
 def _sha256(path: Path) -> str:
@@ -149,7 +109,6 @@ def _check_free_space(run_dir: Path, step: int, needed: int) -> None:
     free = shutil.disk_usage(folder).free
     if free < needed:
         raise DiskFullError(
-            errno.ENOSPC,
             f"disk full: checkpoint step-{step:08d} needs ~{needed / 2**20:.1f} MiB, "
             f"{free / 2**20:.1f} MiB free in {folder}; free space (or lower keep_last) and "
             "--resume from the last checkpoint",
@@ -188,25 +147,17 @@ def save(
         except DiskFullError as caught:
             error = caught
     if agree(error is not None):
-        raise error or DiskFullError(errno.ENOSPC, "disk full: another rank ran out of space")
+        raise error or DiskFullError("disk full: another rank ran out of space")
     digests, error = {}, None
     try:
         for name, obj in writes.items():
             digests[name] = _write(obj, partial / name)
     except DiskFullError as caught:
         error = caught
-    if agree(error is not None):
-        if dist.get_rank() == 0:
-            shutil.rmtree(partial, ignore_errors=True)
-        free = shutil.disk_usage(folder).free
-        raise DiskFullError(
-            errno.ENOSPC,
-            f"disk full while writing checkpoint step-{step:08d} into {folder} "
-            f"({free / 2**20:.1f} MiB free); removed its .partial; free space (or lower "
-            "keep_last) and --resume from the last checkpoint",
-        )
+    _raise_if_any_rank_full(error, run_dir, step, partial)
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, digests)
+    error = None
     if dist.get_rank() == 0:
         manifest = {
             "step": step,
@@ -214,13 +165,33 @@ def save(
             "config": config,
             "files": {name: d for rank_digests in gathered for name, d in rank_digests.items()},
         }
-        (partial / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        try:
+            atomic.write_json(partial / MANIFEST, manifest, indent=1)
+        except DiskFullError as caught:
+            error = caught
+    _raise_if_any_rank_full(error, run_dir, step, partial)
+    if dist.get_rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
         for old in complete_steps(run_dir)[:-keep_last]:
             shutil.rmtree(step_dir(run_dir, old), ignore_errors=True)
     dist.barrier()
     return final
+
+
+def _raise_if_any_rank_full(error, run_dir: Path, step: int, partial: Path) -> None:
+    """Collective: if a rank's write failed for a full disk, remove the .partial and raise
+    DiskFullError on every rank."""
+    if not agree(error is not None):
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    folder = run_dir / "checkpoints"
+    raise DiskFullError(
+        f"disk full while writing checkpoint step-{step:08d} into {folder} "
+        f"({atomic.free_mib(folder):.1f} MiB free); removed its .partial; free space (or lower "
+        "keep_last) and --resume from the last checkpoint",
+    )
 
 
 def read_manifest(path: Path) -> dict | None:

@@ -43,8 +43,8 @@ from pathlib import Path
 import diffusers
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from phased_dmd_mp import atomic
 from phased_dmd_mp.config import ConfigError
 
 PIPELINE_DIR = "pipeline"
@@ -167,10 +167,11 @@ def write_pipeline(export_dir: str | Path, source: str | Path) -> Path:
         new_index["boundary_ratio"] = boundary
     new_index["scheduler"] = ["diffusers", scheduler["_class_name"]]
     (target / "scheduler").mkdir(exist_ok=True)
-    (target / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps({**scheduler, "_diffusers_version": diffusers.__version__}, indent=2) + "\n"
+    atomic.write_json(
+        target / "scheduler" / "scheduler_config.json",
+        {**scheduler, "_diffusers_version": diffusers.__version__},
     )
-    (target / MODEL_INDEX).write_text(json.dumps(new_index, indent=2) + "\n")
+    atomic.write_json(target / MODEL_INDEX, new_index)
     return target
 
 
@@ -225,5 +226,5 @@ def write_comfy_lora(lora_dir: str | Path, kind: str) -> Path:
         out[f"{name}.lora_{'down' if which == 'A' else 'up'}.weight"] = tensor
         out[f"{name}.alpha"] = alpha.clone()
     path = lora_dir / COMFY_FILE
-    save_file(out, path, {"format": "pt"})
+    atomic.save_safetensors(out, path, {"format": "pt"})
     return path

@@ -3,14 +3,13 @@ from a diffusers pipeline folder, the student's own pipeline folder (run mechani
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import torch.distributed as dist
 from megatron.core import parallel_state
-from safetensors.torch import save_file
 
+from phased_dmd_mp import atomic
 from phased_dmd_mp.data.teacher import CONDITIONS_DIR, pipeline_dir, read_spec
 from phased_dmd_mp.distill.diffusers_pipeline import (
     PIPELINE_DIR,
@@ -28,77 +27,105 @@ def export_generator(d) -> Path:
     expert (with LoRA also the adapter alone, in diffusers' and ComfyUI's formats), plus
     generator.json (timesteps, which expert runs each step) and, when the teacher names its
     diffusers pipeline folder, export/pipeline/ (distill/diffusers_pipeline.py), or in
-    generator.json's `pipeline_unsupported` why stock diffusers cannot run this generator."""
-    folder = d.run_dir / "export"
+    generator.json's `pipeline_unsupported` why stock diffusers cannot run this generator.
+
+    Collective. The export is assembled in RUN/.export.partial/ and renamed to RUN/export/ when
+    complete (atomic.py): a full disk on any rank raises DiskFullError on every rank and leaves
+    no partial export (a previous complete one stays)."""
+    final = d.run_dir / "export"
+    writer = dist.get_rank() == 0
+    with atomic.staged_directory(final, create=writer) as folder:
+        try:
+            atomic.collective_write(lambda: None)  # the others wait for the staging directory
+            for k, expert in enumerate(d.generator, start=1):
+                _export_expert(d, k, expert, folder)
+            atomic.collective_write(lambda: _write_summary(d, folder) if writer else None)
+        except atomic.DiskFullError:
+            raise atomic.DiskFullError(
+                f"disk full writing the export {final} ({atomic.free_mib(d.run_dir):.1f} MiB free "
+                f"in {d.run_dir}); removed the partial export; free space and run again with "
+                "--resume to export"
+            ) from None
+    dist.barrier()  # the rename is done before any rank returns
+    return final
+
+
+def _export_expert(d, k: int, expert, folder: Path) -> None:
+    """Expert k as export/expert_k/ (diffusers) and, with LoRA, export/expert_k_lora/
+    (collective: each model-parallel rank's shard goes through expert_k.sharded/)."""
     tp = parallel_state.get_tensor_model_parallel_rank()
     pp = parallel_state.get_pipeline_model_parallel_rank()
-    for k, expert in enumerate(d.generator, start=1):
-        sharded = folder / f"expert_{k}.sharded"
-        with d.ema_weights(k):
-            weights = expert.weights()
-            if expert.adapter is not None:
-                save_lora(expert.module, expert.adapter, folder / f"expert_{k}_lora")
-                if dist.get_rank() == 0:
-                    write_comfy_lora(folder / f"expert_{k}_lora", convert.model_kind(expert.arch))
-        if dist.get_rank() == 0:
+    writer = dist.get_rank() == 0
+    sharded = folder / f"expert_{k}.sharded"
+    with d.ema_weights(k):
+        weights = expert.weights()
+        if expert.adapter is not None:
+            lora = folder / f"expert_{k}_lora"
+            save_lora(expert.module, expert.adapter, lora)
+            kind = convert.model_kind(expert.arch)
+            atomic.collective_write(lambda: write_comfy_lora(lora, kind) if writer else None)
+
+    def layout():
+        if writer:
             sharded.mkdir(parents=True, exist_ok=True)
             convert.write_layout(
                 sharded, expert.arch, d.config.tensor_parallel, d.config.pipeline_parallel
             )
-        dist.barrier()
+
+    def shard():
         if d.dp_rank == 0:
-            save_file(
-                {n: t.contiguous().cpu() for n, t in weights.items()},
-                sharded / convert.shard_file(tp, pp),
-            )
-        dist.barrier()
-        if dist.get_rank() == 0:
-            target = folder / f"expert_{k}"
-            shutil.rmtree(target, ignore_errors=True)
-            convert.to_diffusers(sharded, target)
+            atomic.save_safetensors(weights, sharded / convert.shard_file(tp, pp))
+
+    def to_diffusers():
+        if writer:
+            convert.to_diffusers(sharded, folder / f"expert_{k}")
             shutil.rmtree(sharded)
-    if dist.get_rank() == 0:
-        summary = {
-            "timesteps": d.timesteps,
-            "expert_of_step": [
-                next(k for k in range(1, len(d.bounds)) if i < d.bounds[k])
-                for i in range(d.config.num_steps)
-            ],
-            "experts": [f"expert_{k}" for k in range(1, d.config.num_phases + 1)],
-            "shift": d.shift,
-            "step_noise": d.config.step_noise,
-            "latent_shape": list(d.latent_shape),
-            "value_range": list(d.value_range),
-            # absolute, so `sample --checkpoint RUN` works from any directory
-            "teacher": str(Path(d.config.teacher).resolve()),
-            "conditions": str(
-                Path(d.config.conditions or Path(d.config.teacher) / CONDITIONS_DIR).resolve()
-            ),
-            "algorithm": d.config.algorithm,
-            "iterations": d.state.iteration,
-            # With LoRA, expert_k is the merged model and expert_k_lora the adapter alone
-            # (diffusers' load_lora_weights reads it) on the teacher expert it started from:
-            # `base` names that expert as the teacher pipeline's component.
-            "lora": None
-            if d.config.generator_adapter == "full"
-            else {
-                "rank": d.config.lora_rank,
-                "alpha": d.config.lora_alpha,
-                "base": [_base_component(d, expert) for expert in d.generator],
-            },
-        }
-        (folder / "generator.json").write_text(json.dumps(summary, indent=2) + "\n")
-        source = pipeline_dir(d.config.teacher, read_spec(d.config.teacher))
-        if source is not None:
-            try:
-                summary["pipeline"] = write_pipeline(folder, source).name
-            except PipelineUnsupported as reason:
-                shutil.rmtree(folder / PIPELINE_DIR, ignore_errors=True)
-                summary["pipeline_unsupported"] = str(reason)
-                print(f"no export/{PIPELINE_DIR}: {reason}")
-            (folder / "generator.json").write_text(json.dumps(summary, indent=2) + "\n")
-    dist.barrier()
-    return folder
+
+    for step in (layout, shard, to_diffusers):
+        atomic.collective_write(step)
+
+
+def _write_summary(d, folder: Path) -> None:
+    """generator.json and, for a teacher from a diffusers pipeline folder, pipeline/."""
+    summary = {
+        "timesteps": d.timesteps,
+        "expert_of_step": [
+            next(k for k in range(1, len(d.bounds)) if i < d.bounds[k])
+            for i in range(d.config.num_steps)
+        ],
+        "experts": [f"expert_{k}" for k in range(1, d.config.num_phases + 1)],
+        "shift": d.shift,
+        "step_noise": d.config.step_noise,
+        "latent_shape": list(d.latent_shape),
+        "value_range": list(d.value_range),
+        # absolute, so `sample --checkpoint RUN` works from any directory
+        "teacher": str(Path(d.config.teacher).resolve()),
+        "conditions": str(
+            Path(d.config.conditions or Path(d.config.teacher) / CONDITIONS_DIR).resolve()
+        ),
+        "algorithm": d.config.algorithm,
+        "iterations": d.state.iteration,
+        # With LoRA, expert_k is the merged model and expert_k_lora the adapter alone
+        # (diffusers' load_lora_weights reads it) on the teacher expert it started from:
+        # `base` names that expert as the teacher pipeline's component.
+        "lora": None
+        if d.config.generator_adapter == "full"
+        else {
+            "rank": d.config.lora_rank,
+            "alpha": d.config.lora_alpha,
+            "base": [_base_component(d, expert) for expert in d.generator],
+        },
+    }
+    atomic.write_json(folder / "generator.json", summary)
+    source = pipeline_dir(d.config.teacher, read_spec(d.config.teacher))
+    if source is not None:
+        try:
+            summary["pipeline"] = write_pipeline(folder, source).name
+        except PipelineUnsupported as reason:
+            shutil.rmtree(folder / PIPELINE_DIR, ignore_errors=True)
+            summary["pipeline_unsupported"] = str(reason)
+            print(f"no export/{PIPELINE_DIR}: {reason}")
+        atomic.write_json(folder / "generator.json", summary)
 
 
 def _base_component(d, expert) -> str:

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from phased_dmd_mp import atomic
+
 
 def log_samples(d) -> None:
     """A fixed-seed grid (conditions x seeds) and a cheap diversity proxy: the mean pairwise
@@ -26,23 +28,28 @@ def log_samples(d) -> None:
     images = d.sample(noise, cond).float().cpu().unflatten(0, (conditions, seeds))
     flat = images.flatten(2)
     diversity = torch.cdist(flat, flat).sum() / (conditions * seeds * (seeds - 1))
-    if d.is_logger:
-        d.writer.add_scalar("samples/pairwise_distance", float(diversity), d.state.iteration)
-        if d.latent_shape[:2] == (1, 1):  # one-channel single frames: show them
-            low, high = d.value_range
-            grid = ((images[:, :, :, 0] - low) / (high - low)).clamp(0, 1)  # [cond, seed, 1, H, W]
-            rows = [torch.cat(list(row), dim=-1) for row in grid]  # each [1, H, seeds * W]
-            d.writer.add_image("samples/grid", torch.cat(rows, dim=-2), d.state.iteration)
-            labels = d.conditions.labels
-            save_grid_png(
-                grid,
-                None if labels is None else [str(label) for label in labels[:conditions].tolist()],
-                f"iteration {d.state.iteration}",
-                d.run_dir / "samples" / f"iter_{d.state.iteration:06d}.png",
-            )
-        elif d.pipeline_dir is not None:
-            write_pixel_previews(d, images)
+    # the logging rank writes; a full disk there fails every rank (none waits in a collective)
+    atomic.collective_write(lambda: d.is_logger and _write(d, images, diversity, conditions))
     record_measurement(d.state.history, d.state.iteration, pairwise_distance=float(diversity))
+
+
+def _write(d, images: Tensor, diversity: Tensor, conditions: int) -> None:
+    """TensorBoard scalars and grid, and the preview files (logging rank)."""
+    d.writer.add_scalar("samples/pairwise_distance", float(diversity), d.state.iteration)
+    if d.latent_shape[:2] == (1, 1):  # one-channel single frames: show them
+        low, high = d.value_range
+        grid = ((images[:, :, :, 0] - low) / (high - low)).clamp(0, 1)  # [cond, seed, 1, H, W]
+        rows = [torch.cat(list(row), dim=-1) for row in grid]  # each [1, H, seeds * W]
+        d.writer.add_image("samples/grid", torch.cat(rows, dim=-2), d.state.iteration)
+        labels = d.conditions.labels
+        save_grid_png(
+            grid,
+            None if labels is None else [str(label) for label in labels[:conditions].tolist()],
+            f"iteration {d.state.iteration}",
+            d.run_dir / "samples" / f"iter_{d.state.iteration:06d}.png",
+        )
+    elif d.pipeline_dir is not None:
+        write_pixel_previews(d, images)
 
 
 VIDEO_CONDITIONS = 4
@@ -64,7 +71,8 @@ def write_pixel_previews(d, latents: Tensor) -> None:
     if latents.shape[3] > 1:
         shown = latents[: min(conditions, VIDEO_CONDITIONS), 0]
         videos = media.decode_latents(d.preview_vae, shown, d.micro)  # [n, F, H, W, 3]
-        media.write_mp4(torch.cat(list(videos), dim=2), f"{name}.mp4")
+        with atomic.replacing(f"{name}.mp4") as temporary:
+            media.write_mp4(torch.cat(list(videos), dim=2), temporary)
 
 
 def record_measurement(history: list[dict], iteration: int, **values: float) -> None:
@@ -83,4 +91,6 @@ def save_grid_png(grid: Tensor, labels: list[str] | None, title: str, path: Path
     from phased_dmd_mp.eval.report import save_grid
     from phased_dmd_mp.eval.samples import SampleFile
 
-    save_grid(SampleFile(path, title, grid * 2 - 1, labels, None), path, coverage_radius=0.0)
+    with atomic.replacing(path) as temporary:
+        sample_file = SampleFile(path, title, grid * 2 - 1, labels, None)
+        save_grid(sample_file, temporary, coverage_radius=0.0)

@@ -22,6 +22,7 @@ import socket
 import time
 from pathlib import Path
 
+from phased_dmd_mp import atomic
 from phased_dmd_mp.config import ConfigError
 
 LOCK_FILE = ".lock"
@@ -132,4 +133,4 @@ def remove_run(run_dir: Path) -> list[str]:
 
 
 def mark(run_dir: Path) -> None:
-    (run_dir / MARKER_FILE).write_text("written by python -m phased_dmd_mp.pretrain_distill\n")
+    atomic.write_text(run_dir / MARKER_FILE, "written by python -m phased_dmd_mp.pretrain_distill\n")

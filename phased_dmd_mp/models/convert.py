@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
+from phased_dmd_mp import atomic
 from phased_dmd_mp.config import ConfigError
 from phased_dmd_mp.models.config import QwenImageConfig, WanConfig
 from phased_dmd_mp.parallel.layout import check_model
@@ -350,8 +351,8 @@ def write_diffusers_dir(path: str | Path, arch, state_dict: dict[str, Tensor]) -
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = {"_class_name": DIFFUSERS_CLASSES[model_kind(arch)], **arch.to_diffusers()}
-    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(state_dict, path / DIFFUSERS_WEIGHTS)
+    atomic.write_json(path / "config.json", config)
+    atomic.save_safetensors(state_dict, path / DIFFUSERS_WEIGHTS)
 
 
 def shard_file(tp_rank: int, pp_rank: int) -> str:
@@ -365,7 +366,7 @@ def write_layout(path: str | Path, arch, tensor_parallel: int, pipeline_parallel
         "tensor_parallel": tensor_parallel,
         "pipeline_parallel": pipeline_parallel,
     }
-    (Path(path) / "config.json").write_text(json.dumps(layout, indent=2) + "\n")
+    atomic.write_json(Path(path) / "config.json", layout)
 
 
 def write_sharded_dir(path: str | Path, arch, shards: dict[tuple[int, int], dict[str, Tensor]]):
@@ -373,7 +374,7 @@ def write_sharded_dir(path: str | Path, arch, shards: dict[tuple[int, int], dict
     path.mkdir(parents=True, exist_ok=True)
     write_layout(path, arch, 1 + max(t for t, _ in shards), 1 + max(p for _, p in shards))
     for (t, p), state_dict in shards.items():
-        save_file(state_dict, path / shard_file(t, p))
+        atomic.save_safetensors(state_dict, path / shard_file(t, p))
 
 
 def read_layout(path: str | Path) -> tuple[object, int, int]:
@@ -435,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except atomic.DiskFullError as error:
+        print(f"error: {error.strerror}", file=sys.stderr)
+        return 1
     return 0
 
 

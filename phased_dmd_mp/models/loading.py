@@ -8,9 +8,9 @@ import torch
 import torch.distributed as dist
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.utils import get_pg_rank, get_pg_size
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from phased_dmd_mp import atomic
 from phased_dmd_mp.config import ConfigError
 from phased_dmd_mp.models import convert
 from phased_dmd_mp.models.config import DTYPES, ExecutionConfig, QwenImageConfig, WanConfig
@@ -54,13 +54,16 @@ def save_checkpoint(model: DiTStage, path: str | Path) -> None:
         for k, v in model.state_dict().items()
         if isinstance(v, Tensor) and not k.endswith("_extra_state")
     }
-    if get_pg_rank(model.pg_collection.dp) == 0:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        save_file(shard, path / convert.shard_file(tp_rank, pp_rank))
-        if dist.get_rank() == 0:
-            convert.write_layout(path, model.arch, tp, pp)
-    dist.barrier()
+
+    def write():
+        if get_pg_rank(model.pg_collection.dp) == 0:
+            folder = Path(path)
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic.save_safetensors(shard, folder / convert.shard_file(tp_rank, pp_rank))
+            if dist.get_rank() == 0:
+                convert.write_layout(folder, model.arch, tp, pp)
+
+    atomic.collective_write(write)  # a full disk on any rank fails every rank at once
 
 
 def load_checkpoint(model: DiTStage, path: str | Path) -> None:

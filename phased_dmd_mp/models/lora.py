@@ -67,9 +67,10 @@ from megatron.core.tensor_parallel import (
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.utils import get_pg_rank, get_pg_size
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from phased_dmd_mp import atomic
 from phased_dmd_mp.config import ConfigError
 from phased_dmd_mp.models import convert
 from phased_dmd_mp.models.config import QwenImageConfig, WanConfig
@@ -502,7 +503,8 @@ def write_diffusers_lora(path: str | Path, arch, whole: dict[str, Tensor], rank:
         METADATA_KEY: json.dumps({DIFFUSERS_PREFIX + k: v for k, v in adapter_config.items()}),
     }
     theirs = lora_to_diffusers(whole, arch)
-    save_file({DIFFUSERS_PREFIX + k: v for k, v in theirs.items()}, path / LORA_FILE, metadata)
+    tensors = {DIFFUSERS_PREFIX + k: v for k, v in theirs.items()}
+    atomic.save_safetensors(tensors, path / LORA_FILE, metadata)
 
 
 def read_diffusers_lora(path: str | Path, arch) -> tuple[dict[str, Tensor], int, float]:
@@ -544,21 +546,26 @@ def save_lora(model: nn.Module, adapter: int, path: str | Path) -> None:
     config = _config(stage)
     (tp, pp), (tp_rank, pp_rank) = _layout(stage)
     shards = Path(path) / "shards"
-    if get_pg_rank(stage.pg_collection.dp) == 0:
-        shards.mkdir(parents=True, exist_ok=True)
-        state = {k: v.contiguous().cpu() for k, v in lora_state_dict(stage, adapter).items()}
-        save_file(state, shards / f"lora_tp{tp_rank}_pp{pp_rank}.safetensors")
-    dist.barrier()
-    if dist.get_rank() == 0:
-        pieces = {
-            (t, p): load_file(shards / f"lora_tp{t}_pp{p}.safetensors")
-            for t in range(tp)
-            for p in range(pp)
-        }
-        whole = unshard_lora(pieces, stage.arch)
-        write_diffusers_lora(path, stage.arch, whole, config.rank, config.alpha)
-        shutil.rmtree(shards)
-    dist.barrier()
+
+    def write_shard():
+        if get_pg_rank(stage.pg_collection.dp) == 0:
+            shards.mkdir(parents=True, exist_ok=True)
+            state = lora_state_dict(stage, adapter)
+            atomic.save_safetensors(state, shards / f"lora_tp{tp_rank}_pp{pp_rank}.safetensors")
+
+    def write_whole():
+        if dist.get_rank() == 0:
+            pieces = {
+                (t, p): load_file(shards / f"lora_tp{t}_pp{p}.safetensors")
+                for t in range(tp)
+                for p in range(pp)
+            }
+            whole = unshard_lora(pieces, stage.arch)
+            write_diffusers_lora(path, stage.arch, whole, config.rank, config.alpha)
+            shutil.rmtree(shards)
+
+    atomic.collective_write(write_shard)  # a full disk on any rank fails every rank at once
+    atomic.collective_write(write_whole)
 
 
 def load_lora(model: nn.Module, adapter: int, path: str | Path) -> None:
