@@ -1,12 +1,17 @@
-"""Evaluate saved samples: diversity, fidelity and (for mixtures) mode metrics, one row per model.
+"""Evaluate saved samples: diversity, fidelity, motion and (for mixtures) mode metrics, one row
+per model.
 
-    python -m phased_dmd_mp.evaluate RUN.npz [RUN.npz ...] --out DIR [--config FILE] [--set k=v]
+    python -m phased_dmd_mp.evaluate SAMPLES [SAMPLES ...] --out DIR [--config FILE] [--set k=v]
 
-Sample files follow phased_dmd_mp/eval/samples.py; files naming the same model are its runs
-(training seeds), averaged with a 95% t-interval. Images are compared with scikit-learn's digits,
-points with the Gaussian mixture their file (or the config) specifies. Writes DIR/results.md,
-DIR/results.json (per-run and per-condition values too), DIR/grids/<model>.png,
-DIR/comparison.png (image models side by side) and DIR/config.yaml.
+SAMPLES are sample files (phased_dmd_mp/eval/samples.py) or, for videos, folders of video files
+named c{condition}_s{seed}.mp4 (what `sample` writes to OUT/media/; NAME=FOLDER names the model)
+or sample files of videos [conditions, seeds, C, F, H, W] (phased_dmd_mp/eval/videos.py). Inputs
+naming the same model are its runs (training seeds), averaged with a 95% t-interval. Images are
+compared with scikit-learn's digits, points with the Gaussian mixture their file (or the config)
+specifies; videos are measured for motion (optical flow, VBench's dynamic degree with RAFT
+weights) and for diversity over seeds frame by frame (eval/video_metrics.py). Writes
+DIR/results.md, DIR/results.json (per-run and per-condition values too), DIR/grids/<model>.png
+(videos: a strip of frames), DIR/comparison.png (models side by side) and DIR/config.yaml.
 """
 
 from __future__ import annotations
@@ -34,8 +39,23 @@ from phased_dmd_mp.eval.metrics import (
     precision_recall,
 )
 from phased_dmd_mp.eval.mixture import Mixture, mode_statistics
-from phased_dmd_mp.eval.report import markdown_table, save_comparison, save_grid, summarize
+from phased_dmd_mp.eval.report import (
+    VIDEO_COLUMNS,
+    markdown_table,
+    video_strip,
+    save_comparison,
+    save_grid,
+    summarize,
+)
+from phased_dmd_mp.eval.motion import DISFlow, FlowError, RAFTFlow
 from phased_dmd_mp.eval.samples import SampleFile, SampleFileError, load_sample_file
+from phased_dmd_mp.eval.video_metrics import evaluate_videos
+from phased_dmd_mp.eval.videos import (
+    VideoSet,
+    npz_samples_shape,
+    open_video_folder,
+    open_video_npz,
+)
 
 FEATURE_BATCH = 512
 AUTO_EXTRACTOR = {"images": "digits", "points": "points"}
@@ -58,6 +78,11 @@ class EvalConfig:
     mixture_weights: tuple[float, ...] | None = None  # one per mode
     mixture_std: float | None = None  # of every mode
     seed: int = 0  # real-data draws and the subsampling for precision/recall
+    # Videos. Optical flow is OpenCV's DIS unless raft_weights names a torchvision RAFT-large
+    # state dict (e.g. Raft_Large_Weights.C_T_V1's file), which VBench's dynamic degree needs.
+    raft_weights: str | None = None
+    dynamic_degree: bool = False  # VBench's dynamic degree (%, needs raft_weights)
+    diversity_frames: int = 8  # evenly spaced frames per video the diversity compares
 
     def __post_init__(self):
         if self.knn_k < 1:
@@ -66,6 +91,13 @@ class EvalConfig:
             raise ValueError(f"coverage_radius must be > 0, got {self.coverage_radius}")
         if self.mixture_reference_samples <= self.knn_k:
             raise ValueError("mixture_reference_samples must be > knn_k")
+        if self.diversity_frames < 1:
+            raise ValueError(f"diversity_frames must be >= 1, got {self.diversity_frames}")
+        if self.dynamic_degree and self.raft_weights is None:
+            raise ValueError(
+                "dynamic_degree needs RAFT (VBench's rule is calibrated on its flow): give its "
+                "weights with --set raft_weights=FILE (torchvision's raft_large state dict)"
+            )
         given = [self.mixture_means, self.mixture_weights, self.mixture_std]
         if any(value is None for value in given) and any(value is not None for value in given):
             raise ValueError("give all of mixture_means, mixture_weights, mixture_std or none")
@@ -81,10 +113,12 @@ class EvaluationError(ValueError):
     """Inputs that cannot be evaluated together (kinds, mixtures, extractors)."""
 
 
-def _common_kind(files: list[SampleFile]) -> str:
+def _common_kind(files: list[SampleFile | VideoSet]) -> str:
     kinds = {file.kind for file in files}
     if len(kinds) > 1:
-        raise EvaluationError("the sample files mix images and points; evaluate them separately")
+        raise EvaluationError(
+            f"the inputs mix {' and '.join(sorted(kinds))}; evaluate them separately"
+        )
     return kinds.pop()
 
 
@@ -233,10 +267,33 @@ def _grid_name(model: str, taken: set[str]) -> str:
     return f"{name}.png"
 
 
+def open_input(path: str | Path) -> SampleFile | VideoSet:
+    """A sample file, a folder of videos (NAME=FOLDER names its model) or a sample file of
+    videos; raises SampleFileError naming the file."""
+    text = str(path)
+    name, _, folder = text.partition("=")
+    if "=" in text and not Path(text).exists() and name and folder:
+        return open_video_folder(Path(folder), model=name)
+    path = Path(path)
+    if path.is_dir():
+        return open_video_folder(path)
+    shape = npz_samples_shape(path) if path.is_file() else None
+    if shape is not None and len(shape) == 6:
+        return open_video_npz(path)
+    return load_sample_file(path)
+
+
 def evaluate(paths: list[Path], config: EvalConfig, out_dir: Path, progress: bool = True) -> dict:
-    """Evaluate every sample file, write the table, the JSON and the grids; return the JSON."""
-    files = [load_sample_file(path) for path in paths]
+    """Evaluate every input, write the table, the JSON and the grids; return the JSON."""
+    files = [open_input(path) for path in paths]
     kind = _common_kind(files)
+    if kind == "videos":
+        return _evaluate_videos(files, config, out_dir, progress)
+    if any(value != default for value, default in _video_settings(config)):
+        raise EvaluationError(
+            "raft_weights, dynamic_degree and diversity_frames are for videos, not "
+            f"{kind}: leave them out"
+        )
     if kind == "images":
         _check_digits_shape(files, config)
     extractor, perceptual = _extractors(config, kind)
@@ -285,6 +342,144 @@ def evaluate(paths: list[Path], config: EvalConfig, out_dir: Path, progress: boo
     return results
 
 
+def _video_settings(config: EvalConfig) -> list[tuple]:
+    """(value, default) of the video-only keys."""
+    defaults = EvalConfig.__dataclass_fields__
+    keys = ("raft_weights", "dynamic_degree", "diversity_frames")
+    return [(getattr(config, key), defaults[key].default) for key in keys]
+
+
+def _video_extractors(
+    videos: list[VideoSet], config: EvalConfig
+) -> tuple[FeatureExtractor | None, PerceptualDistance | None]:
+    """The frame extractors the config names; "auto" is the digits network for 8x8 gray frames
+    and none otherwise (motion needs none: the table says diversity was not measured)."""
+    digits = all((v.channels, v.height, v.width) == DIGITS_SHAPE for v in videos)
+    specs = {}
+    for role in ("features", "perceptual"):
+        spec = getattr(config, role)
+        if spec == "auto":
+            spec = "digits" if digits else None
+        specs[role] = spec
+    if specs["features"] is None and specs["perceptual"] is None:
+        return None, None
+    try:
+        built = {spec: resolve(spec) for spec in set(specs.values()) if spec is not None}
+        if specs["features"] is not None:
+            check_role(built[specs["features"]], specs["features"], FeatureExtractor)
+        if specs["perceptual"] is not None:
+            check_role(built[specs["perceptual"]], specs["perceptual"], PerceptualDistance)
+    except (TypeError, ValueError) as error:
+        raise EvaluationError(str(error)) from error
+    return built.get(specs["features"]), built.get(specs["perceptual"])
+
+
+def _flow_estimators(config: EvalConfig):
+    """(optical flow estimator, dynamic degree's RAFT or None)."""
+    try:
+        if config.raft_weights is None:
+            return DISFlow(), None
+        raft = RAFTFlow(config.raft_weights)
+    except FlowError as error:
+        raise EvaluationError(str(error)) from error
+    return raft, raft if config.dynamic_degree else None
+
+
+def _evaluate_videos(
+    videos: list[VideoSet], config: EvalConfig, out_dir: Path, progress: bool
+) -> dict:
+    """Motion and diversity of every model's videos; the table, JSON and strips of frames."""
+    if config.mixture() is not None:
+        raise EvaluationError("the mixture_* config keys are for point samples, not videos")
+    extractor, perceptual = _video_extractors(videos, config)
+    flow, dynamic_flow = _flow_estimators(config)
+    runs, strips = [], {}
+    for video_set in tqdm(videos, desc="evaluate", disable=not progress):
+        try:
+            run, strip = evaluate_videos(
+                video_set, flow, dynamic_flow, extractor, perceptual,
+                config.diversity_frames, config.seed, progress,
+            )  # fmt: skip
+        except ValueError as error:  # an extractor refusing the frames
+            if isinstance(error, SampleFileError):
+                raise
+            raise EvaluationError(f"{video_set.path}: {error}") from error
+        runs.append(run)
+        strips.setdefault(video_set.model, (video_set, run, strip))
+    rows = summarize(runs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    taken: set[str] = set()
+    panels = []
+    for row in rows:
+        video_set, run, strip = strips[row["model"]]
+        panel = _strip_panel(video_set, run, strip)
+        panels.append(panel)
+        row["grid"] = f"grids/{_grid_name(row['model'], taken)}"
+        save_grid(panel, out_dir / row["grid"], 0.0)
+    if len(rows) > 1:
+        save_comparison(panels, out_dir / "comparison.png", 0.0)
+    results = {
+        "kind": "videos",
+        "flow": {"name": flow.name, "unit": "pixels per frame at each video's resolution"},
+        "dynamic_degree": None if dynamic_flow is None else {"name": dynamic_flow.name},
+        "features": None if extractor is None else _describe(extractor),
+        "perceptual": None if perceptual is None else _describe(perceptual),
+        "config": dataclasses.asdict(config),
+        "models": rows,
+        "runs": runs,
+    }
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / "results.md").write_text(
+        markdown_table(rows, runs, _video_preamble(results, runs), VIDEO_COLUMNS)
+    )
+    (out_dir / "config.yaml").write_text(
+        yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+    )
+    return results
+
+
+def _strip_panel(video_set: VideoSet, run: dict, strip: Tensor) -> SampleFile:
+    """Seed 0 of the first conditions, frames left to right, as a mosaic panel."""
+    labels = video_set.labels or [str(c) for c in range(video_set.conditions)]
+    frames = run["video"]["diversity_frames"]
+    return video_strip(f"{video_set.model} (seed 0)", strip, labels[: len(strip)], frames)
+
+
+def _video_preamble(results: dict, runs: list[dict]) -> list[str]:
+    sizes = sorted({(r["video"]["frames"], r["video"]["height"], r["video"]["width"]) for r in runs})
+    shapes = ", ".join(f"{f} frames of {h}x{w}" for f, h, w in sizes)
+    features, perceptual = results["features"], results["perceptual"]
+    lines = [
+        "# Video evaluation",
+        "",
+        f"- videos: {shapes}",
+        f"- optical flow: {results['flow']['name']}; mean length of the flow vectors over all "
+        "pixels and consecutive frame pairs, in pixels per frame at the video's resolution",
+    ]
+    if results["dynamic_degree"] is not None:
+        lines.append(
+            "- dynamic degree: VBench's rule on RAFT flow (frames at ~8 fps, top-5% flow per "
+            "pair against 6 px x max(1, 8/fps) x short side / 256), % of videos dynamic"
+        )
+    else:
+        lines.append("- dynamic degree: not measured (needs --set raft_weights=FILE dynamic_degree=true)")
+    if features is None and perceptual is None:
+        lines.append(
+            "- diversity: not measured (no extractor for these frames: --set "
+            "features=module:factory --set perceptual=module:factory)"
+        )
+    else:
+        frames = results["config"]["diversity_frames"]
+        names = [item["name"] for item in (features, perceptual) if item is not None]
+        lines.append(
+            f"- diversity: {' / '.join(dict.fromkeys(names))} on {frames} evenly spaced frames, "
+            "frame against frame, mean over the seed pairs of each condition, averaged over "
+            "conditions"
+        )
+    lines.append("- ± is the half-width of the 95% t-interval over a model's runs")
+    return lines
+
+
 def _preamble(results: dict) -> list[str]:
     features, perceptual, reference = (results[k] for k in ("features", "perceptual", "reference"))
     accuracy = features.get("test_accuracy")
@@ -307,7 +502,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m phased_dmd_mp.evaluate", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("samples", nargs="+", type=Path, help=".npz sample files")
+    parser.add_argument(
+        "samples",
+        nargs="+",
+        type=Path,
+        help=".npz sample files (images, points or videos), or folders of c{condition}_s{seed}.mp4 "
+        "videos (NAME=FOLDER names the model)",
+    )
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     add_config_arguments(parser, EvalConfig, "knn_k=5")
     parser.add_argument("--overwrite", action="store_true", help="replace results already in --out")

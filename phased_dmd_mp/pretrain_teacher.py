@@ -1,4 +1,5 @@
-"""Train an embedded teacher: a tiny Wan DiT on scikit-learn's digits or on a 2D Gaussian mixture.
+"""Train an embedded teacher: a tiny Wan DiT on scikit-learn's digits (still or moving) or on a 2D
+Gaussian mixture.
 
     python -m phased_dmd_mp.pretrain_teacher --out DIR [--config FILE] [--set key=value ...]
                                              [--overwrite]
@@ -9,7 +10,10 @@ latents, conditioned on a frozen class embedding (data/digits.py). `dataset: mix
 latents, unconditional (one condition; data/mixture.py), sampled without guidance, so that a
 distilled generator's mode coverage and per-mode mass can be measured exactly; Eq. 4's target
 eps - x_0 is replaced by its expectation given x_t, the mixture's exact velocity (same minimiser,
-no variance), so the final loss is the squared error to it. Either way the condition is dropped
+no variance), so the final loss is the squared error to it. `dataset: moving_digits`
+(configs/moving_digits_teacher.yaml): class-conditioned videos [1, 5, 16, 16] of a digit crossing
+the frame at a random velocity, drawn afresh for every batch (data/moving_digits.py), the
+embedded video teacher whose motion a distilled student may lose. Every way the condition is dropped
 to the null condition for a fraction of each batch (classifier-free guidance needs it); AdamW
 with warm-up and cosine decay; an exponential moving average of the weights is the teacher. DIR
 is a teacher directory (data/teacher.py):
@@ -18,12 +22,15 @@ is a teacher directory (data/teacher.py):
     teacher.yaml    latent shape, shift, steps, guidance     config.yaml   this run's TeacherConfig
                     (and the mixture, for points)
     samples.npz     teacher samples (eval format), every condition x eval_seeds
-    samples.png     digits: rows classes 0-9, columns seeds; mixture: a scatter over the modes
+    samples.png     digits: rows classes 0-9, columns seeds; mixture: a scatter over the modes;
+                    moving digits: rows classes, columns the frames of seed 0
     metrics.json    final loss, times, and the samples measured with phased_dmd_mp.eval: against
                     the real digits (class accuracy by the digits classifier, Frechet distance,
                     precision/recall, diversity), or against the mixture (mode coverage, mass
                     error per mode, on-mode fraction, and the same Frechet distance, precision/
-                    recall and diversity on the points themselves)
+                    recall and diversity on the points themselves), or for moving digits the
+                    optical flow and diversity of the samples and of as many data videos
+    data_samples.npz  moving digits only: those data videos (eval format), the reference
 
 DIR appears whole (it is assembled next to it and renamed into place).
 """
@@ -41,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import yaml
 from tqdm import tqdm
@@ -48,6 +56,7 @@ from tqdm import tqdm
 from phased_dmd_mp.conditioning import Conditions, dit_velocity
 from phased_dmd_mp.config import ConfigError, add_config_arguments, load_config
 from phased_dmd_mp.data import mixture as mixture_data
+from phased_dmd_mp.data import moving_digits
 from phased_dmd_mp.data.conditions import ConditionSampler, ConditionSet, staging_dir
 from phased_dmd_mp.data.digits import (
     LATENT_SHAPE,
@@ -61,9 +70,12 @@ from phased_dmd_mp.data.teacher import (
     TeacherSpec,
     write_spec,
 )
-from phased_dmd_mp.eval.digits import DigitsExtractor, load_digits_images
+from phased_dmd_mp.eval.digits import NUM_CLASSES, DigitsExtractor, load_digits_images
 from phased_dmd_mp.eval.extractors import PointFeatures
 from phased_dmd_mp.eval.mixture import Mixture
+from phased_dmd_mp.eval.motion import DISFlow
+from phased_dmd_mp.eval.video_metrics import evaluate_videos
+from phased_dmd_mp.eval.videos import open_video_npz
 from phased_dmd_mp.eval.samples import SampleFile, load_sample_file
 from phased_dmd_mp.evaluate import EvalConfig, evaluate_run, extract
 from phased_dmd_mp.losses import flow_matching_loss
@@ -73,17 +85,21 @@ from phased_dmd_mp.models.dit import DiTStage
 from phased_dmd_mp.sample import Source, generate, guided_velocity, write_samples
 from phased_dmd_mp.schedule import FLOW_MATCHING, sample_timesteps, timestep_table
 
+DATA_VIDEOS = "data_samples.npz"  # moving-digits teachers: data videos, the reference
+
 
 @dataclass(frozen=True)
 class TeacherConfig:
     # --- data ---
-    # What the teacher learns: the digits (class-conditioned images) or a Gaussian mixture
-    # (unconditional 2D points; the mixture_* keys below).
-    dataset: Literal["digits", "mixture"] = "digits"
+    # What the teacher learns: the digits (class-conditioned images), a Gaussian mixture
+    # (unconditional 2D points; the mixture_* keys below) or moving digits (class-conditioned
+    # videos of a digit crossing a 16x16 frame at a random velocity, data/moving_digits.py).
+    dataset: Literal["digits", "mixture", "moving_digits"] = "digits"
     mixture_side: int = 5  # modes on a side x side grid, equal weights
     mixture_spacing: float = 1.0  # between neighbouring means (5, 1.0: {-2, -1, 0, 1, 2}^2)
     mixture_std: float = 0.05  # of every mode
-    # --- the DiT (Wan architecture; 16 tokens per 8x8 digit, one per point) ---
+    # --- the DiT (Wan architecture; 16 tokens per 8x8 digit, one per point, 16 per frame of a
+    # moving digit) ---
     num_layers: int = 4  # transformer blocks
     num_attention_heads: int = 4  # heads per attention layer
     attention_head_dim: int = 32  # width of each head (even); hidden = heads x head width
@@ -148,14 +164,22 @@ class TeacherConfig:
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
-        return LATENT_SHAPE if self.dataset == "digits" else mixture_data.LATENT_SHAPE
+        return {
+            "digits": LATENT_SHAPE,
+            "mixture": mixture_data.LATENT_SHAPE,
+            "moving_digits": moving_digits.LATENT_SHAPE,
+        }[self.dataset]
 
     def mixture(self) -> Mixture:
         return mixture_data.grid_mixture(self.mixture_side, self.mixture_spacing, self.mixture_std)
 
     def arch(self) -> WanConfig:
         return WanConfig(
-            patch_size=(1, 2, 2) if self.dataset == "digits" else (1, 1, 1),
+            patch_size={
+                "digits": (1, 2, 2),
+                "mixture": (1, 1, 1),
+                "moving_digits": moving_digits.PATCH_SIZE,
+            }[self.dataset],
             num_attention_heads=self.num_attention_heads,
             attention_head_dim=self.attention_head_dim,
             in_channels=self.latent_shape[0],
@@ -168,13 +192,13 @@ class TeacherConfig:
 
     def value_range(self) -> tuple[float, float]:
         """Of the data: the digits' pixel range, the mixture's means +- 3 std."""
-        if self.dataset == "digits":
+        if self.dataset != "mixture":
             return VALUE_RANGE
         extent = (self.mixture_side - 1) / 2 * self.mixture_spacing + 3 * self.mixture_std
         return (-extent, extent)
 
     def spec(self) -> TeacherSpec:
-        mixture = {} if self.dataset == "digits" else TeacherSpec.mixture_fields(self.mixture())
+        mixture = {} if self.dataset != "mixture" else TeacherSpec.mixture_fields(self.mixture())
         return TeacherSpec(
             latent_shape=self.latent_shape,
             shift=self.shift,
@@ -194,8 +218,9 @@ def _learning_rate_factor(config: TeacherConfig, step: int) -> float:
 
 def training_data(config: TeacherConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Latents [N, *latent_shape] and their condition indices [N]: the digits with their classes,
-    or train_steps x batch_size seeded mixture points (fresh ones every step), all condition 0."""
-    if config.dataset == "digits":
+    or train_steps x batch_size seeded mixture points (fresh ones every step), all condition 0.
+    For moving digits, the still digits [N, 1, 1, 8, 8]: `train` sets each in motion afresh."""
+    if config.dataset != "mixture":
         return load_digits_latents()
     points = config.mixture().sample(config.train_steps * config.batch_size, config.seed)
     return mixture_data.points_to_latents(points), torch.zeros(len(points), dtype=torch.long)
@@ -203,7 +228,7 @@ def training_data(config: TeacherConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 def write_conditions(config: TeacherConfig, path: Path) -> ConditionSet:
     """The teacher directory's condition set: one item per digit class, or the mixture's one."""
-    if config.dataset == "digits":
+    if config.dataset != "mixture":
         return write_digits_condition_set(path, config.text_dim, config.seed)
     return mixture_data.write_mixture_condition_set(path, config.text_dim, config.seed)
 
@@ -241,6 +266,8 @@ def train(
     for step in bar:
         indices = next(sampler)
         x0 = latents[indices]
+        if config.dataset == "moving_digits":  # every draw moves at a new velocity
+            x0 = moving_digits.moving_digits(x0[:, :, 0], generator)
         drop = torch.rand(len(indices), generator=generator) < config.condition_dropout
         cond = _drop_conditions(conditions.batch(labels[indices]), uncond, drop)
         eps = torch.randn(x0.shape, generator=generator)
@@ -275,8 +302,50 @@ def class_accuracy(extractor: DigitsExtractor, images: torch.Tensor) -> list[flo
     return (predicted == torch.arange(len(images))[:, None]).float().mean(dim=1).tolist()
 
 
-def measure(samples_path: Path, progress: bool) -> dict:
+def write_data_videos(path: Path, seeds: int, seed: int) -> Path:
+    """Moving digits from the data as a sample file of videos (eval/videos.py), `seeds` per
+    class: real videos to hold the teacher's motion and diversity against."""
+    images, labels = load_digits_images()
+    generator = torch.Generator().manual_seed(seed)
+    videos = []
+    for label in range(NUM_CLASSES):
+        members = torch.nonzero(labels == label)[:, 0]
+        chosen = members[torch.randint(len(members), (seeds,), generator=generator)]
+        videos.append(moving_digits.moving_digits(images[chosen], generator))
+    np.savez(
+        path,
+        samples=torch.stack(videos).numpy(),
+        model=np.str_("data: moving digits"),
+        labels=np.arange(NUM_CLASSES),
+    )
+    return path
+
+
+def measure_videos(samples_path: Path, config: TeacherConfig, progress: bool) -> dict:
+    """Optical flow and diversity (digits network on the frames) of the teacher's videos and of
+    as many data videos (DATA_VIDEOS in the teacher directory), as `evaluate` measures them."""
+    extractor = DigitsExtractor.load(progress=progress)
+    data_path = write_data_videos(samples_path.parent / DATA_VIDEOS, config.eval_seeds, config.seed)
+    measured = {}
+    for name, path in (("samples", samples_path), ("data", data_path)):
+        videos = open_video_npz(path)
+        run, _ = evaluate_videos(
+            videos, DISFlow(), None, extractor, extractor, videos.frames, config.seed, False
+        )
+        measured[name] = run["metrics"]
+    return {
+        **measured["samples"],
+        "data": measured["data"],
+        "samples": config.eval_seeds * NUM_CLASSES,
+        "reference": f"{DATA_VIDEOS}: as many moving digits from the data; optical flow: "
+        "OpenCV DIS, pixels per frame; diversity: the digits network on every frame",
+    }
+
+
+def measure(samples_path: Path, config: TeacherConfig, progress: bool) -> dict:
     """The teacher's samples against the real digits or the mixture (the file says which)."""
+    if config.dataset == "moving_digits":
+        return measure_videos(samples_path, config, progress)
     file = load_sample_file(samples_path)
     if file.kind == "points":
         return measure_points(file)
@@ -370,7 +439,7 @@ def _build(config: TeacherConfig, out_dir: Path, progress: bool) -> tuple[DiTSta
         "shift": config.shift,
     }
     metrics = {
-        **measure(samples_path, progress),
+        **measure(samples_path, config, progress),
         "training": training,
         "sampling": sampling,
         "seconds": time.perf_counter() - start,
@@ -406,6 +475,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _quality(metrics: dict) -> str:
     """The headline metrics, for the command line."""
+    if "optical_flow" in metrics:
+        data = metrics["data"]
+        return (
+            f"optical flow {metrics['optical_flow']:.3f} px/frame (data {data['optical_flow']:.3f}), "
+            f"perceptual diversity {metrics['perceptual_distance']:.3f} (data "
+            f"{data['perceptual_distance']:.3f})"
+        )
     if "mode_coverage" in metrics:
         return (
             f"mode coverage {metrics['mode_coverage']:.1%}, mass error mean "

@@ -61,7 +61,7 @@ from phased_dmd_mp.data.teacher import (
 )
 from phased_dmd_mp.distill.models import RoutedVelocity, VelocityModel
 from phased_dmd_mp.eval.mixture import Mixture
-from phased_dmd_mp.eval.report import save_grid
+from phased_dmd_mp.eval.report import save_grid, video_strip
 from phased_dmd_mp.eval.samples import SampleFile
 from phased_dmd_mp.evaluate import EvalConfig
 from phased_dmd_mp.models import ExecutionConfig
@@ -291,18 +291,28 @@ def labels_of(conditions: ConditionSet) -> np.ndarray:
 def write_samples(
     out_dir: Path, source: Source, samples: Tensor, grid_name: str = "grid.png"
 ) -> Path:
-    """OUT/samples.npz (eval format) and the grid OUT/grid_name; returns the npz path."""
+    """OUT/samples.npz (eval format: images, points, or for video latents without a VAE the
+    videos [conditions, seeds, C, F, H, W]) and the grid OUT/grid_name (videos: seed 0's frames
+    per condition); returns the npz path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if source.mixture is not None:
         return _write_points(out_dir, source, samples, grid_name)
-    if samples.shape[3] != 1:
-        raise ConfigError(
-            f"the evaluation takes images; these latents have {samples.shape[3]} frames "
-            "(decode video latents with the model's VAE first)"
-        )
-    images = samples[:, :, :, 0]  # [conditions, seeds, C, H, W]
     path = out_dir / "samples.npz"
     labels = labels_of(source.conditions)
+    if samples.shape[3] > 1:  # videos the evaluation reads as they are (no VAE: pixels)
+        np.savez(
+            path,
+            samples=samples.float().numpy(),
+            model=np.str_(source.name),
+            labels=labels,
+            value_range=np.array(source.value_range),
+        )
+        low, high = source.value_range
+        videos = (2 * (samples[:, 0].float() - low) / (high - low) - 1).clamp(-1, 1)
+        strip = video_strip(source.name, videos.transpose(1, 2), [str(label) for label in labels])
+        save_grid(strip, out_dir / grid_name, coverage_radius=0.0)
+        return path
+    images = samples[:, :, :, 0]  # [conditions, seeds, C, H, W]
     np.savez(
         path,
         samples=images.float().numpy(),

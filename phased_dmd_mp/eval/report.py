@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from phased_dmd_mp.eval.metrics import mean_confidence_interval
 from phased_dmd_mp.eval.samples import SampleFile
@@ -22,6 +23,12 @@ MIXTURE_COLUMNS = [
     ("mass_error_mean", "mass error mean ↓"),
     ("mass_error_max", "mass error max ↓"),
     ("on_mode_fraction", "on-mode ↑"),
+]
+VIDEO_COLUMNS = [
+    ("optical_flow", "optical flow (px/frame) ↑"),
+    ("dynamic_degree", "dynamic degree % ↑"),
+    ("cosine_similarity", "cosine sim. ↓"),
+    ("perceptual_distance", "perceptual dist. ↑"),
 ]
 GRID_CONDITIONS, GRID_SEEDS = 10, 8  # images: the first rows and columns drawn
 GRID_POINTS = 5000  # points: at most this many drawn
@@ -51,8 +58,13 @@ def _cell(metric: dict) -> str:
     return f"{metric['mean']:.4g} ± {metric['ci95']:.2g}"
 
 
-def markdown_table(rows: list[dict], runs: list[dict], preamble: list[str]) -> str:
-    columns = COLUMNS + (MIXTURE_COLUMNS if "mode_coverage" in rows[0]["metrics"] else [])
+def markdown_table(
+    rows: list[dict], runs: list[dict], preamble: list[str], columns: list | None = None
+) -> str:
+    """The table: `columns` (default: the image and mixture ones) that the rows measured."""
+    if columns is None:
+        columns = COLUMNS + (MIXTURE_COLUMNS if "mode_coverage" in rows[0]["metrics"] else [])
+    columns = [(key, title) for key, title in columns if key in rows[0]["metrics"]]
     shapes = {}
     for run in runs:
         shapes.setdefault(run["model"], set()).add(f"{run['conditions']} x {run['seeds']}")
@@ -78,6 +90,22 @@ def save_comparison(sample_files: list[SampleFile], path: Path, coverage_radius:
     """Every model's grid (images) or scatter (points) side by side, COMPARISON_COLUMNS to a
     row, e.g. the teacher at 40 steps next to each student."""
     _save(comparison_figure(sample_files, coverage_radius), path)
+
+
+def video_strip(
+    model: str, videos: Tensor, labels: list[str] | None, frames: list[int] | None = None
+) -> SampleFile:
+    """A mosaic panel of videos [rows, F, C, H, W] in [-1, 1]: one video a row (labelled by
+    `labels`), its frames (numbered by `frames`, default 0..F-1) left to right."""
+    return SampleFile(
+        path=Path(model),
+        model=model,
+        samples=videos,
+        labels=labels,
+        mixture=None,
+        column_label="frame",
+        column_names=[str(i) for i in (frames or range(videos.shape[1]))],
+    )
 
 
 def _save(fig, path: Path) -> None:
@@ -211,13 +239,14 @@ def _draw_mosaic(ax, sample_file: SampleFile) -> None:
     mosaic = mosaic[:-gap, :-gap]  # gaps between images only
     mosaic = mosaic[:, :, 0] if channels == 1 else mosaic[:, :, :3]
     ax.imshow(mosaic.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_xticks([col * (width + gap) + (width - 1) / 2 for col in range(cols)], range(cols))
+    names = sample_file.column_names or range(cols)
+    ax.set_xticks([col * (width + gap) + (width - 1) / 2 for col in range(cols)], names[:cols])
     ax.set_yticks(
         [row * (height + gap) + (height - 1) / 2 for row in range(rows)], _row_labels(sample_file)
     )
     ax.tick_params(length=0, labelsize=TICK_POINTS)
     ax.spines[:].set_visible(False)
-    ax.set_xlabel("seed", fontsize=8)
+    ax.set_xlabel(sample_file.column_label, fontsize=8)
     ax.set_ylabel("condition", fontsize=8)
 
 

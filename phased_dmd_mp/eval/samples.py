@@ -43,6 +43,9 @@ class SampleFile:
     samples: Tensor  # [conditions, seeds, ...]: images float32 in [-1, 1], points float64
     labels: list[str] | None
     mixture: Mixture | None
+    # What the columns of its mosaic are: seeds, or the frames of a video strip (their indices).
+    column_label: str = "seed"
+    column_names: list[str] | None = None
 
     @property
     def kind(self) -> str:
