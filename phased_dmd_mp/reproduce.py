@@ -153,6 +153,9 @@ def run_job(suite: Suite, out: Path, run: Run, seed: int) -> None:
 def eval_job(suite: Suite, out: Path) -> None:
     """One table of the teacher and every run x seed."""
     files = [_samples(out, None)]
+    data = out / "teacher" / pretrain_teacher.DATA_VIDEOS  # video teachers: the data's videos
+    if data.is_file():
+        files.insert(0, data)
     files += [_samples(out, run, seed) for run in suite.runs for seed in suite.seeds]
     config = load_config(EvalConfig, None, list(suite.eval_overrides))
     evaluate(files, config, out / "eval", progress=False)
