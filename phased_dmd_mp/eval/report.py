@@ -65,15 +65,21 @@ def markdown_table(
     if columns is None:
         columns = COLUMNS + (MIXTURE_COLUMNS if "mode_coverage" in rows[0]["metrics"] else [])
     columns = [(key, title) for key, title in columns if key in rows[0]["metrics"]]
-    shapes = {}
+    shapes, sizes = {}, {}
     for run in runs:
         shapes.setdefault(run["model"], set()).add(f"{run['conditions']} x {run['seeds']}")
+        if "video" in run:  # the size the optical flow's pixels are measured at
+            video = run["video"]
+            size = f"{video['frames']} frames, {video['height']}x{video['width']}"
+            sizes.setdefault(run["model"], set()).add(size)
     lines = [*preamble, ""]
-    header = ["model", "runs", "conditions x seeds"] + [title for _, title in columns]
+    header = ["model", "runs", "conditions x seeds"] + (["video"] if sizes else [])
+    header += [title for _, title in columns]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for row in rows:
         cells = [row["model"], str(row["runs"]), ", ".join(sorted(shapes[row["model"]]))]
+        cells += [", ".join(sorted(sizes[row["model"]]))] if sizes else []
         cells += [_cell(row["metrics"][key]) for key, _ in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
