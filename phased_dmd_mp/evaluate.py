@@ -64,8 +64,9 @@ DIGITS_SHAPE = (1, 8, 8)  # channels, height, width of what the digits extractor
 
 @dataclass(frozen=True)
 class EvalConfig:
-    # Feature extractor of the diversity and fidelity metrics: auto (the digits CNN for images,
-    # the points themselves for points), a name in eval.extractors.EXTRACTORS, or
+    # Feature extractor of the diversity and fidelity metrics: auto (the digits CNN for images
+    # and for 8x8 gray video frames, the points themselves for points, none for other video
+    # frames: their diversity is then not measured), a name in eval.extractors.EXTRACTORS, or
     # package.module:factory (docs/evaluation.md).
     features: str = "auto"
     perceptual: str = "auto"  # perceptual distance, chosen the same way
@@ -78,8 +79,9 @@ class EvalConfig:
     mixture_weights: tuple[float, ...] | None = None  # one per mode
     mixture_std: float | None = None  # of every mode
     seed: int = 0  # real-data draws and the subsampling for precision/recall
-    # Videos. Optical flow is OpenCV's DIS unless raft_weights names a torchvision RAFT-large
-    # state dict (e.g. Raft_Large_Weights.C_T_V1's file), which VBench's dynamic degree needs.
+    # Videos: optical flow is OpenCV's DIS unless raft_weights names a file of torchvision's
+    # RAFT-large weights (a state dict, e.g. Raft_Large_Weights.C_T_V1's), which VBench's
+    # dynamic degree needs.
     raft_weights: str | None = None
     dynamic_degree: bool = False  # VBench's dynamic degree (%, needs raft_weights)
     diversity_frames: int = 8  # evenly spaced frames per video the diversity compares

@@ -176,6 +176,20 @@ def test_stock_diffusers_runs_the_exported_student_as_our_sampler(
     else:  # H.264 is lossy
         assert written.shape == exact.shape
         assert np.abs(written.astype(float) - exact).mean() < 8
+        # ... and the evaluation measures the media folder's motion (no extractor for these
+        # frames: diversity is left out, and the table says so)
+        code, err = run_cli(
+            evaluate.main, [str(out / "media"), "--out", str(tmp_path / "eval")], capsys
+        )
+        assert code == 0, err
+        results = json.loads((tmp_path / "eval" / "results.json").read_text())
+        run = results["runs"][0]
+        assert results["models"][0]["model"] == "samples"  # OUT/media is named after OUT
+        assert (run["conditions"], run["seeds"]) == (len(PROMPTS), 2)
+        assert run["video"]["frames"] == FRAMES and run["video"]["height"] == 16
+        flows = np.array(run["per_video"]["optical_flow"])
+        assert flows.shape == (2, 2) and np.isfinite(flows).all() and (flows >= 0).all()
+        assert "diversity: not measured" in (tmp_path / "eval" / "results.md").read_text()
     if kind == "wan22_t2v":  # the two-expert teacher, routed at its boundary
         code, err = run_cli(
             sample.main,
