@@ -18,9 +18,11 @@ estimator maps two frames to the flow field from the first to the second, a floa
   `RAFTFlow` reproduces with torchvision's RAFT-large.
 
 Default estimator: OpenCV's DIS (dense inverse search, MEDIUM preset), which needs no weights.
-Measured on a smooth random texture translated by d pixels (benchmarks/bench_flow.py): within 2%
-of d for d in {0.5, 1, 3, 5} from 64x64 to 480x832 (exactly 0 for d = 0), where OpenCV's
-Farneback with its usual parameters read d = 1 as 0.58 at 256x256 and as 0.02 at 480x832.
+Measured on a smooth random texture translated by d pixels per frame (benchmarks/bench_flow.py):
+within 4% of d for d in {1, 3, 5} from 64x64 to 480x832 and within 13% for d = 0.5, exactly 0
+for d = 0, and within 3% up to d = 3 on 16x16 frames; OpenCV's Farneback with its example
+parameters read 0.58 d at 256x256 and 0.02 d at 480x832 (a texture that smooth is flat to its
+15-pixel window), so it cannot be the default for real videos.
 """
 
 from __future__ import annotations
