@@ -310,7 +310,7 @@ def _single_seed(folder):
         (_two_sizes, "frames of 32x32, but this model's first video has 16x16"),
         (_more_frames, "4 frames, but this model's first video has 3"),
         (_one_frame, "1 frame; optical flow needs at least 2"),
-        (_corrupt, "not a readable video"),
+        (_corrupt, "is not a video ffmpeg can read"),
         (_misnamed, "must be named c{condition}_s{seed}.mp4"),
         (_missing_pair, "missing"),
         (_single_seed, "one seed per condition"),

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from phased_dmd_mp.data.readers import ReadError, iter_video_frames, video_info
+from phased_dmd_mp.config import ConfigError
+from phased_dmd_mp.data.readers import VideoReader
 from phased_dmd_mp.eval.samples import SampleFileError
 from phased_dmd_mp.media import VIDEO_FPS
 
@@ -65,10 +66,9 @@ class VideoSet:
         """Video (condition, seed) frame by frame, each float32 [C, H, W] in [-1, 1]. Raises
         SampleFileError naming the file if a frame has another size or the count differs."""
         if self.files is not None:
-            path = self.files[condition, seed]
             frames = (
-                torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1).float() / 127.5 - 1
-                for frame in iter_video_frames(path)
+                torch.from_numpy(frame.copy()).permute(2, 0, 1).float() / 127.5 - 1
+                for frame in VideoReader(self.files[condition, seed])
             )
         else:
             frames = self._npz_frames(condition, seed)
@@ -83,7 +83,7 @@ class VideoSet:
                     )
                 count += 1
                 yield frame
-        except ReadError as error:
+        except ConfigError as error:  # the reader's: a file ffmpeg cannot decode
             raise SampleFileError(str(error)) from None
         if count != self.frames:
             raise SampleFileError(
@@ -141,17 +141,18 @@ def open_video_folder(folder: Path, model: str | None = None) -> VideoSet:
         )
     first = files[0, 0]
     try:
-        info = video_info(first)
-    except ReadError as error:
+        info = VideoReader(first)
+        frames = info.frame_count
+    except ConfigError as error:
         raise SampleFileError(str(error)) from None
-    _check_frames(first, info.frames)
+    _check_frames(first, frames)
     name = model or (folder.resolve().parent.name if folder.name == "media" else folder.name)
     return VideoSet(
         path=folder,
         model=name,
         conditions=conditions,
         seeds=seeds,
-        frames=info.frames,
+        frames=frames,
         channels=3,
         height=info.height,
         width=info.width,
