@@ -57,7 +57,8 @@ def main() -> None:
 
     rng = np.random.default_rng(args.seed)
     methods = estimators(cv2)
-    print("| size | estimator | " + " | ".join(f"d={d:g}" for d in args.shifts) + " | time vs DIS medium |")
+    shifts = " | ".join(f"d={d:g}" for d in args.shifts)
+    print(f"| size | estimator | {shifts} | time vs DIS medium |")
     print("|---|---|" + "---|" * (len(args.shifts) + 1))
     for size in args.sizes:
         height, width = (int(v) for v in (size.split("x") if "x" in size else (size, size)))

@@ -448,7 +448,9 @@ def _strip_panel(video_set: VideoSet, run: dict, strip: Tensor) -> SampleFile:
 
 
 def _video_preamble(results: dict, runs: list[dict]) -> list[str]:
-    sizes = sorted({(r["video"]["frames"], r["video"]["height"], r["video"]["width"]) for r in runs})
+    sizes = sorted(
+        {(run["video"]["frames"], run["video"]["height"], run["video"]["width"]) for run in runs}
+    )
     shapes = ", ".join(f"{f} frames of {h}x{w}" for f, h, w in sizes)
     features, perceptual = results["features"], results["perceptual"]
     lines = [
@@ -464,7 +466,9 @@ def _video_preamble(results: dict, runs: list[dict]) -> list[str]:
             "pair against 6 px x max(1, 8/fps) x short side / 256), % of videos dynamic"
         )
     else:
-        lines.append("- dynamic degree: not measured (needs --set raft_weights=FILE dynamic_degree=true)")
+        lines.append(
+            "- dynamic degree: not measured (needs --set raft_weights=FILE dynamic_degree=true)"
+        )
     if features is None and perceptual is None:
         lines.append(
             "- diversity: not measured (no extractor for these frames: --set "

@@ -98,8 +98,7 @@ class TeacherConfig:
     mixture_side: int = 5  # modes on a side x side grid, equal weights
     mixture_spacing: float = 1.0  # between neighbouring means (5, 1.0: {-2, -1, 0, 1, 2}^2)
     mixture_std: float = 0.05  # of every mode
-    # --- the DiT (Wan architecture; 16 tokens per 8x8 digit, one per point, 16 per frame of a
-    # moving digit) ---
+    # --- the DiT (Wan architecture; 16 tokens per digit, one per point, 16 per video frame) ---
     num_layers: int = 4  # transformer blocks
     num_attention_heads: int = 4  # heads per attention layer
     attention_head_dim: int = 32  # width of each head (even); hidden = heads x head width
@@ -478,7 +477,8 @@ def _quality(metrics: dict) -> str:
     if "optical_flow" in metrics:
         data = metrics["data"]
         return (
-            f"optical flow {metrics['optical_flow']:.3f} px/frame (data {data['optical_flow']:.3f}), "
+            f"optical flow {metrics['optical_flow']:.3f} px/frame (data "
+            f"{data['optical_flow']:.3f}), "
             f"perceptual diversity {metrics['perceptual_distance']:.3f} (data "
             f"{data['perceptual_distance']:.3f})"
         )

@@ -26,7 +26,8 @@ def texture(seed=0, size=SIZE + 40):
 def translated(d, frames=FRAMES, seed=0):
     """[1, frames, SIZE, SIZE]: a window moving right by d pixels per frame over a texture."""
     tex = texture(seed)
-    return np.stack([tex[20 : 20 + SIZE, 5 + i * d : 5 + i * d + SIZE] for i in range(frames)])[None]
+    windows = [tex[20 : 20 + SIZE, 5 + i * d : 5 + i * d + SIZE] for i in range(frames)]
+    return np.stack(windows)[None]
 
 
 def save_videos(path, videos, **extra):
@@ -69,7 +70,8 @@ def test_evaluate_reads_videos_and_measures_their_motion(tmp_path, capsys):
                              "fps": 8.0, "diversity_frames": [0, 1, 2, 3, 4, 5]}  # fmt: skip
     assert np.array(run0["per_video"]["optical_flow"]).shape == (2, 3)
     table = (out / "results.md").read_text()
-    assert "optical flow (px/frame)" in table and "pixels per frame at the video's resolution" in table
+    assert "optical flow (px/frame)" in table
+    assert "pixels per frame at the video's resolution" in table
     assert "| 6 frames, 64x64 |" in table
     assert "dynamic degree: not measured (needs --set raft_weights=FILE" in table
     assert "diversity: not measured" in table  # 64x64 frames: no automatic extractor
@@ -97,13 +99,16 @@ def test_video_diversity_frame_by_frame(tmp_path, capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     same = np.stack([np.stack([translated(1)] * 3)] * 2)
     different = np.stack([np.stack([translated(1, seed=s) for s in range(3)])] * 2)
-    files = [save_videos(tmp_path / "same.npz", same), save_videos(tmp_path / "diff.npz", different)]
+    files = [save_videos(tmp_path / "same.npz", same)]
+    files.append(save_videos(tmp_path / "diff.npz", different))
     plug = ["--set", "features=my_metrics:Pixels", "--set", "perceptual=my_metrics:Pixels"]
     out = tmp_path / "out"
     code, err = run([*files, "--out", str(out), *plug, "--set", "diversity_frames=3"], capsys)
     assert code == 0, err
     results = json.loads((out / "results.json").read_text())
-    same_row, diff_row = ({k: v["mean"] for k, v in r["metrics"].items()} for r in results["models"])
+    same_row, diff_row = (
+        {key: value["mean"] for key, value in row["metrics"].items()} for row in results["models"]
+    )
     assert same_row["cosine_similarity"] == pytest.approx(1.0)
     assert same_row["perceptual_distance"] == 0
     frames = results["runs"][1]["video"]["diversity_frames"]
@@ -217,7 +222,8 @@ def test_raft_path_without_torchvision_is_one_line(tmp_path, capsys):
     path = save_videos(tmp_path / "v.npz", np.zeros((1, 2, 1, 3, 8, 8)))
     weights = tmp_path / "raft.pth"
     weights.write_bytes(b"")
-    code, err = run([path, "--out", str(tmp_path / "o"), "--set", f"raft_weights={weights}"], capsys)
+    argv = [path, "--out", str(tmp_path / "o"), "--set", f"raft_weights={weights}"]
+    code, err = run(argv, capsys)
     assert code == 2 and "torchvision's RAFT" in err and "Traceback" not in err
 
 

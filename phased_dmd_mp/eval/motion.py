@@ -145,7 +145,9 @@ def vbench_frame_interval(fps: float) -> int:
     return max(1, round(fps / VBENCH_FPS))
 
 
-def vbench_parameters(height: int, width: int, sampled_frames: int, fps: float) -> tuple[float, int]:
+def vbench_parameters(
+    height: int, width: int, sampled_frames: int, fps: float
+) -> tuple[float, int]:
     """(threshold in pixels, pairs that must exceed it) for frames of height x width, of which
     `sampled_frames` were kept, from a video at `fps` frames per second (VBench's set_params)."""
     factor = max(1.0, VBENCH_FPS / fps)

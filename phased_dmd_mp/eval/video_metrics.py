@@ -105,7 +105,9 @@ def measure_video(
         previous = frame
     dynamic = None
     if dynamic_flow is not None:
-        threshold, needed = vbench_parameters(videos.height, videos.width, sampled_count, videos.fps)
+        threshold, needed = vbench_parameters(
+            videos.height, videos.width, sampled_count, videos.fps
+        )
         dynamic = is_dynamic(scores, threshold, needed)
     return VideoMeasurement(float(np.mean(pair_flows)), dynamic, torch.stack(kept))
 
