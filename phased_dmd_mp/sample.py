@@ -11,7 +11,9 @@ generator a distillation run exported (RUN/export: one transformer per expert an
 generator.json, which says which expert takes each step), without guidance, as it was trained.
 Both write OUT/samples.npz ([conditions, seeds, C, H, W], model name, labels, value_range;
 phased_dmd_mp/eval/samples.py), which `python -m phased_dmd_mp.evaluate` reads, and
-OUT/grid.png (rows: conditions, columns: seeds). Seed j starts every condition from the same
+OUT/grid.png (rows: conditions, columns: seeds). A video teacher without a VAE (the moving
+digits) gives its videos as they are, samples [conditions, seeds, C, F, H, W]
+(phased_dmd_mp/eval/videos.py), and OUT/grid.png shows seed 0's frames per condition. Seed j starts every condition from the same
 noise, so columns compare conditions and rows compare seeds. A teacher whose teacher.yaml has a
 mixture (a point teacher, data/mixture.py; for --checkpoint, the run's teacher) gives points
 instead: samples [conditions, seeds, D] with the mixture_* keys, and OUT/grid.png is a scatter
