@@ -94,14 +94,15 @@ class Pixels:
 
 def test_video_diversity_frame_by_frame(tmp_path, capsys, monkeypatch):
     """Seeds that are the same video have no diversity; different textures have the pixel
-    extractor's distance, averaged over the kept frames."""
-    (tmp_path / "my_metrics.py").write_text(PIXELS)
+    extractor's distance, averaged over the kept frames. (The plug-in's module name is its own:
+    test_eval_cli's my_metrics would be found in sys.modules.)"""
+    (tmp_path / "video_pixels.py").write_text(PIXELS)
     monkeypatch.syspath_prepend(str(tmp_path))
     same = np.stack([np.stack([translated(1)] * 3)] * 2)
     different = np.stack([np.stack([translated(1, seed=s) for s in range(3)])] * 2)
     files = [save_videos(tmp_path / "same.npz", same)]
     files.append(save_videos(tmp_path / "diff.npz", different))
-    plug = ["--set", "features=my_metrics:Pixels", "--set", "perceptual=my_metrics:Pixels"]
+    plug = ["--set", "features=video_pixels:Pixels", "--set", "perceptual=video_pixels:Pixels"]
     out = tmp_path / "out"
     code, err = run([*files, "--out", str(out), *plug, "--set", "diversity_frames=3"], capsys)
     assert code == 0, err
