@@ -9,6 +9,7 @@ this writes.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -78,9 +79,8 @@ SECTIONS = [
 ]
 
 
-def _load(path: str) -> type:
-    import importlib
-
+def config_class(path: str) -> type:
+    """The class named by "package.module:Name"."""
     module, _, name = path.partition(":")
     return getattr(importlib.import_module(module), name)
 
@@ -105,7 +105,7 @@ def render() -> str:
 
     lines = [HEADER]
     for title, path, source, readers in SECTIONS:
-        cls = _load(path)
+        cls = config_class(path)
         lines += [f"## {title}", "", f"`{source}`. {readers}", ""]
         if cls.__name__ == "DistillConfig":
             keys = ", ".join(f"`{key}`" for key in sorted(RESUMABLE_KEYS))

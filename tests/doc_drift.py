@@ -27,6 +27,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from phased_dmd_mp.config_docs import config_class
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "phased_dmd_mp"
 # Which config dataclass a CLI's --set keys belong to (module path: import path).
@@ -54,15 +56,8 @@ LINK = re.compile(r"\]\(([^)\s]+)\)")
 HEADING = re.compile(r"^#{1,6}\s+(.*?)\s*$", re.M)
 
 
-def load(path: str) -> type:
-    import importlib
-
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
 def keys(path: str) -> set[str]:
-    return {field.name for field in dataclasses.fields(load(path))}
+    return {field.name for field in dataclasses.fields(config_class(path))}
 
 
 def doc_pages() -> dict[str, str]:

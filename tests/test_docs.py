@@ -46,12 +46,12 @@ def test_configuration_page_is_what_the_generator_writes():
 
 def test_every_config_key_has_a_comment():
     from phased_dmd_mp.config import field_docs
-    from phased_dmd_mp.config_docs import SECTIONS, _load
+    from phased_dmd_mp.config_docs import SECTIONS, config_class
 
     undocumented = [
         f"{path}: {doc.name}"
         for _, path, _, _ in SECTIONS
-        for doc in field_docs(_load(path))
+        for doc in field_docs(config_class(path))
         if len(doc.comment) < 8
     ]
     assert undocumented == []
