@@ -22,6 +22,9 @@ def test_a_layout_that_divides_everything():
                           batch_size=8, micro_batch_size=2)  # fmt: skip
     assert layout == Layout(tensor_parallel=2, pipeline_parallel=2, data_parallel=2,
                             rank_batch_size=4)  # fmt: skip
+    layout = check_layout(WAN, tensor_parallel=2, context_parallel=2, world_size=8, batch_size=4)
+    assert layout == Layout(tensor_parallel=2, pipeline_parallel=1, data_parallel=2,
+                            rank_batch_size=2, context_parallel=2)  # fmt: skip
     assert tensor_parallel_splits(QWEN) == {
         "num_attention_heads": 6, "hidden_size": 48, "ffn_dim": 192
     }  # fmt: skip
@@ -39,6 +42,16 @@ def test_a_layout_that_divides_everything():
         (WAN, {"pipeline_parallel": -1}, "pipeline_parallel must be an integer >= 1, got -1"),
         (None, {"tensor_parallel": 2, "world_size": 3},
          "world size = 3 is not divisible by tensor_parallel x pipeline_parallel = 2"),
+        (WAN, {"tensor_parallel": 2, "context_parallel": 4},
+         "num_attention_heads = 4 is not divisible by tensor_parallel x context_parallel = 8"),
+        (QWEN, {"context_parallel": 4},
+         "num_attention_heads = 6 is not divisible by tensor_parallel x context_parallel = 4"),
+        (WAN, {"context_parallel": 0}, "context_parallel must be an integer >= 1, got 0"),
+        (None, {"context_parallel": 2, "tensor_parallel": 2, "world_size": 6},
+         "world size = 6 is not divisible by tensor_parallel x pipeline_parallel x "
+         "context_parallel = 4"),
+        (None, {"sequence_parallel": True},
+         "sequence_parallel: true needs tensor_parallel > 1"),
         (None, {"world_size": 4, "batch_size": 6},
          "batch_size = 6 is not divisible by the data-parallel size = 4"),
         (None, {"world_size": 2, "batch_size": 8, "micro_batch_size": 3},
@@ -49,6 +62,20 @@ def test_what_does_not_divide_is_named(arch, sizes, message):
     with pytest.raises(ConfigError) as info:
         check_layout(arch, **sizes)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_sequence_parallel_defaults_to_on_with_tensor_parallelism():
+    from phased_dmd_mp.config import load_config
+    from phased_dmd_mp.distill.config import DistillConfig
+
+    assert load_config(DistillConfig, None, ["tensor_parallel=2"]).uses_sequence_parallel
+    assert not load_config(DistillConfig, None, []).uses_sequence_parallel
+    off = ["tensor_parallel=2", "sequence_parallel=false"]
+    assert not load_config(DistillConfig, None, off).uses_sequence_parallel
+    with pytest.raises(ConfigError, match="sequence_parallel: true needs tensor_parallel > 1"):
+        load_config(DistillConfig, None, ["sequence_parallel=true"])
+    with pytest.raises(ConfigError, match="sequence_parallel: true needs tensor_parallel > 1"):
+        megatron_config(WAN, ExecutionConfig(sequence_parallel=True), 1, 1, init_weights=False)
 
 
 def _diffusers_dir(path, arch):

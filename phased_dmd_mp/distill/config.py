@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from phased_dmd_mp.losses import DEFAULT_MAX_WEIGHT
+from phased_dmd_mp.parallel.layout import sequence_parallel_on
 from phased_dmd_mp.schedule import injection_interval, phase_step_boundaries
 
 Algorithm = Literal["phased_dmd", "dmd", "few_step_dmd", "dmd_sgts"]
@@ -102,6 +103,14 @@ class DistillConfig:
     # Pipeline stages the layers are split into; data parallel is the rest of the world,
     # world size / (tensor_parallel x pipeline_parallel).
     pipeline_parallel: int = 1
+    # megatron's sequence parallelism: the token rows split over the tensor-parallel ranks
+    # outside attention and the MLP, so each keeps 1 / tensor_parallel of the layer activations;
+    # null: on where tensor_parallel > 1; true needs tensor_parallel > 1
+    sequence_parallel: bool | None = None
+    # Ranks that split the token rows of every layer and trade them for head shards around
+    # attention (Ulysses all-to-all); heads must divide by tensor_parallel x context_parallel,
+    # data parallel is world_size / (tensor x pipeline x context parallel)
+    context_parallel: int = 1
     dtype: Literal["float32", "bfloat16"] = "float32"  # weights the models compute with
     # With dtype bfloat16: float32 keeps fp32 main params, gradient buffers and Adam moments
     # (megatron's mixed precision); bfloat16 steps the bf16 weights themselves (pure bf16, needs
@@ -178,6 +187,7 @@ class DistillConfig:
             "batch_size",
             "tensor_parallel",
             "pipeline_parallel",
+            "context_parallel",
             "log_every",
             "sample_every",
             "checkpoint_every",
@@ -186,6 +196,7 @@ class DistillConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        sequence_parallel_on(self.sequence_parallel, self.tensor_parallel)
         if not self.collective_timeout > 0:
             raise ValueError(
                 f"collective_timeout must be > 0 seconds, got {self.collective_timeout}"
@@ -236,6 +247,11 @@ class DistillConfig:
                 f"overlap t_range / phase_t_ranges ({lo:.4g}, {hi:.4g})"
             )
         return max(low, lo), min(high, hi)
+
+    @property
+    def uses_sequence_parallel(self) -> bool:
+        """`sequence_parallel` resolved: null means on where tensor_parallel > 1."""
+        return sequence_parallel_on(self.sequence_parallel, self.tensor_parallel)
 
     @property
     def steps_per_phase(self) -> int:

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from phased_dmd_mp import ops
 from phased_dmd_mp.conditioning import Conditions, model_inputs, velocity_from_output
+from phased_dmd_mp.config import ConfigError
 from phased_dmd_mp.data.conditions import ConditionSampler, ConditionSet
 from phased_dmd_mp.data.teacher import (
     pipeline_dir,
@@ -84,6 +85,11 @@ class Progress:
 class Distiller:
     def __init__(self, config: DistillConfig, run_dir: Path, *, progress: bool = True):
         self.config, self.run_dir, self.show_progress = config, run_dir, progress
+        if config.context_parallel > 1 or config.sequence_parallel:  # issue 19, in progress
+            raise ConfigError(
+                "sequence_parallel: true and context_parallel > 1 are not implemented in the "
+                "runner yet"
+            )
         initialize(
             config.tensor_parallel,
             config.pipeline_parallel,

@@ -197,6 +197,8 @@ def check_run_layout(arch, config: DistillConfig, world_size: int) -> None:
         arch,
         tensor_parallel=config.tensor_parallel,
         pipeline_parallel=config.pipeline_parallel,
+        context_parallel=config.context_parallel,
+        sequence_parallel=config.sequence_parallel,
         world_size=world_size,
         batch_size=config.batch_size,
         micro_batch_size=config.micro_batch_size,

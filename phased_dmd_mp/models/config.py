@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from phased_dmd_mp.config import ConfigError
-from phased_dmd_mp.parallel.layout import check_model
+from phased_dmd_mp.parallel.layout import check_model, sequence_parallel_on
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -161,11 +161,16 @@ class ExecutionConfig:
     recompute: recompute each layer's activations in backward instead of storing them.
     fp8: linear layers in FP8: "te" (Transformer Engine) or "torch" (torch._scaled_mm);
          GPU only (see phased_dmd_mp.parallel.fp8).
+    sequence_parallel: split the token rows over the tensor-parallel ranks outside attention
+         and the MLP (megatron's sequence parallelism; needs tensor parallel > 1). Context
+         parallelism needs no switch here: it follows the process groups
+         (parallel.state.initialize(..., context_parallel=N)).
     """
 
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     recompute: bool = False
     fp8: Literal["off", "te", "torch"] = "off"
+    sequence_parallel: bool = False
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -178,10 +183,12 @@ def megatron_config(
     tensor_parallel: int,
     pipeline_parallel: int,
     init_weights: bool,
+    context_parallel: int = 1,
 ) -> TransformerConfig:
     """megatron-core's TransformerConfig for a DiT on the given parallel layout (ConfigError
     when the layout does not divide the model: phased_dmd_mp.parallel.layout)."""
-    check_model(arch, tensor_parallel, pipeline_parallel)
+    check_model(arch, tensor_parallel, pipeline_parallel, context_parallel)
+    sequence_parallel = sequence_parallel_on(execution.sequence_parallel, tensor_parallel)
     dtype = execution.torch_dtype
     std = 0.02
     return TransformerConfig(
@@ -192,6 +199,8 @@ def megatron_config(
         ffn_hidden_size=arch.ffn_dim,
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
+        context_parallel_size=context_parallel,
+        sequence_parallel=sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,

@@ -175,6 +175,7 @@ class QwenImageDiT(DiTStage):
             tensor_parallel=get_pg_size(pg_collection.tp),
             pipeline_parallel=get_pg_size(pg_collection.pp),
             init_weights=init_weights,
+            context_parallel=get_pg_size(pg_collection.cp),
         )
         submodules = layer_submodules(execution.fp8)
         super().__init__(config, qwen_image_layer_spec(submodules), pg_collection, execution.fp8)

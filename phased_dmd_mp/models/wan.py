@@ -219,6 +219,7 @@ class WanDiT(DiTStage):
             tensor_parallel=get_pg_size(pg_collection.tp),
             pipeline_parallel=get_pg_size(pg_collection.pp),
             init_weights=init_weights,
+            context_parallel=get_pg_size(pg_collection.cp),
         )
         submodules = layer_submodules(execution.fp8)
         super().__init__(config, wan_layer_spec(arch, submodules), pg_collection, execution.fp8)

@@ -1,6 +1,7 @@
-"""Process groups: torch.distributed plus megatron-core's tensor/pipeline/data parallel groups.
+"""Process groups: torch.distributed plus megatron-core's tensor/pipeline/context/data parallel
+groups.
 
-One entry point, `initialize(tensor_parallel, pipeline_parallel)`. Under torchrun it joins the
+One entry point, `initialize(tensor_parallel, pipeline_parallel, context_parallel=1)`. Under torchrun it joins the
 job from the environment; run as a plain process it starts a world of one, so the same model
 code (megatron's parallel linears need a process group even at TP=1) runs in a notebook.
 NCCL on GPU, gloo on CPU: the CPU path is the same code CI exercises.
@@ -26,17 +27,20 @@ def initialize(
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
     *,
+    context_parallel: int = 1,
     backend: str | None = None,
     timeout: datetime.timedelta = DEFAULT_TIMEOUT,
 ) -> ProcessGroupCollection:
     """Join (or start) the process group and build megatron's model-parallel groups.
 
-    Data parallelism is what is left: world_size / (tensor_parallel * pipeline_parallel).
+    Context parallelism uses megatron's own groups (`get_context_parallel_group`; its DDP
+    reduces gradients over data x context parallel ranks). Data parallelism is what is left:
+    world_size / (tensor_parallel * pipeline_parallel * context_parallel).
     Calling it again with the same sizes is a no-op; with other sizes it is an error.
     `timeout` bounds every collective of the default group and of megatron's groups: a rank
     that hangs fails the job after it (DistillConfig.collective_timeout).
     """
-    check_sizes(tensor_parallel, pipeline_parallel)
+    check_sizes(tensor_parallel, pipeline_parallel, context_parallel)
     if not dist.is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -47,21 +51,24 @@ def initialize(
             dist.init_process_group(
                 backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
             )
-    data_parallel_size(dist.get_world_size(), tensor_parallel, pipeline_parallel)
+    data_parallel_size(dist.get_world_size(), tensor_parallel, pipeline_parallel, context_parallel)
+    wanted = (tensor_parallel, pipeline_parallel, context_parallel)
     if parallel_state.model_parallel_is_initialized():
         current = (
             parallel_state.get_tensor_model_parallel_world_size(),
             parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_context_parallel_world_size(),
         )
-        if current != (tensor_parallel, pipeline_parallel):
+        if current != wanted:
             raise ConfigError(
-                f"model parallel groups already exist with (tensor, pipeline) = {current}, "
-                f"not {(tensor_parallel, pipeline_parallel)}; call destroy() first"
+                f"model parallel groups already exist with (tensor, pipeline, context) = "
+                f"{current}, not {wanted}; call destroy() first"
             )
     else:
         parallel_state.initialize_model_parallel(
             tensor_parallel,
             pipeline_parallel,
+            context_parallel_size=context_parallel,
             # megatron builds timedelta(minutes=...): a fraction keeps a timeout in seconds
             distributed_timeout_minutes=timeout.total_seconds() / 60,
         )
