@@ -478,7 +478,8 @@ def _video_preamble(results: dict, runs: list[dict]) -> list[str]:
         frames = results["config"]["diversity_frames"]
         names = [item["name"] for item in (features, perceptual) if item is not None]
         lines.append(
-            f"- diversity: {' / '.join(dict.fromkeys(names))} on {frames} evenly spaced frames, "
+            f"- diversity: {' / '.join(dict.fromkeys(names))} on up to {frames} evenly spaced "
+            "frames, "
             "frame against frame, mean over the seed pairs of each condition, averaged over "
             "conditions"
         )
