@@ -1,22 +1,22 @@
-"""torchrun, except that SIGUSR1 (SLURM's warning before a time limit or pre-emption) reaches
-the workers instead of killing the launcher.
+"""torchrun, with SLURM's signals handled the way a distillation run needs them.
 
     python -m phased_dmd_mp.launch [torchrun arguments] -m phased_dmd_mp.pretrain_distill ...
 
-torchrun handles SIGTERM, SIGINT, SIGHUP and SIGQUIT (it passes them on and kills the workers
-30 s later); SIGUSR1's default action ends the launcher at once and leaves its workers running,
-orphaned, to the end of training. Here the launcher passes SIGUSR1 on and keeps running: the
-ranks agree on an iteration, checkpoint and exit 0, and the launcher exits with them, with no
-deadline on the checkpoint. See phased_dmd_mp/distill/signals.py.
+SIGUSR1 (SLURM's warning before a time limit or pre-emption) and SIGTERM (the end of a job, or
+scancel) are passed on to the workers, any number of times, and the launcher keeps running:
+the ranks agree on an iteration, checkpoint and exit 0, and the launcher exits 0 with them,
+with no deadline on the checkpoint. Plain torchrun dies on SIGUSR1 (its workers run on,
+orphaned) and on SIGTERM kills its workers 30 s later and exits 1; a large checkpoint may not
+be written by then. What bounds the checkpoint's time is the scheduler: SLURM sends SIGKILL
+KillWait seconds (site setting, often 30) after the final SIGTERM, so the sbatch asks for
+SIGUSR1 300 s ahead (`--signal=USR1@300`). See phased_dmd_mp/distill/signals.py.
 """
 
-import signal
-
-from phased_dmd_mp.distill.signals import forward_to_workers
+from phased_dmd_mp.distill.signals import forward_signals
 
 
 def main() -> None:
-    signal.signal(signal.SIGUSR1, forward_to_workers)
+    forward_signals()  # before torch is imported: every thread and worker inherits the mask
     from torch.distributed.run import main as torchrun
 
     torchrun()

@@ -18,21 +18,29 @@ names the key, file or directory).
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import datetime
-import os
-import sys
-from pathlib import Path
+from phased_dmd_mp.distill.signals import (  # the standard library only
+    handle_for_process_life,
+    stop_on_signals,
+    stop_with_launcher,
+)
 
-import torch.distributed as dist
-import yaml
+if __name__ == "__main__":  # before torch loads (seconds): a stop request never kills the rank
+    handle_for_process_life()
 
-from phased_dmd_mp import atomic
-from phased_dmd_mp.config import ConfigError, add_config_arguments, load_config
-from phased_dmd_mp.distill import checkpoint, rundir
-from phased_dmd_mp.distill.config import RESUMABLE_KEYS, DistillConfig
-from phased_dmd_mp.distill.signals import stop_on_signals, stop_with_launcher
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import datetime  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch.distributed as dist  # noqa: E402
+import yaml  # noqa: E402
+
+from phased_dmd_mp import atomic  # noqa: E402
+from phased_dmd_mp.config import ConfigError, add_config_arguments, load_config  # noqa: E402
+from phased_dmd_mp.distill import checkpoint, rundir  # noqa: E402
+from phased_dmd_mp.distill.config import RESUMABLE_KEYS, DistillConfig  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,17 +4,21 @@ workers (torchrun starts them in sessions of their own), which agree on an itera
 checkpoint and exit 0 with the launcher; none is left running; --resume ends exactly where an
 uninterrupted run does."""
 
+import contextlib
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from distill_helpers import ALGORITHMS, distill_args
 
 from phased_dmd_mp.distill import checkpoint
+from phased_dmd_mp.distill.signals import child_processes
 from phased_dmd_mp.models.convert import read_diffusers_dir
 
 ROOT = Path(__file__).parents[1]
@@ -58,10 +62,23 @@ def finish(job: subprocess.Popen, timeout: float = 120) -> str:
     return output
 
 
-def test_sigusr1_to_the_launcher_checkpoints_and_resume_is_exact(tmp_path, teacher):
-    straight = launch(tmp_path / "straight", teacher)
+@pytest.fixture(scope="module")
+def straight_run(teacher, tmp_path_factory):
+    """The uninterrupted run every interrupted one must end equal to."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    straight = launch(out, teacher)
     assert straight.wait(timeout=240) == 0, finish(straight)[-3000:]
+    return out
 
+
+def assert_same_export(run: Path, reference: Path) -> None:
+    for name in ("expert_1", "expert_2"):
+        _, _, ours = read_diffusers_dir(run / "export" / name)
+        _, _, theirs = read_diffusers_dir(reference / "export" / name)
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_sigusr1_to_the_launcher_checkpoints_and_resume_is_exact(tmp_path, teacher, straight_run):
     run = tmp_path / "run"
     job = launch(run, teacher)
     deadline = time.monotonic() + 120
@@ -81,10 +98,7 @@ def test_sigusr1_to_the_launcher_checkpoints_and_resume_is_exact(tmp_path, teach
 
     resumed = launch(run, teacher, "--resume")
     assert resumed.wait(timeout=240) == 0, finish(resumed)[-3000:]
-    for name in ("expert_1", "expert_2"):
-        _, _, ours = read_diffusers_dir(run / "export" / name)
-        _, _, theirs = read_diffusers_dir(tmp_path / "straight" / "export" / name)
-        assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert_same_export(run, straight_run)
 
 
 def test_sigusr1_while_the_run_starts_stops_it_with_a_checkpoint(tmp_path, teacher, monkeypatch):
@@ -106,3 +120,64 @@ def test_sigusr1_while_the_run_starts_stops_it_with_a_checkpoint(tmp_path, teach
     assert pretrain_distill.main(distill_args(run, teacher, *CONFIG)) == 0
     assert checkpoint.complete_steps(run) == [1] and not (run / "export").exists()
     assert signal.getsignal(signal.SIGUSR1) is previous  # handlers restored
+
+
+def signal_step(job: subprocess.Popen, number: int, workers_too: bool = True) -> None:
+    """What SLURM does: the signal to every process of the job step (the launcher and, in
+    sessions of their own, its workers); `workers_too=False`: to the launcher alone."""
+    for pid in [job.pid, *(child_processes(job.pid) if workers_too else [])]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, number)
+
+
+def wait_for(job: subprocess.Popen, condition, what: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if job.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"no {what}: {finish(job)[-3000:]}")
+        time.sleep(0.02)
+
+
+def stopped(job: subprocess.Popen, run: Path, tries: str) -> int:
+    """The iteration of the checkpoint a clean stop left (exit 0, no process left)."""
+    output = finish(job, timeout=240)
+    assert job.returncode == 0, f"{tries}: {output[-3000:]}"
+    assert "stopped by a signal after" in output and "Traceback" not in output, tries
+    assert processes_writing(run) == [], tries
+    assert not (run / "export").exists()
+    return checkpoint.complete_steps(run)[-1]
+
+
+def test_sigusr1_twice_to_the_whole_step_while_starting_and_training(tmp_path, teacher):
+    """SLURM signals every process of the job step and may repeat itself: SIGUSR1 twice,
+    0.3-1.2 s apart, to the launcher and its workers, first while the workers still import
+    torch, then while they train. Each is a clean stop: exit 0 (distill.sbatch requeues), a
+    checkpoint, nothing left running. Was: the workers killed by the second SIGUSR1 (exit -10)
+    and the launcher exiting 1, in 5 of 6 tries."""
+    run, rng = tmp_path / "run", random.Random(20)
+    job = launch(run, teacher)
+    wait_for(job, lambda: child_processes(job.pid), "workers")
+    for _ in range(2):
+        signal_step(job, signal.SIGUSR1)
+        time.sleep(rng.uniform(0.3, 1.2))
+    assert stopped(job, run, "while starting") == 1  # one iteration, checkpointed
+
+    job = launch(run, teacher, "--resume")
+    wait_for(job, lambda: checkpoint.complete_steps(run)[-1] > 1, "checkpoint")
+    for _ in range(2):
+        signal_step(job, signal.SIGUSR1)
+        time.sleep(rng.uniform(0.3, 1.2))
+    assert 1 < stopped(job, run, "while training") < 8
+
+
+def test_sigterm_twice_to_the_launcher_is_a_clean_stop(tmp_path, teacher):
+    """SLURM ends a job (time limit, scancel) with SIGTERM to the launcher: the workers finish
+    their checkpoint with no deadline from the launcher and it exits 0. Was: exit 1 with a
+    traceback although both ranks had saved their checkpoint."""
+    run, rng = tmp_path / "run", random.Random(21)
+    job = launch(run, teacher)
+    wait_for(job, lambda: checkpoint.complete_steps(run), "checkpoint")
+    for _ in range(2):
+        signal_step(job, signal.SIGTERM, workers_too=False)
+        time.sleep(rng.uniform(0.3, 1.2))
+    assert stopped(job, run, "SIGTERM twice to the launcher") < 8

@@ -1,28 +1,38 @@
 """Stopping a run cleanly on a scheduler's signal, with every rank agreeing on when.
 
 SLURM warns a job before its time limit or pre-emption with a signal (`--signal=USR1@300`)
-sent to each task of the job step. Under `srun torchrun` the task is torchrun's launcher,
-whose workers run in sessions of their own: a process-group signal never reaches them, and
-torchrun does not handle SIGUSR1, so its default action kills the launcher and orphans the
-workers. `python -m phased_dmd_mp.launch` (torchrun with SIGUSR1 passed on to its workers,
-`forward_to_workers`) closes that gap; ranks that receive the signal themselves (srun launching
-ranks directly, or SLURM's cgroup process tracking signalling every process of the step) are
-covered by `stop_on_signals`, and a signal delivered twice counts once. A worker whose
-launcher dies (killed alone; without SLURM nothing else would stop the worker) gets SIGTERM
-from the kernel (`stop_with_launcher`) and stops like the others, with a checkpoint.
+sent to every process of the job step, possibly more than once, and ends it with SIGTERM
+(then SIGKILL after the site's KillWait). A stop request is SIGTERM or SIGUSR1, and any number
+of them, to the launcher, to the workers or to both, at any moment of the run, ends it the
+same way: the ranks agree on an iteration, checkpoint and exit 0, and the launcher exits 0.
+
+Workers (`pretrain_distill`): `handle_for_process_life` records SIGTERM and SIGUSR1 from the
+first line of the process to its exit (a signal after the run ended, while the interpreter
+shuts down, must not kill it with -10); `stop_on_signals` tells the training loop, and `agree`
+makes every rank stop at the same iteration. A worker whose launcher dies gets SIGTERM from the
+kernel (`stop_with_launcher`) and stops like the others.
+
+Launcher (`python -m phased_dmd_mp.launch`, torchrun inside): torchrun starts its workers in
+sessions of their own, dies on SIGUSR1 (orphaning them), and on SIGTERM kills its workers 30 s
+later and exits 1 although they saved a checkpoint. `forward_signals` instead blocks both
+signals in every thread of the launcher before torchrun starts, so torchrun's handlers never
+run, and a thread takes them with sigwait and passes each on to the workers, which then
+finish their checkpoint with no deadline from the launcher. The blocked mask is inherited
+by the workers: a signal reaching a worker before it installed its handler (while it imports
+torch) stays pending until it does, instead of killing it; one that arrives before any worker
+exists is passed on when the first appears.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import os
 import signal
 import sys
 import threading
-
-import torch
-import torch.distributed as dist
+import time
 
 HANDLED = (signal.SIGTERM, signal.SIGUSR1)
 _received: list[int] = []  # signals seen while any stop_on_signals block is active
@@ -31,6 +41,18 @@ _depth = 0
 
 def _record(number, frame) -> None:
     _received.append(number)
+
+
+def handle_for_process_life() -> None:
+    """Record SIGTERM and SIGUSR1 (never die of them) until the process exits, and unblock
+    them (a launcher's workers start with them blocked). Call first in a worker's __main__.
+
+    Python resets the handlers to the default (death) while it finalizes, after the last
+    atexit callback; this one, registered first and so run last, blocks the signals instead."""
+    for sig in HANDLED:
+        signal.signal(sig, _record)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+    atexit.register(signal.pthread_sigmask, signal.SIG_BLOCK, HANDLED)
 
 
 @contextlib.contextmanager
@@ -44,6 +66,7 @@ def stop_on_signals():
         yield lambda: False
         return
     previous = {sig: signal.signal(sig, _record) for sig in HANDLED}
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)  # pending ones arrive now
     _depth += 1
     try:
         yield lambda: bool(_received)
@@ -57,6 +80,9 @@ def stop_on_signals():
 
 def agree(flag: bool) -> bool:
     """True on every rank if it is true on any (so all ranks stop at the same iteration)."""
+    import torch
+    import torch.distributed as dist
+
     if dist.get_world_size() == 1:
         return flag
     value = torch.tensor([float(flag)])
@@ -83,16 +109,38 @@ def child_processes(pid: int) -> list[int]:
     return children
 
 
-def forward_to_workers(number, frame) -> None:
-    """Signal handler for a launcher: pass the signal on to its worker processes."""
-    workers = child_processes(os.getpid())
-    for pid in workers:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, number)
-    name = signal.Signals(number).name
-    print(
-        f"launcher: {name} passed on to workers {workers or '(none running yet)'}", file=sys.stderr
-    )
+def forward_signals() -> None:
+    """For a launcher: block SIGTERM and SIGUSR1 in this thread (and so in every thread and
+    worker started after it; call it before importing torch) and pass each one that arrives on
+    to the workers from a thread of its own (module docstring)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+
+    def loop():
+        pending: list[int] = []  # received, not yet passed on (no worker existed)
+        announced = False
+        while True:
+            if pending:
+                time.sleep(0.5)  # until the first worker appears
+            else:
+                pending.append(signal.sigwait(HANDLED))
+            while (more := signal.sigtimedwait(HANDLED, 0)) is not None:
+                pending.append(more.si_signo)
+            names = "+".join(signal.Signals(number).name for number in pending)
+            workers = child_processes(os.getpid())
+            if not workers:
+                if not announced:
+                    print(f"launcher: {names} before any worker started; passing it on to the "
+                          "first", file=sys.stderr)  # fmt: skip
+                    announced = True
+                continue
+            for number in pending:
+                for pid in workers:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, number)
+            print(f"launcher: {names} passed on to workers {workers}", file=sys.stderr)
+            pending, announced = [], False
+
+    threading.Thread(target=loop, name="forward-signals", daemon=True).start()
 
 
 _PR_SET_PDEATHSIG = 1
