@@ -187,3 +187,37 @@ def test_disk_full_during_the_export_is_one_line_and_leaves_no_partial_export(
     assert code == 0 and (tmp_path / "export" / "generator.json").is_file(), err
     if not lora:
         assert_same_export(tmp_path, single_process_runs["phased_dmd_sgts"])
+
+
+def test_resume_at_a_larger_data_parallel_size_names_both_sizes_and_no_damage(
+    tmp_path, teacher, single_process_runs
+):
+    """A run saved on one process resumed on two (DP 1 -> 2): every checkpoint is intact and
+    said to be; the sizes are named (was: each 'damaged (dp1-tp0-pp0.pt missing)', then 'no
+    intact checkpoint', which may make a user delete good checkpoints)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run = shutil.copytree(single_process_runs["phased_dmd_sgts"], tmp_path / "run")
+    saved = checkpoint.complete_steps(run)
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "phased_dmd_mp.pretrain_distill",
+        *distill_args(run, teacher, *ALGORITHMS["phased_dmd_sgts"]), "--resume",
+    ]  # fmt: skip
+    job = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    output = job.stdout + job.stderr
+    assert job.returncode != 0
+    name = checkpoint.step_dir(run, saved[-1]).name
+    assert (
+        f"--resume: {name} is intact but was saved with data_parallel 1, this job has "
+        "data_parallel 2" in output
+    ), output[-3000:]
+    assert "resume on 1 x 1 x 1 ranks" in output
+    assert "damaged" not in output and "no intact checkpoint" not in output
+    assert checkpoint.complete_steps(run) == saved

@@ -202,42 +202,49 @@ def read_manifest(path: Path) -> dict | None:
         return None
 
 
-def _problems(path: Path) -> list[str]:
-    """What is wrong with this rank's files of the checkpoint (empty: intact)."""
-    manifest = read_manifest(path)
+def _file_problems(path: Path, name: str, expected: dict | None) -> list[str]:
+    file = path / name
+    if expected is None or not file.is_file():
+        return [f"{name} missing"]
+    if file.stat().st_size != expected["bytes"]:
+        return [f"{name} has {file.stat().st_size} bytes, not {expected['bytes']}"]
+    if _sha256(file) != expected["sha256"]:
+        return [f"{name} does not match its sha256"]
+    return []
+
+
+def _problems(path: Path, manifest: dict | None) -> list[str]:
+    """What is wrong with the checkpoint (empty: intact), as far as this rank checks: its own
+    two files, or, for a checkpoint of another layout, its share of all the manifest's files."""
     if manifest is None:
         return [f"{MANIFEST} missing or unreadable"]
-    dp, tp, pp = _ranks()
-    problems = []
-    for name in (_model_file(tp, pp), _rank_file(dp, tp, pp)):
-        expected, file = manifest["files"].get(name), path / name
-        if expected is None or not file.is_file():
-            problems.append(f"{name} missing")
-        elif file.stat().st_size != expected["bytes"]:
-            problems.append(f"{name} has {file.stat().st_size} bytes, not {expected['bytes']}")
-        elif _sha256(file) != expected["sha256"]:
-            problems.append(f"{name} does not match its sha256")
-    return problems
+    if manifest.get("layout", layout()) == layout():
+        dp, tp, pp = _ranks()
+        names = [_model_file(tp, pp), _rank_file(dp, tp, pp)]
+    else:
+        names = sorted(manifest["files"])[dist.get_rank() :: dist.get_world_size()]
+    files = manifest["files"]
+    return [problem for name in names for problem in _file_problems(path, name, files.get(name))]
 
 
-def check_layout(path: Path) -> None:
-    """Raise CheckpointError unless the checkpoint was saved with this job's layout."""
-    manifest = read_manifest(path)
-    saved, ours = (manifest or {}).get("layout"), layout()
-    if saved is None or saved == ours:
-        return
+def _layout_error(path: Path, saved: dict, intact: bool) -> CheckpointError | None:
+    """Why a checkpoint saved with layout `saved` cannot continue in this job (None: it can)."""
+    ours = layout()
+    if saved == ours:
+        return None
+    state = "is intact but " if intact else ""
     if (saved["tensor_parallel"], saved["pipeline_parallel"]) != (
         ours["tensor_parallel"],
         ours["pipeline_parallel"],
     ):
-        raise CheckpointError(
-            f"{path.name} was saved with tensor_parallel {saved['tensor_parallel']} x "
+        return CheckpointError(
+            f"{path.name} {state}was saved with tensor_parallel {saved['tensor_parallel']} x "
             f"pipeline_parallel {saved['pipeline_parallel']}, this job has "
             f"{ours['tensor_parallel']} x {ours['pipeline_parallel']}: resume with the same "
             "model-parallel layout"
         )
-    raise CheckpointError(
-        f"{path.name} was saved with data_parallel {saved['data_parallel']}, this job has "
+    return CheckpointError(
+        f"{path.name} {state}was saved with data_parallel {saved['data_parallel']}, this job has "
         f"data_parallel {ours['data_parallel']}: each data-parallel rank's random streams and "
         "condition sampler are part of the state, so the run cannot continue exactly at "
         f"another size; resume on {saved['data_parallel']} x {ours['tensor_parallel']} x "
@@ -245,16 +252,28 @@ def check_layout(path: Path) -> None:
     )
 
 
+def check_layout(path: Path) -> None:
+    """Raise CheckpointError unless the checkpoint was saved with this job's layout."""
+    saved = (read_manifest(path) or {}).get("layout")
+    if saved is not None and (error := _layout_error(path, saved, intact=False)) is not None:
+        raise error
+
+
 def latest_intact(run_dir: Path, report=print) -> Path:
     """Collective: the newest checkpoint every rank finds intact; damaged ones are reported
-    (with what is wrong) and skipped. Raises CheckpointError when none is."""
+    (with what is wrong) and skipped. Raises CheckpointError when none is, or when the newest
+    intact one was saved with another parallel layout (saying so: it is not damaged)."""
     for step in reversed(complete_steps(run_dir)):
         path = step_dir(run_dir, step)
-        problems = _problems(path)
+        manifest = read_manifest(path)
+        problems = _problems(path, manifest)
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, problems)
         found = sorted({p for rank_problems in gathered for p in rank_problems})
         if not found:
+            saved = manifest.get("layout")
+            if saved is not None and (error := _layout_error(path, saved, intact=True)):
+                raise error
             return path
         if dist.get_rank() == 0:
             report(f"checkpoint {path} is damaged ({'; '.join(found)}): skipping it")
