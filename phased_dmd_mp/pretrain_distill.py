@@ -192,10 +192,12 @@ def _run(parser, args, config: DistillConfig) -> int:
             )
         return 0
     if is_logger:
+        done, skipped = distiller.state.iteration, distiller.state.skipped
         print(
-            f"done: {distiller.state.iteration} generator updates "
-            f"({distiller.state.skipped} skipped), last generator loss "
-            f"{last.get('generator_loss', float('nan')):.4g}; generator in {args.out / 'export'}"
+            f"done: {done} generator updates ({skipped.get('generator', 0)} skipped), "
+            f"{done * config.fake_updates} fake updates ({skipped.get('fake', 0)} skipped), last "
+            f"generator loss {last.get('generator_loss', float('nan')):.4g}; generator in "
+            f"{args.out / 'export'}"
         )
     return 0
 

@@ -121,7 +121,8 @@ def test_non_finite_generator_update_is_skipped(tmp_path, teacher, monkeypatch):
     monkeypatch.setattr(Distiller, "_dmd_loss", poisoned)
     assert run(tmp_path, teacher, "num_steps=1", "num_phases=1", "algorithm=dmd") == 0
     history = json.loads((tmp_path / "history.json").read_text())
-    assert history[0]["skipped"] == 1 and history[-1]["skipped"] == 1
+    assert history[0]["generator_skipped"] == 1 and history[-1]["generator_skipped"] == 1
+    assert history[-1]["fake_skipped"] == 0
     state = torch.load(
         tmp_path / "checkpoints" / "step-00000002" / "rank-tp0-pp0.pt", weights_only=False
     )
@@ -277,3 +278,48 @@ def test_sample_cli_runs_the_exported_moe_generator(tmp_path, teacher, single_pr
         sample_cli.main(
             ["--checkpoint", str(run_dir), "--out", str(tmp_path / "t"), "--steps", "8"]
         )
+
+
+def test_the_final_line_counts_generator_and_fake_skips_apart(
+    tmp_path, teacher, monkeypatch, capsys
+):
+    """One skipped fake update is not a skipped generator update (was: 'N generator updates
+    (1 skipped)')."""
+    from phased_dmd_mp.distill import trainer
+
+    original, calls = trainer.flow_matching_loss, []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = original(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 1 else loss
+
+    monkeypatch.setattr(trainer, "flow_matching_loss", poisoned)
+    assert run(tmp_path, teacher, "num_steps=1", "num_phases=1", "algorithm=dmd") == 0
+    out = capsys.readouterr()
+    assert "done: 2 generator updates (0 skipped), 2 fake updates (1 skipped)" in out.out
+    assert "fake update skipped: non-finite gradient (norm nan), 1 so far; the batch's " in out.out
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert history[-1]["fake_skipped"] == 1 and history[-1]["generator_skipped"] == 0
+
+
+def test_a_skip_names_the_nonfinite_condition(tmp_path, teacher, capsys):
+    """A condition set damaged after it was written (its manifest still says finite, so
+    validation does not read it): the skip message names the condition."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    conditions = shutil.copytree(teacher / "conditions", tmp_path / "conditions")
+    shard = conditions / "items-00000.safetensors"
+    tensors = load_file(shard)
+    tensors["text"][3, 0, 0] = float("nan")
+    save_file(tensors, shard)
+    overrides = ["num_steps=1", "num_phases=1", "algorithm=dmd", "max_consecutive_skips=100"]
+    code = run(tmp_path / "run", teacher, *overrides, f"conditions={conditions}")
+    out = capsys.readouterr().out
+    assert code == 1  # both generator updates drew condition 3: nothing to export
+    assert (
+        "generator update skipped: non-finite gradient (norm nan), 1 so far; condition 3: "
+        "NaN/Inf in text" in out
+    )

@@ -231,10 +231,11 @@ def test_lora_files_round_trip_into_another_adapter(tmp_path):
     save_lora(model, 2, tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["pytorch_lora_weights.safetensors"]
     whole, rank, alpha = read_diffusers_lora(tmp_path, WAN_I2V)
-    assert (rank, alpha) == (4, 8)
+    assert (rank, alpha) == (4, 4)  # the scale alpha / rank = 2 is folded into lora_B
     saved = lora_state_dict(model, 2)
     assert whole.keys() == saved.keys()
-    assert all(torch.equal(whole[k], v) for k, v in saved.items())
+    folded = {k: 2 * v if k.endswith(".lora_B") else v for k, v in saved.items()}
+    assert all(torch.equal(whole[k], v) for k, v in folded.items())
 
     load_lora(model, 0, tmp_path / "pytorch_lora_weights.safetensors")
     loaded = lora_state_dict(model, 0)
@@ -275,7 +276,7 @@ def test_mistakes_are_clear_errors(tmp_path):
     save_lora(model, 0, tmp_path)
     other = base_model(WAN_I2V)
     add_lora(other, rank=8, alpha=8, num_adapters=1)
-    with pytest.raises(ConfigError, match="rank 4, alpha 8 LoRA"):
+    with pytest.raises(ConfigError, match="holds a rank 4 LoRA; this model's adapters have rank 8"):
         load_lora(other, 0, tmp_path)
     theirs = lora_to_diffusers(lora_state_dict(model, 0), WAN_I2V)
     theirs["blocks.0.attn1.to_k.lora_A.weight"] = theirs["blocks.0.attn1.to_k.lora_A.weight"] + 1
@@ -366,9 +367,45 @@ def test_tensor_and_pipeline_parallel_2_equal_one_process(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith(("rank", "[rank"))]
     assert result.returncode == 0, "\n".join(errors[-60:]) or result.stderr[-4000:]
     for name, path in references.items():
-        expected = torch.load(path, weights_only=False)["adapters"][1]
+        reference = torch.load(path, weights_only=False)
+        scale = reference["lora"]["alpha"] / reference["lora"]["rank"]  # folded into lora_B
+        adapter = reference["adapters"][1]
+        expected = {k: v * scale if k.endswith(".lora_B") else v for k, v in adapter.items()}
         arch = WAN_I2V if name == "wan_i2v" else QWEN
         for layout in ("tp2_pp1", "tp1_pp2"):
-            whole, _, _ = read_diffusers_lora(tmp_path / "saved" / layout / name, arch)
-            assert whole.keys() == expected.keys()
+            whole, rank, alpha = read_diffusers_lora(tmp_path / "saved" / layout / name, arch)
+            assert whole.keys() == expected.keys() and rank == alpha
             assert all(torch.equal(whole[k], v) for k, v in expected.items()), (name, layout)
+
+
+def test_a_loader_that_ignores_the_metadata_merges_the_same_weights(tmp_path):
+    """The LoRA file carries alpha in its tensors: diffusers merges the same weights from it
+    with and without its metadata (without, it takes alpha = rank: the recipes' rank 64, alpha 8
+    used to be applied at 8x), and they are our merged expert's."""
+    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file, save_file
+
+    from phased_dmd_mp.models.lora import LORA_FILE
+
+    model = lora_model(WAN_I2V)  # rank 4, alpha 8: scale 2
+    save_lora(model, 1, tmp_path / "with")
+    (tmp_path / "without").mkdir()
+    save_file(load_file(tmp_path / "with" / LORA_FILE), tmp_path / "without" / LORA_FILE)
+    base = convert.ours_to_diffusers(merged_state_dict(model, None), WAN_I2V)
+    merged = {}
+    for name in ("with", "without"):
+        transformer = diffusers.WanTransformer3DModel(**WAN_I2V.to_diffusers()).eval()
+        transformer.load_state_dict(base, strict=True)
+        components = {"transformer": transformer, "vae": None, "scheduler": None}
+        pipe = diffusers.WanPipeline(**components, text_encoder=None, tokenizer=None)
+        pipe.load_lora_weights(tmp_path / name)
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+        merged[name] = transformer.state_dict()
+    assert merged["with"].keys() == merged["without"].keys() == base.keys()
+    assert all(torch.equal(merged["with"][k], merged["without"][k]) for k in base)
+    ours = convert.ours_to_diffusers(merged_state_dict(model, 1), WAN_I2V)
+    assert max(relative_error(merged["with"][k], ours[k]) for k in ours) < 1e-6
+    changed = [k for k in base if not torch.equal(merged["with"][k], base[k])]
+    assert len(changed) > 10  # the adapter did act

@@ -129,7 +129,7 @@ def check_run(run: Path, config: DistillConfig, boundary_ratio: float | None = N
     history = json.loads((run / "history.json").read_text())
     iterations = config.num_phases * config.iterations_per_phase
     assert [h["iteration"] for h in history] == list(range(1, iterations + 1))
-    assert history[-1]["skipped"] == 0
+    assert history[-1]["generator_skipped"] == history[-1]["fake_skipped"] == 0
     assert all(h["generator_grad_norm"] > 0 and h["fake_grad_norm"] > 0 for h in history)
     for h in history:
         assert all(torch.isfinite(torch.tensor(h[k])) for k in ("generator_loss", "fake_loss"))

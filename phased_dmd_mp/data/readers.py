@@ -385,13 +385,14 @@ def check_finite(conditions, rows_per_read: int = 256, progress: bool = False) -
     ):
         batch = conditions.batch(range(start, min(count, start + rows_per_read)))
         if start == 0:
-            bad = nonfinite_items(_fields(conditions.uncond(1, like=batch.select(torch.arange(1)))))
+            uncond = conditions.uncond(1, like=batch.select(torch.arange(1)))
+            bad = nonfinite_items(condition_tensors(uncond))
             if bad:
                 raise ConfigError(
                     f"condition set {conditions.path}: its unconditional entry has NaN/Inf in "
                     f"{', '.join(bad[0])}"
                 )
-        bad = nonfinite_items(_fields(batch))
+        bad = nonfinite_items(condition_tensors(batch))
         if bad:
             found = {start + row: names for row, names in bad.items()}
             raise ConfigError(
@@ -400,7 +401,7 @@ def check_finite(conditions, rows_per_read: int = 256, progress: bool = False) -
             )
 
 
-def _fields(conditions) -> dict[str, torch.Tensor]:
+def condition_tensors(conditions) -> dict[str, torch.Tensor]:
     """The tensors of a `conditioning.Conditions` batch, by field name."""
     return {
         field.name: value

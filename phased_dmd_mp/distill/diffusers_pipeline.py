@@ -210,8 +210,9 @@ def comfy_module(module: str, kind: str) -> str:
 def write_comfy_lora(lora_dir: str | Path, kind: str) -> Path:
     """lora_dir/lora_comfyui.safetensors: the diffusers LoRA of lora_dir
     (pytorch_lora_weights.safetensors, models/lora.py) as `diffusion_model.<module>.lora_down.
-    weight` [r, in], `.lora_up.weight` [out, r] and `.alpha` (a scalar; scale alpha / r), the
-    keys ComfyUI and LightX2V read and diffusers' `load_lora_weights` converts."""
+    weight` [r, in], `.lora_up.weight` [out, r] and `.alpha` (a scalar; scale alpha / r, here 1:
+    lora_B carries the scale), the keys ComfyUI and LightX2V read and diffusers'
+    `load_lora_weights` converts."""
     from phased_dmd_mp.models.lora import DIFFUSERS_PREFIX, LORA_FILE, METADATA_KEY
 
     lora_dir = Path(lora_dir)

@@ -33,6 +33,7 @@ from phased_dmd_mp import ops
 from phased_dmd_mp.conditioning import Conditions, model_inputs, velocity_from_output
 from phased_dmd_mp.config import ConfigError
 from phased_dmd_mp.data.conditions import ConditionSampler, ConditionSet
+from phased_dmd_mp.data.readers import condition_tensors, describe_nonfinite, nonfinite_items
 from phased_dmd_mp.data.teacher import (
     pipeline_dir,
     read_conditions,
@@ -70,13 +71,14 @@ class Rollout:
     noises: list[Tensor | None]  # re-noising noise of each graded step (None: deterministic)
     cond: Conditions
     uncond: Conditions
+    indices: Tensor  # the conditions' items in the condition set
 
 
 @dataclass
 class Progress:
     phase: int = 1  # current phase (sequential) or the next to train (alternating)
     iteration: int = 0  # generator updates done in total
-    skipped: int = 0  # updates skipped for a non-finite loss or gradient
+    skipped: dict[str, int] = field(default_factory=dict)  # role -> updates skipped (non-finite)
     skips_in_a_row: dict[str, int] = field(default_factory=dict)  # role -> consecutive skips
     applied: dict[int, int] = field(default_factory=dict)  # expert -> generator updates applied
     history: list[dict] = field(default_factory=list)
@@ -294,7 +296,8 @@ class Distiller:
             )
         steps = [(t[i], t[i + 1]) for i in range(graded_from, last)]
         steps[-1] = (steps[-1][0], t[end])  # the last graded step lands on the phase boundary
-        return Rollout(x, steps, [self._step_noise(t_to) for _, t_to in steps], cond, uncond)
+        noises = [self._step_noise(t_to) for _, t_to in steps]
+        return Rollout(x, steps, noises, cond, uncond, indices)
 
     def _finish(self, model: VelocityModel, r: Rollout) -> Tensor:
         x = r.x
@@ -326,7 +329,7 @@ class Distiller:
         trained = self._trained("fake", k)
         trained.zero_grad()
         loss = fake.train(x_t, t, r.cond, loss_fn, self.micro)
-        return {"fake_loss": loss, "fake_grad_norm": self._step(trained, "fake")}
+        return {"fake_loss": loss, "fake_grad_norm": self._step(trained, "fake", r)}
 
     def generator_update(self, k: int) -> dict:
         config, expert = self.config, self._expert(k)
@@ -337,7 +340,7 @@ class Distiller:
             loss = self._generator_step_last(k, expert, r)
         else:
             loss = self._generator_step_through_all(k, expert, r)
-        grad_norm = self._step(trained, "generator")
+        grad_norm = self._step(trained, "generator", r)
         if math.isfinite(grad_norm):
             self.state.applied[k] = self.state.applied.get(k, 0) + 1
             if config.ema_decay is not None:
@@ -401,20 +404,38 @@ class Distiller:
         loss.backward()
         return loss.item()
 
-    def _step(self, trained: TrainedModel, role: str) -> float:
+    def _step(self, trained: TrainedModel, role: str, r: Rollout) -> float:
         """Average gradients over data-parallel ranks, clip, and step unless they are not
-        finite (then the update is skipped and counted; the norm is global, so every rank
-        skips the same updates)."""
+        finite (then the update is skipped, counted per role and reported with the batch's
+        non-finite conditions; the norm is global, so every rank skips the same updates)."""
         norm = trained.step()
         in_a_row = self.state.skips_in_a_row
         in_a_row[role] = 0 if math.isfinite(norm) else in_a_row.get(role, 0) + 1
         if not math.isfinite(norm):
-            self.state.skipped += 1
+            skipped = self.state.skipped
+            skipped[role] = skipped.get(role, 0) + 1
+            conditions = self._nonfinite_conditions(r)  # collective: every rank skips
             if self.is_logger:
                 tqdm.write(
-                    f"non-finite gradient (norm {norm}); update skipped ({self.state.skipped} so far)"
+                    f"{role} update skipped: non-finite gradient (norm {norm}), "
+                    f"{skipped[role]} so far; "
+                    + (
+                        describe_nonfinite(conditions)
+                        if conditions
+                        else "the batch's conditions are finite"
+                    )
                 )
         return norm
+
+    def _nonfinite_conditions(self, r: Rollout) -> dict[int, list[str]]:
+        """{condition index: tensors with NaN/Inf} of every rank's batch (collective)."""
+        bad = nonfinite_items({k: v.cpu() for k, v in condition_tensors(r.cond).items()})
+        found = {int(r.indices[row]): names for row, names in bad.items()}
+        if dist.get_world_size() > 1:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, found)
+            found = {k: v for rank in gathered for k, v in rank.items()}
+        return found
 
     @contextlib.contextmanager
     def ema_weights(self, k: int):
@@ -537,7 +558,8 @@ class Distiller:
         }
         means["phase"] = window[-1]["phase"]
         means["iteration"] = self.state.iteration
-        means["skipped"] = self.state.skipped
+        for role in ("generator", "fake"):
+            means[f"{role}_skipped"] = self.state.skipped.get(role, 0)
         self.state.history.append(means)
         if self.is_logger:
             tqdm.write(

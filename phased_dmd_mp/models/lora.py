@@ -40,8 +40,10 @@ forward and its backward.
 
 On disk an adapter is a diffusers LoRA file (`pytorch_lora_weights.safetensors`, keys such as
 `transformer.blocks.0.attn1.to_q.lora_A.weight`, the adapter config in the safetensors metadata
-where diffusers' `load_lora_weights` looks for it). Our fused q/k/v linears export as separate
-to_q/to_k/to_v adapters that share lora_A and split lora_B by rows, which is exact.
+where diffusers' `load_lora_weights` looks for it), with alpha / rank folded into lora_B and
+lora_alpha = r, so a loader that ignores the metadata applies it at the same strength. Our
+fused q/k/v linears export as separate to_q/to_k/to_v adapters that share lora_A and split
+lora_B by rows, which is exact.
 """
 
 from __future__ import annotations
@@ -486,16 +488,32 @@ def _their_target_modules(arch, targets) -> list[str]:
     return sorted(their.split("{}.", 1)[1] for t in targets for their in rules[t].theirs)
 
 
+def _rescale_B(whole: dict[str, Tensor], factor: float) -> dict[str, Tensor]:
+    """The adapter with every lora_B multiplied by `factor` (in float32, cast back)."""
+    if factor == 1:
+        return dict(whole)
+    return {
+        k: (v.float() * factor).to(v.dtype) if k.endswith(".lora_B") else v
+        for k, v in whole.items()
+    }
+
+
 def write_diffusers_lora(path: str | Path, arch, whole: dict[str, Tensor], rank: int, alpha):
     """Write a whole adapter as `path/pytorch_lora_weights.safetensors` for diffusers' pipeline
     `load_lora_weights(path)` (or the transformer's `load_lora_adapter(path, prefix=
     "transformer")`), with the LoraConfig arguments (r, lora_alpha, target_modules) in the
-    metadata, as diffusers' `save_lora_weights` writes them."""
+    metadata, as diffusers' `save_lora_weights` writes them.
+
+    The scale alpha / rank is folded into lora_B and the file says lora_alpha = r (scale 1):
+    a loader that ignores the metadata (diffusers without it, get_peft_kwargs in
+    diffusers/utils/peft_utils.py, and PEFT default alpha to r; ComfyUI's default is scale 1)
+    merges the same weights as one that reads it."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    whole = _rescale_B(whole, alpha / rank)
     adapter_config = {
         "r": rank,
-        "lora_alpha": alpha,
+        "lora_alpha": rank,
         "target_modules": _their_target_modules(arch, _targets_of(whole)),
     }
     metadata = {
@@ -509,7 +527,9 @@ def write_diffusers_lora(path: str | Path, arch, whole: dict[str, Tensor], rank:
 
 def read_diffusers_lora(path: str | Path, arch) -> tuple[dict[str, Tensor], int, float]:
     """(whole adapter, rank, alpha) of a diffusers LoRA file, or of a folder holding
-    `pytorch_lora_weights.safetensors`. Keys may carry the pipeline's "transformer." prefix."""
+    `pytorch_lora_weights.safetensors`, as stored (the adapter adds alpha / rank B A x). Keys
+    may carry the pipeline's "transformer." prefix. Without an adapter config in the metadata,
+    rank is lora_A's and alpha = rank, as diffusers and PEFT take such a file."""
     path = Path(path)
     file = path / LORA_FILE if path.is_dir() else path
     if not file.is_file():
@@ -518,14 +538,19 @@ def read_diffusers_lora(path: str | Path, arch) -> tuple[dict[str, Tensor], int,
         metadata = handle.metadata() or {}
         names = handle.keys()
         theirs = {k.removeprefix(DIFFUSERS_PREFIX): handle.get_tensor(k) for k in names}
+    whole = lora_from_diffusers(theirs, arch)
     if METADATA_KEY not in metadata:
-        raise ConfigError(f"{file} has no adapter config ({METADATA_KEY!r} in its metadata)")
+        ranks = {v.shape[0] for k, v in whole.items() if k.endswith(".lora_A")}
+        if len(ranks) != 1:
+            raise ConfigError(f"{file} has no adapter config and adapters of ranks {ranks}")
+        rank = ranks.pop()
+        return whole, rank, float(rank)
     adapter_config = {
         k.removeprefix(DIFFUSERS_PREFIX): v for k, v in json.loads(metadata[METADATA_KEY]).items()
     }
     if not {"r", "lora_alpha"} <= adapter_config.keys():
         raise ConfigError(f"{file}: the adapter config lacks r or lora_alpha: {adapter_config}")
-    return lora_from_diffusers(theirs, arch), adapter_config["r"], adapter_config["lora_alpha"]
+    return whole, adapter_config["r"], adapter_config["lora_alpha"]
 
 
 # --- in a running job ------------------------------------------------------------------------
@@ -570,15 +595,16 @@ def save_lora(model: nn.Module, adapter: int, path: str | Path) -> None:
 
 def load_lora(model: nn.Module, adapter: int, path: str | Path) -> None:
     """Load a diffusers LoRA folder or file (as `save_lora` writes) into adapter `adapter`:
-    every rank reads it and keeps its shard. Rank, alpha and targets must be the model's."""
+    every rank reads it and keeps its shard. Rank and targets must be the model's; lora_B is
+    rescaled from the file's alpha / rank to the model's."""
     stage = _stage(model)
     config = _config(stage)
     whole, rank, alpha = read_diffusers_lora(path, stage.arch)
-    if (rank, alpha) != (config.rank, config.alpha):
+    if rank != config.rank:
         raise ConfigError(
-            f"{path} holds a rank {rank}, alpha {alpha} LoRA; this model's adapters have rank "
-            f"{config.rank}, alpha {config.alpha}"
+            f"{path} holds a rank {rank} LoRA; this model's adapters have rank {config.rank}"
         )
+    whole = _rescale_B(whole, (alpha / rank) / config.scale)
     if _targets_of(whole) != set(config.targets):
         raise ConfigError(
             f"{path} adapts {sorted(_targets_of(whole))}, this model's adapters "
