@@ -53,11 +53,12 @@ from phased_dmd_mp.sample import guided_velocity
 ROOT = Path(__file__).parents[1]
 TESTS = Path(__file__).parent
 WORKER = TESTS / "parallel" / "rehearsal_worker.py"
-TEACHER_RECIPES = ["digits_teacher.yaml", "mixture_teacher.yaml"]
+TEACHER_RECIPES = ["digits_teacher.yaml", "mixture_teacher.yaml", "moving_digits_teacher.yaml"]
 # Test-sized configs that a test runs verbatim: {config: the test file that runs it}.
 SMOKE = {
     "digits_teacher_smoke.yaml": "test_teacher.py",
     "mixture_teacher_smoke.yaml": "test_mixture_teacher.py",
+    "moving_digits_teacher_smoke.yaml": "test_moving_digits.py",
     "toy_smoke.yaml": "test_toy.py",
 }
 
