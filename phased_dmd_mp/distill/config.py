@@ -26,9 +26,12 @@ from phased_dmd_mp.schedule import injection_interval, phase_step_boundaries
 
 Algorithm = Literal["phased_dmd", "dmd", "few_step_dmd", "dmd_sgts"]
 
-# Keys a resumed run may change: run mechanics, which never change the trained numbers.
+# Keys a resumed run may change: run mechanics, which never change the trained numbers
+# (optimizer_offload: bit for bit on CPU; on a GPU up to the last bit of some elements per
+# step, distill/host_optimizer.py).
 RESUMABLE_KEYS = frozenset(
     {
+        "optimizer_offload",
         "log_every",
         "sample_every",
         "checkpoint_every",
@@ -118,6 +121,10 @@ class DistillConfig:
     # float32 when dtype is float32.
     main_params_dtype: Literal["float32", "bfloat16"] = "float32"
     distributed_optimizer: bool = True  # ZeRO-1: main params and moments split over DP ranks
+    # fp32 main params, Adam moments and EMA of the trained models in host memory (pinned),
+    # stepped there by torch's fused CPU AdamW; the GPU keeps weights and gradient buffers
+    # (distill/host_optimizer.py). Needs main_params_dtype float32; a resume may switch it.
+    optimizer_offload: bool = False
     recompute: bool = False  # recompute each layer's activations in backward: less memory
     # FP8 linears on FP8 GPUs: te (Transformer Engine) or torch (torch._scaled_mm; takes LoRA)
     fp8: Literal["off", "te", "torch"] = "off"
@@ -225,6 +232,11 @@ class DistillConfig:
             raise ValueError(
                 "main_params_dtype bfloat16 keeps no fp32 main params to shard: "
                 "set distributed_optimizer false"
+            )
+        if self.optimizer_offload and self.main_params_dtype == "bfloat16":
+            raise ValueError(
+                "optimizer_offload moves fp32 main params to the host and main_params_dtype "
+                "bfloat16 keeps none: set main_params_dtype float32 or optimizer_offload false"
             )
         if self.guidance_scale is not None and self.guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")

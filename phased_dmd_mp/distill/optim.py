@@ -51,6 +51,13 @@ data-parallel size because each rank's random streams are part of an exact resum
 trained parameter and model-parallel rank (data-parallel rank 0 writes): 4 main + 8 moments
 (+ 4 EMA), next to the runner's copy of the weights (2 bf16 / 4 fp32); whole tensors are gathered
 one parameter at a time, so saving adds one fp32 parameter's worth of memory.
+
+Optimizer offload (`optimizer_offload`, `offload=True`): the fp32 main parameters, Adam moments
+and EMA live in host memory and step there (distill/host_optimizer.py), sharded alike; the device
+keeps the weights and the gradient buffer (2 + 4 B per trained parameter in bf16 mixed, 4 + 4 in
+fp32), the host 12 (+ 4 EMA) per parameter this rank updates. The state (and so the checkpoint)
+is the same as without offload, which a resume may switch on or off. On a CPU device both paths
+step with torch's fused AdamW kernel, so they agree bit for bit.
 """
 
 from __future__ import annotations
@@ -74,7 +81,9 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 from torch import Tensor, nn
 
+from phased_dmd_mp.distill.host_optimizer import HostOptimizer
 from phased_dmd_mp.parallel.cpu_compat import cuda_calls_on_cpu
+from phased_dmd_mp.parallel.offload import HOST
 
 MAIN_PARAMS_DTYPES = ("float32", "bfloat16")
 
@@ -92,7 +101,8 @@ class TrainedModel:
     """Megatron DDP + optimizer over `parameters` (see the module docstring for precisions).
 
     Use per update: `zero_grad()`, forward-backward (gradients land in fp32 `main_grad`
-    buffers through DDP's hooks, also when the DiT is called directly), `step()`.
+    buffers through DDP's hooks, also when the DiT is called directly), `step()`. With
+    `offload`, main parameters, moments and EMA are host tensors stepped by `HostOptimizer`.
     """
 
     def __init__(
@@ -106,6 +116,7 @@ class TrainedModel:
         grad_clip: float,
         main_params_dtype: str,
         shard: bool,
+        offload: bool = False,
     ):
         if main_params_dtype not in MAIN_PARAMS_DTYPES:
             raise ValueError(
@@ -122,6 +133,11 @@ class TrainedModel:
             raise ValueError(
                 "main_params_dtype bfloat16 keeps no fp32 main parameters to shard: set "
                 "distributed_optimizer false or main_params_dtype float32"
+            )
+        if offload and self.pure_bf16:
+            raise ValueError(
+                "optimizer_offload moves fp32 main parameters to the host and main_params_dtype "
+                "bfloat16 keeps none: set main_params_dtype float32 or optimizer_offload false"
             )
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=mixed or not half, use_distributed_optimizer=self.sharded
@@ -142,10 +158,18 @@ class TrainedModel:
             self.ddp = DistributedDataParallel(
                 config, ddp_config, _TrainedChunk(config, parameters)
             )
-            # config_overrides={}: weight decay on every parameter, as torch's AdamW does
-            chained = get_megatron_optimizer(optimizer_config, [self.ddp], config_overrides={})
-        (self.optimizer,) = chained.chained_optimizers
-        self.main = self._main_params()
+            if offload:
+                self.optimizer, self.host = None, HostOptimizer(
+                    parameters, self.ddp, sharded=self.sharded, lr=lr, betas=betas,
+                    weight_decay=weight_decay,
+                )  # fmt: skip
+                self.main = self.host.main
+            else:
+                # config_overrides={}: weight decay on every parameter, as torch's AdamW does
+                chained = get_megatron_optimizer(optimizer_config, [self.ddp], config_overrides={})
+                (self.optimizer,), self.host = chained.chained_optimizers, None
+                _fused_adamw_on_cpu(self.optimizer.optimizer)
+                self.main = self._main_params()
         self.steps = 0  # successful optimizer steps (Adam's step count)
         self.ema: list[Tensor | None] | None = None  # fp32, like `self.main`
 
@@ -173,7 +197,14 @@ class TrainedModel:
     def zero_grad(self) -> None:
         with cuda_calls_on_cpu():
             self.ddp.zero_grad_buffer()
-            self.optimizer.zero_grad()
+            if self.optimizer is not None:
+                self.optimizer.zero_grad()
+
+    def _clip_coefficient(self, norm: float) -> float:
+        """megatron's clip_grad_by_total_norm_fp32: grad_clip / (norm + 1e-6) where < 1."""
+        if self.grad_clip <= 0:
+            return 1.0
+        return min(1.0, self.grad_clip / (norm + 1.0e-6))
 
     def step(self) -> float:
         """Average the gradients over data-parallel ranks (fp32; reduce-scatter when sharded),
@@ -181,6 +212,13 @@ class TrainedModel:
         Returns the norm before clipping; a non-finite norm skips the step (nothing changes)."""
         with cuda_calls_on_cpu():
             self.ddp.finish_grad_sync()
+            if self.host is not None:
+                norm = self.host.grad_norm()
+                if not math.isfinite(norm):
+                    return norm
+                self.host.step(self._clip_coefficient(norm))
+                self.steps += 1
+                return norm
             self.optimizer.prepare_grads()
             norm = self.optimizer.get_grad_norm()
             if not math.isfinite(norm):
@@ -188,7 +226,7 @@ class TrainedModel:
             if self.grad_clip > 0:  # scales by grad_clip / (norm + 1e-6) where that is < 1
                 parameters = self.optimizer.get_parameters()
                 if self.pure_bf16:  # megatron's clip asserts fp32 gradients; same formula
-                    scale = self.grad_clip / (norm + 1.0e-6)
+                    scale = self._clip_coefficient(norm)
                     if scale < 1.0:
                         torch._foreach_mul_(
                             [p.grad for p in parameters if p.grad is not None], scale
@@ -203,7 +241,7 @@ class TrainedModel:
     def update_ema(self, decay: float) -> None:
         """ema <- decay ema + (1 - decay) main, in fp32 (the first call copies main)."""
         if self.ema is None:
-            self.ema = [None if m is None else m[0].detach().float().clone() for m in self.main]
+            self.ema = [None if m is None else self._copy(m[0]) for m in self.main]
             return
         for average, main in zip(self.ema, self.main):
             if average is not None:
@@ -215,11 +253,20 @@ class TrainedModel:
         held = list(self.parameters)
         for buffer in self.ddp.buffers:
             held += [b for b in (buffer.grad_data, buffer.param_data) if b is not None]
-        state = self.optimizer.optimizer.state
-        for main in self.main:
-            if main is not None:
-                held += [main[0], *(v for v in state.get(main[0], {}).values() if v.dim())]
+        if self.host is not None:
+            held += self.host.tensors()
+        else:
+            state = self.optimizer.optimizer.state
+            for main in self.main:
+                if main is not None:
+                    held += [main[0], *(v for v in state.get(main[0], {}).values() if v.dim())]
         return held + [e for e in self.ema or [] if e is not None]
+
+    def _copy(self, tensor: Tensor) -> Tensor:
+        """An fp32 copy of `tensor` where this role keeps its state: the host with offload."""
+        if self.host is not None:
+            return HOST.copy_of(tensor.detach(), torch.float32)
+        return tensor.detach().float().clone()
 
     # --- whole tensors -------------------------------------------------------------------
 
@@ -240,12 +287,20 @@ class TrainedModel:
         return whole
 
     def full_ema(self) -> list[Tensor] | None:
-        """The EMA as whole fp32 tensors (collective when sharded), or None before any."""
-        return None if self.ema is None else self._full(self.ema)
+        """The EMA as whole fp32 tensors (collective when sharded; on the host with offload),
+        or None before any."""
+        if self.ema is None:
+            return None
+        whole = self._full(self.ema)
+        return whole if self.host is None else [HOST.copy_of(t) for t in whole]
+
+    def _state(self, main: Tensor) -> dict:
+        if self.host is not None:
+            return self.host.state(main)
+        return self.optimizer.optimizer.state[main]
 
     def _moments(self, key: str) -> list[Tensor | None]:
-        state = self.optimizer.optimizer.state
-        return [None if m is None else state[m[0]][key] for m in self.main]
+        return [None if m is None else self._state(m[0])[key] for m in self.main]
 
     def state_dict(self) -> dict:
         """Whole fp32 main parameters, Adam moments and EMA per trained parameter, and the step
@@ -264,7 +319,7 @@ class TrainedModel:
         """Restore `state_dict()`'s output (saved at any data-parallel size) into this rank's
         pieces and the weights; bit-exact, as the weights are the casts of the main values."""
         self.steps = state["steps"]
-        inner = self.optimizer.optimizer
+        inner = None if self.optimizer is None else self.optimizer.optimizer
         for i, (p, main) in enumerate(zip(self.parameters, self.main)):
             p.copy_(state["main_params"][i].view_as(p))
             if main is None:
@@ -275,7 +330,10 @@ class TrainedModel:
                 return values[i].reshape(-1)[start:end].to(dtype).view_as(tensor).clone()
 
             tensor.copy_(piece(state["main_params"]))
-            if self.steps:
+            if self.steps and self.host is not None:
+                moments = piece(state["exp_avg"]), piece(state["exp_avg_sq"])
+                self.host.load_state(tensor, self.steps, *moments)
+            elif self.steps:
                 inner.state[tensor] = {
                     "step": torch.tensor(float(self.steps), dtype=torch.float32),
                     "exp_avg": piece(state["exp_avg"]),
@@ -284,11 +342,21 @@ class TrainedModel:
         self.ema = None
         if state["ema"] is not None:
             self.ema = [
-                None if m is None else state["ema"][i].reshape(-1)[m[1] : m[2]].clone()
+                None if m is None else self._copy(state["ema"][i].reshape(-1)[m[1] : m[2]])
                 for i, m in enumerate(self.main)
             ]
             if not self.sharded:
                 self.ema = [e.view_as(p) for e, p in zip(self.ema, self.parameters)]
+
+
+def _fused_adamw_on_cpu(optimizer) -> None:
+    """On a CPU device, torch's fused AdamW kernel: the one optimizer_offload's host step runs,
+    so offload on or off steps alike, bit for bit (torch's default there, the single-tensor
+    loop, rounds differently). Devices with CUDA keep megatron's choice."""
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    if type(optimizer) is torch.optim.AdamW and all(p.device.type == "cpu" for p in parameters):
+        for group in optimizer.param_groups:
+            group["fused"], group["foreach"] = True, False
 
 
 def storage_bytes(tensors) -> int:

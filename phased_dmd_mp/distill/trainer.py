@@ -246,6 +246,7 @@ class Distiller:
                 grad_clip=config.grad_clip,
                 main_params_dtype=config.main_params_dtype,
                 shard=config.distributed_optimizer,
+                offload=config.optimizer_offload,
             )
         return self.trained[key]
 

@@ -7,7 +7,10 @@ their gradients, optimizer states, DDP buffers), then, as a TorchDispatchMode, s
 every operator (autograd's backward included) and adds each new storage's `nbytes`; a weak
 reference on each storage subtracts it when it is freed. The peak is therefore the largest sum
 of live storage bytes, the quantity `torch.cuda.max_memory_allocated` reports on a GPU minus the
-caching allocator's rounding and kernel workspaces. Not seen: memory a C++ kernel allocates and
+caching allocator's rounding and kernel workspaces. Tensors of the host arena
+(`parallel.offload.HOST`: what optimizer and activation offload move to host memory) are host
+memory, not the device's, and are not counted: on a CPU-only machine too, the count is what a
+GPU would hold (`HOST.live_bytes()` counts the arena). Not seen: memory a C++ kernel allocates and
 frees inside one operator, and tensors made outside torch's dispatcher while it is active
 (e.g. `torch.from_numpy`).
 
@@ -26,6 +29,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from phased_dmd_mp.parallel.offload import HOST
+
 
 class LiveTensorBytes(TorchDispatchMode):
     """Live and peak bytes of tensor storages on `device` ("cpu" by default) while active."""
@@ -38,7 +43,7 @@ class LiveTensorBytes(TorchDispatchMode):
         self._storages: dict[int, weakref.ref] = {}  # data_ptr -> weak reference
 
     def _add(self, tensor: torch.Tensor) -> None:
-        if tensor.device != self.device or tensor.is_meta:
+        if tensor.device != self.device or tensor.is_meta or HOST.allocating or HOST.holds(tensor):
             return
         storage = tensor.untyped_storage()
         pointer = storage.data_ptr()
