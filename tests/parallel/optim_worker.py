@@ -34,7 +34,7 @@ def held_bytes_per_parameter(trained: TrainedModel) -> float:
     return storage_bytes(trained.tensors()) / sum(p.numel() for p in trained.parameters)
 
 
-def run(shard: bool, resume_from: dict | None = None) -> dict:
+def run(shard: bool, resume_from: dict | None = None, offload: bool = False) -> dict:
     rank, size = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     module = build(TINY_WAN, ExecutionConfig(dtype="bfloat16"))
@@ -47,7 +47,7 @@ def run(shard: bool, resume_from: dict | None = None) -> dict:
     mine = torch.arange(rank * BATCH // size, (rank + 1) * BATCH // size)
     trained = TrainedModel(
         model.parameters(), module.config, lr=1e-3, betas=(0.0, 0.999), weight_decay=0.01,
-        grad_clip=1.0, main_params_dtype="float32", shard=shard,
+        grad_clip=1.0, main_params_dtype="float32", shard=shard, offload=offload,
     )  # fmt: skip
 
     def loss_fn(v, index):
