@@ -32,6 +32,7 @@ Algorithm = Literal["phased_dmd", "dmd", "few_step_dmd", "dmd_sgts"]
 RESUMABLE_KEYS = frozenset(
     {
         "optimizer_offload",
+        "activation_offload",
         "log_every",
         "sample_every",
         "checkpoint_every",
@@ -126,6 +127,9 @@ class DistillConfig:
     # (distill/host_optimizer.py). Needs main_params_dtype float32; a resume may switch it.
     optimizer_offload: bool = False
     recompute: bool = False  # recompute each layer's activations in backward: less memory
+    # With recompute: each layer's input, all that a recomputed layer keeps for backward, waits
+    # in host memory (pinned) until the layer's backward (parallel/offload.py)
+    activation_offload: bool = False
     # FP8 linears on FP8 GPUs: te (Transformer Engine) or torch (torch._scaled_mm; takes LoRA)
     fp8: Literal["off", "te", "torch"] = "off"
     # Fused loss kernels: where they support the inputs (auto), always (fused: an error says
@@ -232,6 +236,11 @@ class DistillConfig:
             raise ValueError(
                 "main_params_dtype bfloat16 keeps no fp32 main params to shard: "
                 "set distributed_optimizer false"
+            )
+        if self.activation_offload and not self.recompute:
+            raise ValueError(
+                "activation_offload moves the layer inputs that recompute keeps: set recompute "
+                "true or activation_offload false"
             )
         if self.optimizer_offload and self.main_params_dtype == "bfloat16":
             raise ValueError(

@@ -117,8 +117,9 @@ class Distiller:
         self.timesteps = timestep_table(config.num_steps, self.shift).tolist()
         self.bounds = phase_step_boundaries(config.num_steps, config.num_phases)
         self.execution = ExecutionConfig(
-            dtype=config.dtype, recompute=config.recompute, fp8=config.fp8
-        )
+            dtype=config.dtype, recompute=config.recompute, fp8=config.fp8,
+            activation_offload=config.activation_offload,
+        )  # fmt: skip
 
         self.teacher = self._load_teacher(
             *teacher_experts(teacher_dir, spec, config.teacher_low_noise, config.moe_boundary)

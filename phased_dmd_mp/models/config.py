@@ -165,12 +165,22 @@ class ExecutionConfig:
          and the MLP (megatron's sequence parallelism; needs tensor parallel > 1). Context
          parallelism needs no switch here: it follows the process groups
          (parallel.state.initialize(..., context_parallel=N)).
+    activation_offload: with recompute, what each layer keeps for backward (its input) waits
+         in host memory and comes back for the layer's recompute (phased_dmd_mp.parallel.offload).
     """
 
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     recompute: bool = False
     fp8: Literal["off", "te", "torch"] = "off"
     sequence_parallel: bool = False
+    activation_offload: bool = False
+
+    def __post_init__(self):
+        if self.activation_offload and not self.recompute:
+            raise ConfigError(
+                "activation_offload moves the layer inputs that recompute keeps: set recompute "
+                "true or activation_offload false"
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype:

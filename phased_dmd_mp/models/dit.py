@@ -11,6 +11,7 @@ forward receives the microbatch; non-first stages read only its shapes).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import get_pg_rank, get_pg_size
 from torch import Tensor
 
+from phased_dmd_mp.models.config import ExecutionConfig
 from phased_dmd_mp.parallel import fp8
+from phased_dmd_mp.parallel.offload import saved_tensors_on_host
 from phased_dmd_mp.parallel.state import ensure_initialized
 
 
@@ -32,17 +35,29 @@ class DiTBlock(TransformerBlock):
 
     megatron's forward hands every layer a fixed argument list (attention mask, context, ...);
     a DiT layer takes its conditioning as one object instead, so the loop is our own: FP8
-    autocast (Transformer Engine) around it, per-layer activation recompute as configured.
+    autocast (Transformer Engine) around it, per-layer activation recompute as configured, the
+    input each recomputed layer keeps for backward in host memory with activation_offload.
     """
 
     fp8: str = "off"
+    activation_offload: bool = False
 
     def forward(self, hidden_states: Tensor, conditioning) -> Tensor:
         recompute = self.config.recompute_granularity == "full" and torch.is_grad_enabled()
         with fp8.autocast(self.fp8):
             for layer in self.layers:
                 if recompute:
-                    hidden_states = fp8.checkpoint(self.fp8, layer, hidden_states, conditioning)
+                    # the checkpoint saves only the layer input (its own hooks take what the
+                    # layer saves inside), so the hooks here move exactly that to the host
+                    kept = (
+                        saved_tensors_on_host(hidden_states.device)
+                        if self.activation_offload
+                        else contextlib.nullcontext()
+                    )
+                    with kept:
+                        hidden_states = fp8.checkpoint(
+                            self.fp8, layer, hidden_states, conditioning
+                        )
                 else:
                     hidden_states = layer(hidden_states, conditioning)
         return hidden_states
@@ -74,7 +89,7 @@ class DiTStage(MegatronModule):
         config: TransformerConfig,
         layer_spec: ModuleSpec,
         pg_collection: ProcessGroupCollection | None,
-        fp8_backend: str,
+        execution: ExecutionConfig,
     ):
         super().__init__(config)
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
@@ -91,7 +106,8 @@ class DiTStage(MegatronModule):
             post_process=self.post_process,
             pg_collection=self.pg_collection,
         )
-        self.decoder.fp8 = fp8_backend
+        self.decoder.fp8 = execution.fp8
+        self.decoder.activation_offload = execution.activation_offload
 
     def set_input_tensor(self, input_tensor: Tensor | list[Tensor] | None) -> None:
         """Called by megatron's schedules with the tensor received from the previous stage."""

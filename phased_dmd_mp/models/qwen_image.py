@@ -178,7 +178,7 @@ class QwenImageDiT(DiTStage):
             context_parallel=get_pg_size(pg_collection.cp),
         )
         submodules = layer_submodules(execution.fp8)
-        super().__init__(config, qwen_image_layer_spec(submodules), pg_collection, execution.fp8)
+        super().__init__(config, qwen_image_layer_spec(submodules), pg_collection, execution)
         self.arch = arch
         hidden = arch.hidden_size
         if self.pre_process:

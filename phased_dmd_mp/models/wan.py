@@ -222,7 +222,7 @@ class WanDiT(DiTStage):
             context_parallel=get_pg_size(pg_collection.cp),
         )
         submodules = layer_submodules(execution.fp8)
-        super().__init__(config, wan_layer_spec(arch, submodules), pg_collection, execution.fp8)
+        super().__init__(config, wan_layer_spec(arch, submodules), pg_collection, execution)
         self.arch = arch
         hidden = arch.hidden_size
         if self.pre_process:

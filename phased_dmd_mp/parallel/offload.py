@@ -5,7 +5,8 @@ parameters, Adam moments, the EMA and the gradients in transit; `activation_offl
 checkpointed layer input). Its tensors are in pinned (page-locked) memory where CUDA exists, so
 copies to and from the GPU run asynchronously on a side stream (`CopyStream`) while the GPU
 computes; on a CPU-only machine they are ordinary memory and every copy is synchronous, the same
-code with the streams left out. The arena knows its tensors (`HOST.holds`), which is how
+code with the streams left out. `saved_tensors_on_host` moves what autograd saves for backward there and back.
+The arena knows its tensors (`HOST.holds`), which is how
 memory is accounted on a machine whose "device" is the CPU too: `memory.measure.LiveTensorBytes`
 counts device bytes without them and `HOST.live_bytes()` counts them, so what offload moves off
 the device is measured in CI as on a GPU.
@@ -107,3 +108,42 @@ class CopyStream:
     def join(self, mark) -> None:
         if mark is not None:
             torch.cuda.current_stream(self.device).wait_event(mark)
+
+
+_COPY_STREAMS: dict[torch.device, CopyStream] = {}
+
+
+def copy_stream(device: torch.device) -> CopyStream:
+    """The process's copy stream for `device` (one per device, made on first use)."""
+    device = torch.device(device)
+    if device not in _COPY_STREAMS:
+        _COPY_STREAMS[device] = CopyStream(device)
+    return _COPY_STREAMS[device]
+
+
+@contextlib.contextmanager
+def saved_tensors_on_host(device: torch.device):
+    """Inside, every tensor autograd saves for backward is copied into the host arena (on a
+    GPU asynchronously, on the copy stream; the device memory is released once the copy is
+    done) and copied back when backward needs it (on the compute stream, after that copy).
+
+    The distillation's DiTs use it around each recomputed layer (`activation_offload`), where
+    the only tensor saved is the layer's input: torch's non-reentrant checkpoint saves its
+    inputs under the hooks in force and everything inside the layer under its own."""
+    copies = copy_stream(device)
+
+    def pack(tensor: Tensor):
+        host = HOST.empty(tensor.shape, tensor.dtype)
+        with copies.use():
+            host.copy_(tensor.detach(), non_blocking=True)
+            copies.keep_alive(tensor)
+            mark = copies.record()
+        return tensor.device, host, mark
+
+    def unpack(packed) -> Tensor:
+        device, host, mark = packed
+        copies.join(mark)
+        return host.to(device, non_blocking=True)  # the host tensor itself on a CPU device
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
