@@ -77,7 +77,9 @@ class Rows:
 
     def split(self, carried: Tensor) -> tuple[Tensor, list[Tensor]]:
         tokens, *conditioning = carried.split([self.tokens, *self.conditioning], dim=0)
-        return tokens, conditioning
+        # Copies of the few conditioning rows, which every layer reads: as views they would keep
+        # the whole carried tensor (the first layer's input) alive under activation_offload.
+        return tokens, [rows.clone() for rows in conditioning]
 
 
 class DiTStage(MegatronModule):

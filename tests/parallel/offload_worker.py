@@ -3,8 +3,8 @@
     torchrun --nproc_per_node=2 tests/parallel/offload_worker.py TEACHER OUT NAME KEY=VALUE...
 
 Runs tests/distill_helpers.py's algorithm NAME with the overrides twice: straight without
-optimizer offload, and stopped after one iteration with a checkpoint, then resumed with
-`optimizer_offload` on for the rest. Every rank checks that its generator weights and every
+offload, and stopped after one iteration with a checkpoint, then resumed with
+`optimizer_offload` (and, given recompute=true, `activation_offload`) on for the rest. Every rank checks that its generator weights and every
 trained role's state (whole fp32 main params, Adam moments, EMA: a collective when sharded) are
 bit-identical, and that the resumed run's main params and moments live in host memory.
 """
@@ -32,8 +32,11 @@ def main() -> None:
     teacher, out, name, *overrides = sys.argv[1:]
     base = [f"teacher={teacher}", *QUICK, *ALGORITHMS[name], *overrides]
 
+    recompute = "recompute=true" in overrides  # then activation offload switches too
+
     def config(offload: bool) -> DistillConfig:
-        return load_config(DistillConfig, None, [*base, f"optimizer_offload={offload}"])
+        switched = [f"optimizer_offload={offload}", f"activation_offload={offload and recompute}"]
+        return load_config(DistillConfig, None, [*base, *switched])
 
     straight = Distiller(config(False), Path(out) / "straight", progress=False)
     straight.train()
@@ -61,7 +64,7 @@ def main() -> None:
         held += [trained.host.state(m)[k] for m in held for k in ("exp_avg", "exp_avg_sq")]
         assert held and all(HOST.holds(t) for t in held), f"rank {rank}: state not on the host"
     if rank == 0:
-        print(f"{name} {' '.join(overrides)}: bit-identical with optimizer offload")
+        print(f"{name} {' '.join(overrides)}: bit-identical with offload")
 
 
 if __name__ == "__main__":
