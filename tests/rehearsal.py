@@ -10,6 +10,8 @@ YAML as it is and overrides only size keys:
     tensor_parallel, pipeline_parallel   1 in one process; under torchrun 2 where the recipe's is
                                 above 1, and data parallel is the rest of 2 ranks (a TP=8 recipe
                                 rehearses as TP=2, DP=1; a data-parallel one as DP=2)
+    architecture, latent_shape  the tiny teacher's (its architecture.yaml: the recipe's named
+                                architecture shrunk), which the run checks against the teacher
 
 Everything else is the recipe's: algorithm, steps, phases, phase_t_ranges, shift, guidance,
 normalisation, adapter and LoRA rank/alpha, fake_updates, learning rates, betas, grad_clip,
@@ -44,6 +46,7 @@ from phased_dmd_mp.data.conditions import write_condition_set
 from phased_dmd_mp.data.teacher import TeacherSpec, read_spec, write_spec
 from phased_dmd_mp.distill.config import DistillConfig
 from phased_dmd_mp.models import QwenImageConfig, WanConfig, build
+from phased_dmd_mp.models.config import read_architecture
 from phased_dmd_mp.models.convert import (
     diffusers_to_ours,
     ours_to_diffusers,
@@ -130,6 +133,10 @@ def shrink(recipe: dict, teacher: Path, world_size: int = 1) -> list[str]:
         overrides.append(f"conditions={teacher / 'conditions'}")
     if recipe.get("micro_batch_size") is not None:
         overrides.append(f"micro_batch_size={min(recipe['micro_batch_size'], RANK_BATCH)}")
+    if recipe.get("architecture") is not None:  # the named architecture, shrunk (write_teacher)
+        tiny = tiny_arch(read_architecture(recipe["architecture"]))
+        overrides.append(f"architecture={teacher / ARCHITECTURE_FILE}")
+        overrides.append(f"latent_shape={list(tiny_latent_shape(tiny))}")
     return overrides
 
 
@@ -138,8 +145,9 @@ def shrink(recipe: dict, teacher: Path, world_size: int = 1) -> list[str]:
 SIZE_KEYS = {
     "teacher", "teacher_low_noise", "conditions", "batch_size", "micro_batch_size",
     "iterations_per_phase", "log_every", "sample_every", "checkpoint_every",
-    "tensor_parallel", "pipeline_parallel",
+    "tensor_parallel", "pipeline_parallel", "architecture", "latent_shape",
 }  # fmt: skip
+ARCHITECTURE_FILE = "architecture.yaml"  # the tiny teacher's architecture, as configs/models/
 
 
 def rehearsal_config(name: str, teacher: Path, world_size: int = 1) -> DistillConfig:
@@ -203,8 +211,9 @@ def write_teacher(
     seed: int = 0,
 ) -> Path:
     """A random-weight teacher directory of `arch` (already tiny): transformer/, conditions/,
-    teacher.yaml; with a boundary_ratio also transformer_2/, the low-noise expert, named in
-    teacher.yaml as `python -m phased_dmd_mp.prepare` names Wan2.2's."""
+    teacher.yaml and architecture.yaml (`arch` as a configs/models/ file, for the recipes'
+    `architecture` key); with a boundary_ratio also transformer_2/, the low-noise expert, named
+    in teacher.yaml as `python -m phased_dmd_mp.prepare` names Wan2.2's."""
     folders = ["transformer"] if boundary_ratio is None else ["transformer", "transformer_2"]
     for k, folder in enumerate(folders):
         torch.manual_seed(seed + k)
@@ -214,6 +223,8 @@ def write_teacher(
                 if p.dim() >= 2:
                     p.normal_(0.0, WEIGHT_STD)
         write_diffusers_dir(path / folder, arch, ours_to_diffusers(model.state_dict(), arch))
+    architecture = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(arch).items()}
+    (path / ARCHITECTURE_FILE).write_text(yaml.safe_dump(architecture))
     latent_shape = tiny_latent_shape(arch)
     items, uncond = tiny_conditions(arch, latent_shape, seed)
     write_condition_set(path / "conditions", items, uncond)

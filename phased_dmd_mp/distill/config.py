@@ -56,6 +56,12 @@ class DistillConfig:
     # low-noise expert (0.875 Wan2.2 T2V, 0.9 I2V); default: teacher.yaml's boundary_ratio.
     moe_boundary: float | None = None
     conditions: str | None = None  # condition set directory; default: <teacher>/conditions
+    # What the teacher is, for preflight before the teacher is on disk; a run checks that the
+    # teacher directory agrees. A configs/models/ name (wan2.1_t2v_14b) or a YAML file's path.
+    architecture: str | None = None
+    # The teacher's latents [C, F, H, W] at the recipe's resolution (Wan 480 x 832 x 81:
+    # [16, 21, 60, 104]); with architecture, what preflight plans with.
+    latent_shape: tuple[int, int, int, int] | None = None
     # --- algorithm ---
     # phased_dmd (the paper's), or a baseline: dmd (one step), few_step_dmd (N steps,
     # backpropagation through all of them), dmd_sgts (N steps, stochastic gradient truncation).

@@ -19,6 +19,8 @@ would otherwise fail after every rank loaded a 14B teacher:
   an image embedder (Wan2.1 I2V); every value finite (a set whose manifest does not record
   that its writer checked it is read once; data/readers.py `check_finite`);
 - a two-expert teacher's experts have the same architecture;
+- the config's `architecture` and `latent_shape` (preflight's facts before the teacher is on
+  disk), where set, are the teacher's;
 - the parallel layout (phased_dmd_mp/parallel/layout.py) on `world_size` ranks.
 """
 
@@ -39,7 +41,12 @@ from phased_dmd_mp.data.teacher import (
     teacher_experts,
 )
 from phased_dmd_mp.distill.config import DistillConfig
-from phased_dmd_mp.models.config import QwenImageConfig, WanConfig
+from phased_dmd_mp.models.config import (
+    QwenImageConfig,
+    WanConfig,
+    architecture_file,
+    read_architecture,
+)
 from phased_dmd_mp.models.convert import read_diffusers_config, read_layout
 from phased_dmd_mp.parallel.layout import check_layout
 
@@ -168,6 +175,7 @@ def validate_run(config: DistillConfig, world_size: int) -> None:
         )
     arch = read_transformer_arch(transformer, "teacher")
     arch_file = transformer / "config.json"
+    check_named_teacher(config, arch, arch_file, spec.latent_shape, spec_file)
     if low is not None:
         low_key = "teacher_low_noise" if config.teacher_low_noise else f"{spec_file} transformer_2"
         low_arch = read_transformer_arch(low, low_key)
@@ -189,6 +197,30 @@ def validate_run(config: DistillConfig, world_size: int) -> None:
             check_finite(ConditionSet(conditions))
         except ConfigError as error:
             raise ConfigError(f"{key}: {error}") from None
+
+
+def check_named_teacher(config: DistillConfig, arch, arch_file: Path, latent_shape, spec_file):
+    """The config's `architecture` and `latent_shape` (what preflight plans with before the
+    teacher is on disk), where given, are the teacher directory's own (ConfigError)."""
+    if config.architecture is not None:
+        named, file = read_architecture(config.architecture), architecture_file(config.architecture)
+        if type(named) is not type(arch):
+            raise ConfigError(
+                f"architecture: {file} is a {type(named).__name__}, the teacher's {arch_file} a "
+                f"{type(arch).__name__}; set architecture to the teacher's (or null)"
+            )
+        for field in dataclasses.fields(arch):
+            ours, theirs = getattr(named, field.name), getattr(arch, field.name)
+            if ours != theirs:
+                raise ConfigError(
+                    f"architecture: {field.name} = {ours} in {file}, but {theirs} in the "
+                    f"teacher's {arch_file}; set architecture to the teacher's (or null)"
+                )
+    if config.latent_shape is not None and tuple(config.latent_shape) != tuple(latent_shape):
+        raise ConfigError(
+            f"latent_shape: {list(config.latent_shape)} in the config, but "
+            f"{list(latent_shape)} in {spec_file}; set it to the teacher's (or null)"
+        )
 
 
 def check_run_layout(arch, config: DistillConfig, world_size: int) -> None:

@@ -11,6 +11,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -231,3 +232,29 @@ def megatron_config(
         recompute_num_layers=1 if execution.recompute else None,
         cuda_graph_scope=[],  # the default "full" is deprecated (and warns); we use no graphs
     )
+
+
+MODELS_DIR = Path(__file__).parents[2] / "configs" / "models"  # the released architectures
+
+
+def architecture_file(name: str) -> Path:
+    """configs/models/<name>.yaml for a name such as "wan2.1_t2v_14b"; a path to a YAML file
+    (ending in .yaml or .yml) is taken as it is."""
+    if name.endswith((".yaml", ".yml")):
+        return Path(name)
+    return MODELS_DIR / f"{name}.yaml"
+
+
+def read_architecture(name: str) -> WanConfig | QwenImageConfig:
+    """The architecture `architecture_file(name)` describes (Qwen-Image's have
+    joint_attention_dim). ConfigError when there is no such file or it is not one."""
+    from phased_dmd_mp.config import load_config
+
+    path = architecture_file(name)
+    if not path.is_file():
+        known = sorted(p.stem for p in MODELS_DIR.glob("*.yaml"))
+        raise ConfigError(f"architecture {name!r}: {path} does not exist; known: {known}")
+    import yaml
+
+    keys = yaml.safe_load(path.read_text()) or {}
+    return load_config(QwenImageConfig if "joint_attention_dim" in keys else WanConfig, path)
