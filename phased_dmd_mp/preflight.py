@@ -1,26 +1,32 @@
 """Will a distillation run fit? Memory per rank and phase, before any GPU time.
 
     python -m phased_dmd_mp.preflight --config CONFIG [--set key=value ...] \\
-        --world-size N --gpu-memory 80GiB [--model configs/models/X.yaml --latent-shape C F H W]
+        --world-size N --gpu-memory 80GiB [--host-memory 2TiB --gpus-per-node 8] \\
+        [--model configs/models/X.yaml --latent-shape C F H W]
 
-Checks the parallel layout (world divisible by TP x PP, heads / hidden / FFN by TP, layers by
-PP, batch by DP x micro batch) and the teacher's shapes, then prints for each phase and each
+Checks the parallel layout (world divisible by TP x PP x CP, heads / hidden / FFN by TP, layers
+by PP, batch by DP x micro batch) and the teacher's shapes, then prints for each phase and each
 distinct pipeline stage what one GPU holds (`phased_dmd_mp/memory/estimate.py`: parameters,
-gradients, main parameters, optimizer states, EMA, activations, buffers) against the budget.
-It exits 1 naming the first phase and stage that does not fit and lists layouts that do
-(tensor parallel among the divisors of the heads, pipeline parallel among those of the layers,
-micro batch, recompute); 2 for a config mistake.
+gradients, main parameters, optimizer states, EMA, activations, buffers) against the budget,
+what optimizer and activation offload keep in host memory per GPU and per node (checked against
+--host-memory where given), and the bytes offload moves per iteration. It exits 1 naming the
+first phase and stage that does not fit, or the host memory per node that does not, and lists
+layouts that fit (tensor parallel with sequence parallelism, context parallel, pipeline
+parallel, micro batch, recompute, activation and optimizer offload); 2 for a config mistake.
 
 The architecture comes from the teacher directory (`teacher` key: transformer/config.json,
-teacher.yaml's latent shape and second expert, the condition set's text length), or, before the
-teacher is on disk, from `--model` (a configs/models/*.yaml architecture) with `--latent-shape`,
-`--text-tokens` and, for a two-expert teacher (Wan2.2), `--moe-boundary`.
+teacher.yaml's latent shape and second expert, the condition set's text length); before the
+teacher is on disk, from the config's `architecture` and `latent_shape` (every shipped recipe
+names them; `moe_boundary` marks a two-expert teacher), or from `--model` (a
+configs/models/*.yaml architecture) with `--latent-shape`, `--text-tokens` and, for a
+two-expert teacher (Wan2.2), `--moe-boundary`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import re
 import sys
 from pathlib import Path
@@ -35,8 +41,20 @@ from phased_dmd_mp.distill.validate import (
     read_transformer_arch,
     validate_run,
 )
-from phased_dmd_mp.memory.estimate import PARTS, Plan, RankMemory, estimate
-from phased_dmd_mp.models.config import QwenImageConfig, WanConfig
+from phased_dmd_mp.memory.estimate import (
+    HOST_PARTS,
+    PARTS,
+    Plan,
+    RankMemory,
+    estimate,
+    offload_traffic,
+)
+from phased_dmd_mp.models.config import (
+    QwenImageConfig,
+    WanConfig,
+    architecture_file,
+    read_architecture,
+)
 
 GIB = 2**30
 UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
@@ -44,45 +62,53 @@ UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 DEFAULT_TEXT_TOKENS = {"wan": 512, "qwen_image": 256}  # umT5 pads to 512; Qwen2.5-VL varies
 
 
-def parse_bytes(text: str) -> int:
+LINK_BYTES_PER_SECOND = 50e9  # host <-> GPU per GPU: PCIe 5.0 x16 (64 GB/s) as achieved
+
+
+def parse_bytes(text: str, flag: str = "--gpu-memory") -> int:
     """'80GiB', '80 GB', '81920MiB' -> bytes."""
     match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", text)
     if not match or match.group(2).lower() not in UNITS:
-        raise ConfigError(f"--gpu-memory {text!r} is not a size such as 80GiB or 80GB")
+        raise ConfigError(f"{flag} {text!r} is not a size such as 80GiB or 80GB")
     size = int(float(match.group(1)) * UNITS[match.group(2).lower()])
     if size <= 0:
-        raise ConfigError(f"--gpu-memory {text!r} must be more than 0")
+        raise ConfigError(f"{flag} {text!r} must be more than 0")
     return size
 
 
 def read_model(path: Path) -> WanConfig | QwenImageConfig:
     """A configs/models/*.yaml architecture (Qwen-Image's have joint_attention_dim)."""
-    import yaml
-
     if not path.is_file():
         raise ConfigError(f"--model {path} does not exist")
-    keys = yaml.safe_load(path.read_text()) or {}
-    return load_config(QwenImageConfig if "joint_attention_dim" in keys else WanConfig, path)
+    return read_architecture(str(path) if str(path).endswith((".yaml", ".yml")) else f"{path}.yaml")
 
 
 def make_plan(args, config: DistillConfig) -> tuple[Plan, str]:
     """The Plan of this run and a line saying where the teacher's facts came from."""
-    boundary = args.moe_boundary
-    if args.model is not None:
-        arch = read_model(args.model)
-        if args.latent_shape is None:
-            raise ConfigError("--model needs --latent-shape C F H W (the teacher's latents)")
-        latent, text, shift = tuple(args.latent_shape), args.text_tokens, config.shift or 5.0
+    boundary = args.moe_boundary if args.moe_boundary is not None else config.moe_boundary
+    teacher_on_disk = Path(config.teacher).is_dir()
+    named = config.architecture is not None and not teacher_on_disk
+    if args.model is not None or named:
+        arch = read_model(args.model) if args.model is not None else read_architecture(
+            config.architecture)  # fmt: skip
+        latent = args.latent_shape or (None if args.model is not None else config.latent_shape)
+        if latent is None:
+            what = "--model" if args.model is not None else f"architecture {config.architecture}"
+            raise ConfigError(f"{what} needs --latent-shape C F H W (or the latent_shape key)")
+        latent, text, shift = tuple(latent), args.text_tokens, config.shift or 5.0
+        arch_file = args.model if args.model is not None else architecture_file(config.architecture)
         # A Wan I2V model takes image-latent channels too, which only the conditions know:
         # check out_channels, frames and patch divisibility; a wrong C would skew every number.
         image_channels = max(arch.in_channels - latent[0], 0) if isinstance(arch, WanConfig) else 0
-        check_latents(arch, latent, image_channels, "--latent-shape", args.model)
-        source = f"{args.model}"
+        shape_from = "--latent-shape" if args.latent_shape else "latent_shape"
+        check_latents(arch, latent, image_channels, shape_from, arch_file)
+        source = f"{arch_file}" if args.model is not None else f"architecture {config.architecture}"
     else:
-        if not Path(config.teacher).is_dir():
+        if not teacher_on_disk:
             raise ConfigError(
-                f"teacher directory {config.teacher} does not exist; before it is on disk, give "
-                "--model configs/models/X.yaml --latent-shape C F H W instead"
+                f"teacher directory {config.teacher} does not exist; before it is on disk, set "
+                "the architecture and latent_shape keys (or give --model "
+                "configs/models/X.yaml --latent-shape C F H W)"
             )
         validate_run(config, args.world_size)  # teacher files, shapes, conditions, layout
         teacher = Path(config.teacher)
@@ -101,46 +127,83 @@ def make_plan(args, config: DistillConfig) -> tuple[Plan, str]:
         config=config, arch=arch, latent_shape=latent,
         text_tokens=text or DEFAULT_TEXT_TOKENS[kind], world_size=args.world_size, shift=shift,
         two_expert_teacher=boundary is not None, moe_boundary=boundary,
+        gpus_per_node=args.gpus_per_node,
     )  # fmt: skip
     return plan, source
 
 
-def fits(plan: Plan, budget: int) -> tuple[bool, list[RankMemory]]:
+def gpus_on_a_node(plan: Plan) -> int:
+    return min(plan.gpus_per_node, plan.world_size)
+
+
+def host_per_node(plan: Plan, memory: list[RankMemory]) -> int:
+    """Host memory a node's GPUs need for offload (the largest GPU's, times GPUs per node)."""
+    return gpus_on_a_node(plan) * max(m.host_total for m in memory)
+
+
+def fits(plan: Plan, budget: int, host_budget: int | None = None) -> tuple[bool, list[RankMemory]]:
     memory = estimate(plan)
-    return all(m.total <= budget for m in memory), memory
+    on_gpu = all(m.total <= budget for m in memory)
+    on_host = host_budget is None or host_per_node(plan, memory) <= host_budget
+    return on_gpu and on_host, memory
 
 
-def suggest(plan: Plan, budget: int, limit: int = 3) -> list[tuple[dict, int]]:
-    """Layouts that fit: (config overrides, peak bytes), fewest model-parallel ranks first, then
-    the largest micro batch, then without recompute."""
+SUGGESTED_KEYS = ("tensor_parallel", "context_parallel", "pipeline_parallel", "micro_batch_size",
+                  "recompute", "activation_offload", "optimizer_offload")  # fmt: skip
+
+
+def suggest(
+    plan: Plan, budget: int, host_budget: int | None = None, limit: int = 3
+) -> list[tuple[dict, int, int]]:
+    """Layouts that fit GPU (and host) memory: (config overrides, peak bytes per GPU, host bytes
+    per node). Tensor parallelism runs with sequence parallelism (on by default where TP > 1)
+    within a node; preferred: fewest offloads, then fewest model-parallel ranks, then fewest
+    pipeline stages, then the largest micro batch, then without recompute."""
     config, arch, world = plan.config, plan.arch, plan.world_size
-    found = []
-    tps = [d for d in range(1, world + 1) if arch.num_attention_heads % d == 0]
+    heads, found = arch.num_attention_heads, []
+    has_cp = hasattr(config, "context_parallel")
+    tps = [d for d in range(1, min(world, plan.gpus_per_node) + 1) if heads % d == 0]
     pps = [d for d in range(1, world + 1) if arch.num_layers % d == 0]
+    offloads = [(False, False), (True, False), (False, True), (True, True)]  # (act, optimizer)
+    if config.main_params_dtype == "bfloat16":  # no fp32 main params to offload
+        offloads = [(False, False), (True, False)]
     for tp in tps:
-        for pp in pps:
-            if world % (tp * pp):
+        cps = [d for d in range(1, world // tp + 1) if heads % (tp * d) == 0] if has_cp else [1]
+        for cp, pp in itertools.product(cps, pps):
+            if world % (tp * pp * cp) or config.batch_size % (world // (tp * pp * cp)):
                 continue
-            dp = world // (tp * pp)
-            if config.batch_size % dp:
-                continue
-            rank_batch = config.batch_size // dp
+            rank_batch = config.batch_size // (world // (tp * pp * cp))
             micros = [m for m in range(rank_batch, 0, -1) if rank_batch % m == 0]
-            for recompute in sorted({config.recompute, True}):
+            for recompute, (act, opt) in itertools.product(sorted({config.recompute, True}), offloads):
+                if act and not recompute:
+                    continue
                 for micro in micros:
-                    values = dict(tensor_parallel=tp, pipeline_parallel=pp,
-                                  micro_batch_size=micro, recompute=recompute)  # fmt: skip
+                    values = dict(tensor_parallel=tp, context_parallel=cp, pipeline_parallel=pp,
+                                  micro_batch_size=micro, recompute=recompute,
+                                  activation_offload=act, optimizer_offload=opt)  # fmt: skip
+                    if not has_cp:
+                        del values["context_parallel"]
                     try:
                         candidate = dataclasses.replace(config, **values)
                         check_run_layout(arch, candidate, world)
                     except (ConfigError, ValueError):
                         continue
-                    ok, memory = fits(dataclasses.replace(plan, config=candidate), budget)
+                    candidate_plan = dataclasses.replace(plan, config=candidate)
+                    ok, memory = fits(candidate_plan, budget, host_budget)
                     if ok:
-                        found.append((values, max(m.total for m in memory)))
+                        found.append((values, max(m.total for m in memory),
+                                      host_per_node(candidate_plan, memory)))  # fmt: skip
                         break  # the largest micro batch that fits
-    found.sort(key=lambda item: (item[0]["tensor_parallel"] * item[0]["pipeline_parallel"],
-                                 -item[0]["micro_batch_size"], item[0]["recompute"]))  # fmt: skip
+
+    def preference(item):
+        values = item[0]
+        ranks = values["tensor_parallel"] * values["pipeline_parallel"]
+        ranks *= values.get("context_parallel", 1)
+        offloaded = values["activation_offload"] + values["optimizer_offload"]
+        stages = values["pipeline_parallel"]  # of equal ranks, fewer pipeline bubbles
+        return offloaded, ranks, stages, -values["micro_batch_size"], values["recompute"]
+
+    found.sort(key=preference)
     return found[:limit]
 
 
@@ -149,22 +212,30 @@ def _gib(value: int) -> str:
 
 
 def _ranks(plan: Plan, pp_rank: int) -> str:
-    """Global ranks of pipeline stage pp_rank (megatron's order: TP fastest, then DP, then PP)."""
-    per_stage = plan.tensor_parallel * plan.data_parallel
+    """Global ranks of pipeline stage pp_rank (megatron's order: TP fastest, then CP, DP, PP)."""
+    per_stage = plan.tensor_parallel * plan.context_parallel * plan.data_parallel
     first = pp_rank * per_stage
     return f"ranks {first}-{first + per_stage - 1}" if per_stage > 1 else f"rank {first}"
 
 
-def report(plan: Plan, memory: list[RankMemory], budget: int, source: str) -> str:
+def _on(value: bool) -> str:
+    return "on" if value else "off"
+
+
+def report(
+    plan: Plan, memory: list[RankMemory], budget: int, source: str, host_budget: int | None
+) -> str:
     config = plan.config
     lines = [
         f"teacher: {type(plan.arch).__name__} ({source}), "
         f"{'two experts' if plan.two_expert_teacher else 'one expert'}; latents "
         f"{list(plan.latent_shape)} = {plan.tokens} tokens, {plan.text_tokens} text tokens",
-        f"layout: {plan.world_size} GPUs = TP {plan.tensor_parallel} x PP "
-        f"{plan.pipeline_parallel} x DP {plan.data_parallel}; batch {config.batch_size} = "
+        f"layout: {plan.world_size} GPUs = TP {plan.tensor_parallel} x CP "
+        f"{plan.context_parallel} x PP {plan.pipeline_parallel} x DP {plan.data_parallel}, "
+        f"sequence parallel {_on(plan.sequence_parallel)}; batch {config.batch_size} = "
         f"{plan.rank_batch} per DP rank in micro batches of {plan.micro_batch}; {config.dtype}, "
-        f"recompute {'on' if config.recompute else 'off'}, generator {config.generator_adapter}",
+        f"recompute {_on(config.recompute)}, generator {config.generator_adapter}; offload: "
+        f"optimizer {_on(config.optimizer_offload)}, activations {_on(config.activation_offload)}",
     ]
     for m in memory:
         stage = (
@@ -178,6 +249,27 @@ def report(plan: Plan, memory: list[RankMemory], budget: int, source: str) -> st
             lines.append(f"  {part:<17} {_gib(m.parts[part])}  {note}".rstrip())
         verdict = "fits" if m.total <= budget else "DOES NOT FIT"
         lines.append(f"  {'total':<17} {_gib(m.total)}  of {budget / GIB:.2f} GiB: {verdict}")
+        if m.host_total:
+            held = ", ".join(f"{p} {m.host[p] / GIB:.2f}" for p in HOST_PARTS if m.host[p])
+            lines.append(f"  {'host':<17} {_gib(m.host_total)}  ({held} GiB)")
+    if any(m.host_total for m in memory):
+        node = host_per_node(plan, memory)
+        verdict = "not checked (give --host-memory)"
+        if host_budget is not None:
+            verdict = f"of {host_budget / GIB:.2f} GiB (--host-memory): " + (
+                "fits" if node <= host_budget else "DOES NOT FIT")  # fmt: skip
+        lines.append(
+            f"host memory per node: {gpus_on_a_node(plan)} GPUs x "
+            f"{max(m.host_total for m in memory) / GIB:.2f} GiB = {node / GIB:.2f} GiB {verdict}"
+        )
+    traffic = offload_traffic(plan)
+    if sum(traffic.values()):
+        moved = sum(traffic.values())
+        lines.append(
+            f"offload traffic per GPU and iteration: {moved / GIB:.2f} GiB (optimizer "
+            f"{traffic['optimizer'] / GIB:.2f}, activations {traffic['activations'] / GIB:.2f}), "
+            f"{moved / LINK_BYTES_PER_SECOND:.1f} s at {LINK_BYTES_PER_SECOND / 1e9:.0f} GB/s"
+        )
     return "\n".join(lines)
 
 
@@ -190,23 +282,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latent-shape", type=int, nargs=4, metavar=("C", "F", "H", "W"))
     parser.add_argument("--text-tokens", type=int, help="text tokens per sample")
     parser.add_argument("--moe-boundary", type=float,
-                        help="with --model: a two-expert teacher switching at this t")  # fmt: skip
+                        help="a two-expert teacher switching at this t (default: moe_boundary)")  # fmt: skip
+    parser.add_argument("--host-memory", help="host memory per node for offload (2TiB, 2TB); "
+                        "default: not checked")  # fmt: skip
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
     args = parser.parse_args(argv)
     try:
         if args.world_size < 1:
             raise ConfigError(f"--world-size must be >= 1, got {args.world_size}")
+        if args.gpus_per_node < 1:
+            raise ConfigError(f"--gpus-per-node must be >= 1, got {args.gpus_per_node}")
         budget = parse_bytes(args.gpu_memory)
+        host_budget = None if args.host_memory is None else parse_bytes(
+            args.host_memory, "--host-memory")  # fmt: skip
         config = load_config(DistillConfig, args.config, args.overrides)
         plan, source = make_plan(args, config)
         check_run_layout(plan.arch, config, args.world_size)
     except ConfigError as error:
         print(f"preflight: {error}", file=sys.stderr)
         return 2
-    ok, memory = fits(plan, budget)
-    print(report(plan, memory, budget, source))
+    ok, memory = fits(plan, budget, host_budget)
+    print(report(plan, memory, budget, source, host_budget))
     if ok:
-        print(f"fits: peak {max(m.total for m in memory) / GIB:.2f} GiB per GPU")
+        host = host_per_node(plan, memory)
+        on_host = f"; host {host / GIB:.2f} GiB per node" if host else ""
+        print(f"fits: peak {max(m.total for m in memory) / GIB:.2f} GiB per GPU{on_host}")
         return 0
+    if all(m.total <= budget for m in memory):  # the GPUs fit; the host memory does not
+        offloaded = [k for k in ("optimizer_offload", "activation_offload") if getattr(config, k)]
+        print(
+            f"does not fit: host memory per node needs {host_per_node(plan, memory) / GIB:.2f} "
+            f"GiB for {' and '.join(offloaded)} ({gpus_on_a_node(plan)} GPUs x "
+            f"{max(m.host_total for m in memory) / GIB:.2f} GiB), more than --host-memory "
+            f"{host_budget / GIB:.2f} GiB"
+        )
+        return _print_suggestions(plan, budget, host_budget)
     first = next(m for m in memory if m.total > budget)
     largest = max(first.parts, key=first.parts.get)
     where = f"pipeline stage {first.pp_rank}" if plan.pipeline_parallel > 1 else "every rank"
@@ -220,14 +330,20 @@ def main(argv: list[str] | None = None) -> int:
         f"{first.total / GIB:.2f} GiB of {budget / GIB:.2f} GiB (largest part: {largest}, "
         f"{first.parts[largest] / GIB:.2f} GiB){peak_note}"
     )
-    suggestions = suggest(plan, budget)
+    return _print_suggestions(plan, budget, host_budget)
+
+
+def _print_suggestions(plan: Plan, budget: int, host_budget: int | None) -> int:
+    suggestions = suggest(plan, budget, host_budget)
     if not suggestions:
-        print(f"no layout of {args.world_size} GPUs fits; more GPUs or a smaller batch_size")
-    for values, peak in suggestions:
+        print(f"no layout of {plan.world_size} GPUs fits; more GPUs or a smaller batch_size")
+    for values, peak, host in suggestions:
+        changed = {k: v for k, v in values.items() if getattr(plan.config, k) != v}
         sets = " ".join(
-            f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items()
+            f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in changed.items()
         )
-        print(f"  fits at {peak / GIB:.2f} GiB: {sets}")
+        on_host = f", host {host / GIB:.0f} GiB per node" if host else ""
+        print(f"  fits at {peak / GIB:.2f} GiB{on_host}: {sets or '(as configured)'}")
     return 1
 
 

@@ -10,12 +10,15 @@ tokens, with tensor parallelism tp, hidden size h and MLP width ffn, needs
     forward  the peak of a forward-only call (nothing is kept between layers),
 
 so a training call peaks at `L * layer + train` above what was live before it, and a
-forward-only call at `forward`. Each quantity is `sum_i c_i b x_i + sum_j d_j y_j` over
+forward-only call at `forward` (with activation_offload the layer inputs wait on the host and
+the device holds one: `layer + train`). Each quantity is `sum_i c_i b x_i + sum_j d_j y_j` over
 per-sample features x and per-call features y named in `QUANTITY_FEATURES` (s h: replicated
 hidden-wide tensors; s h / tp: head-sharded ones; s ffn / tp: the sharded MLP hidden; t ...: the
 text rows and their keys/values; s, t: per-token statistics of norms; h ffn / tp: the largest
 weight gradient). Qwen-Image's text stream runs through every layer like the image stream, so
-its s counts the text tokens too.
+its s counts the text tokens too. Context parallelism gives each rank 1 / CP of the tokens
+(attention trades them for 1 / CP of the heads: the same bytes); sequence parallelism splits
+the replicated rows (s, s h) over TP as well (`local_tokens`).
 
 The constants are fits to measurements by `python -m phased_dmd_mp.memory.calibrate`, stored in
 `constants.json` next to this file per model kind, dtype, trained weights (full or LoRA) and
@@ -47,11 +50,14 @@ QUANTITY_FEATURES = {  # (per-sample features, per-call features)
 
 @dataclass(frozen=True)
 class CallShape:
-    """What one DiT call sees: tokens per sample, text tokens, tensor parallel size."""
+    """What one DiT call sees: tokens per sample, text tokens, tensor parallel size, whether
+    sequence parallelism splits the rows over it, and the context parallel size."""
 
     tokens: int
     text_tokens: int
     tensor_parallel: int
+    sequence_parallel: bool = False
+    context_parallel: int = 1
 
 
 def kind_of(arch: WanConfig | QwenImageConfig) -> str:
@@ -62,11 +68,22 @@ def ffn_width(arch: WanConfig | QwenImageConfig) -> int:
     return arch.ffn_dim if isinstance(arch, WanConfig) else 4 * arch.hidden_size
 
 
+def local_tokens(shape: CallShape, tokens: int) -> tuple[int, int]:
+    """(rows of the replicated per-token tensors, tokens of the head- and FFN-sharded ones) on
+    one rank: the tokens padded to a multiple of the ranks splitting them, over CP (Ulysses:
+    attention sees all tokens but 1 / CP of the heads, the same bytes), and over TP for the
+    replicated rows under sequence parallelism."""
+    tp, cp = shape.tensor_parallel, shape.context_parallel
+    split = cp * (tp if shape.sequence_parallel else 1)
+    padded = -(-tokens // split) * split
+    return padded // split, padded // cp
+
+
 def _values(arch: WanConfig | QwenImageConfig, shape: CallShape) -> dict[str, float]:
     h, tp, t, ffn = arch.hidden_size, shape.tensor_parallel, shape.text_tokens, ffn_width(arch)
-    s = shape.tokens + (t if isinstance(arch, QwenImageConfig) else 0)
+    rows, s = local_tokens(shape, shape.tokens + (t if isinstance(arch, QwenImageConfig) else 0))
     return {
-        "s": s, "s*h": s * h, "s*h/tp": s * h / tp, "s*ffn/tp": s * ffn / tp,
+        "s": rows, "s*h": rows * h, "s*h/tp": s * h / tp, "s*ffn/tp": s * ffn / tp,
         "t": t, "t*h": t * h, "t*h/tp": t * h / tp, "h": h, "1": 1, "h*ffn/tp": h * ffn / tp,
     }  # fmt: skip
 

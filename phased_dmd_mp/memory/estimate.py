@@ -21,8 +21,19 @@ update):
                     guided and fake velocities), the conditions and the pipeline's send and
                     receive buffers
 
-Bytes per trained parameter follow `phased_dmd_mp/distill/optim.py`'s table; parameter counts
-are exact (`parameters.py`). The result is in bytes; `Plan` says what is estimated.
+and in host memory (`RankMemory.host`), per GPU:
+
+  main parameters, optimizer states, EMA   with optimizer_offload, what the device then does
+                    not hold (sharded alike), and the finished experts' EMA
+  gradients in transit   with optimizer_offload, each trained role's two staging slots
+                    (distill/host_optimizer.py: gradients in fp32, refreshed weights in bf16)
+  activations       with activation_offload, every checkpointed layer input of the largest
+                    training call (the device keeps the one layer being recomputed)
+
+Sequence parallelism divides the per-token rows outside attention and the MLP by TP, context
+parallelism every token feature by CP (activations.py). Bytes per trained parameter follow
+`phased_dmd_mp/distill/optim.py`'s table; parameter counts are exact (`parameters.py`). The
+result is in bytes; `Plan` says what is estimated; `offload_traffic` the bytes offload moves.
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ import math
 from dataclasses import dataclass, field
 
 from phased_dmd_mp.distill.config import DistillConfig
+from phased_dmd_mp.distill.host_optimizer import CHUNK_ELEMENTS
 from phased_dmd_mp.distill.models import experts_reached
 from phased_dmd_mp.memory.activations import CallShape, activation_bytes
 from phased_dmd_mp.memory.parameters import distinct_stages, stage_parameters
@@ -41,6 +53,8 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 FP32 = 4
 PARTS = ("parameters", "gradients", "main parameters", "optimizer states", "EMA",
          "activations", "buffers")  # fmt: skip
+HOST_PARTS = ("main parameters", "optimizer states", "EMA", "gradients in transit",
+              "activations")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -56,6 +70,7 @@ class Plan:
     shift: float
     two_expert_teacher: bool = False
     moe_boundary: float | None = None
+    gpus_per_node: int = 8
 
     @property
     def tensor_parallel(self) -> int:
@@ -66,8 +81,17 @@ class Plan:
         return self.config.pipeline_parallel
 
     @property
+    def context_parallel(self) -> int:
+        return getattr(self.config, "context_parallel", 1)
+
+    @property
+    def sequence_parallel(self) -> bool:
+        return getattr(self.config, "uses_sequence_parallel", False)
+
+    @property
     def data_parallel(self) -> int:
-        return self.world_size // (self.tensor_parallel * self.pipeline_parallel)
+        model_parallel = self.tensor_parallel * self.pipeline_parallel * self.context_parallel
+        return self.world_size // model_parallel
 
     @property
     def rank_batch(self) -> int:
@@ -94,28 +118,34 @@ class RankMemory:
     pp_rank: int
     parts: dict[str, int] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
+    host: dict[str, int] = field(default_factory=dict)  # host memory per GPU, by HOST_PARTS
 
     @property
     def total(self) -> int:
         return sum(self.parts.values())
 
+    @property
+    def host_total(self) -> int:
+        return sum(self.host.values())
 
-def _trained_bytes(config: DistillConfig, data_parallel: int) -> dict[str, float]:
-    """Bytes per trained parameter by part (distill/optim.py's table)."""
+
+def _trained_bytes(config: DistillConfig, data_parallel: int) -> tuple[dict, dict]:
+    """Bytes per trained parameter by part (distill/optim.py's table): (device, host)."""
     dtype = config.dtype
     main_dtype = getattr(config, "main_params_dtype", "float32")
     shard = data_parallel if getattr(config, "distributed_optimizer", True) else 1
+    if config.optimizer_offload:  # fp32 main params (a copy in fp32 too), moments, EMA on host
+        host = {"main parameters": 4 / shard, "optimizer states": 8 / shard, "EMA": 4 / shard}
+        return {"gradients": 4, "main parameters": 0, "optimizer states": 0, "EMA": 0}, host
     if dtype == "float32":
-        return {
-            "gradients": 4,
-            "main parameters": 0,
-            "optimizer states": 8 / shard,
-            "EMA": 4 / shard,
-        }
-    if main_dtype == "bfloat16":  # pure bf16: bf16 gradients and moments, nothing sharded
-        return {"gradients": 2, "main parameters": 0, "optimizer states": 4, "EMA": 4}
-    return {"gradients": 4, "main parameters": 4 / shard, "optimizer states": 8 / shard,
-            "EMA": 4 / shard}  # fmt: skip
+        device = {"gradients": 4, "main parameters": 0, "optimizer states": 8 / shard,
+                  "EMA": 4 / shard}  # fmt: skip
+    elif main_dtype == "bfloat16":  # pure bf16: bf16 gradients and moments, nothing sharded
+        device = {"gradients": 2, "main parameters": 0, "optimizer states": 4, "EMA": 4}
+    else:
+        device = {"gradients": 4, "main parameters": 4 / shard, "optimizer states": 8 / shard,
+                  "EMA": 4 / shard}  # fmt: skip
+    return device, {}
 
 
 def fake_experts(plan: Plan, phase: int) -> int:
@@ -139,32 +169,87 @@ def lora_bases(plan: Plan) -> int:
 
 
 def _call_shape(plan: Plan) -> CallShape:
-    return CallShape(plan.tokens, plan.text_tokens, plan.tensor_parallel)
+    return CallShape(plan.tokens, plan.text_tokens, plan.tensor_parallel,
+                     plan.sequence_parallel, plan.context_parallel)  # fmt: skip
 
 
-def activations(plan: Plan, pp_rank: int) -> tuple[int, str]:
-    """Peak activation bytes of the iteration's largest DiT call on stage pp_rank, and which
-    call it is."""
+def _training_calls(plan: Plan, pp_rank: int) -> dict[str, tuple[int, int]]:
+    """{training call: (bytes one layer keeps for backward, layer inputs kept at once)}."""
     config, arch = plan.config, plan.arch
     shape, micro = _call_shape(plan), plan.micro_batch
     layers = arch.num_layers // plan.pipeline_parallel
     microbatches = plan.rank_batch // micro
     in_flight = min(plan.pipeline_parallel - pp_rank, microbatches)  # 1F1B warm-up depth
-    candidates = {}
+    calls = {}
     for role, adapter in (("fake", "full"), ("generator", config.generator_adapter)):
         kept = activation_bytes(arch, shape, micro, "layer", dtype=config.dtype, adapter=adapter,
                                 recompute=config.recompute)  # fmt: skip
-        peak = activation_bytes(arch, shape, micro, "train", dtype=config.dtype, adapter=adapter,
-                                recompute=config.recompute)  # fmt: skip
         steps = config.steps_with_gradient if role == "generator" else 1
-        candidates[f"{role} training, {in_flight} x {layers} layers x {micro} samples"] = (
-            steps * in_flight * layers * kept + peak
-        )
+        name = f"{role} training, {steps * in_flight} x {layers} layers x {micro} samples"
+        calls[name] = kept, steps * in_flight * layers
+    return calls
+
+
+def activations(plan: Plan, pp_rank: int) -> tuple[int, int, str]:
+    """Peak activation bytes of the iteration's largest DiT call on stage pp_rank, the host
+    bytes that call keeps there (activation_offload), and which call it is."""
+    config, arch = plan.config, plan.arch
+    shape, micro = _call_shape(plan), plan.micro_batch
+    offload = config.activation_offload
+    candidates = {}
+    adapters = {"fake": "full", "generator": config.generator_adapter}
+    for name, (kept, inputs) in _training_calls(plan, pp_rank).items():
+        peak = activation_bytes(arch, shape, micro, "train", dtype=config.dtype,
+                                adapter=adapters[name.split()[0]], recompute=config.recompute)  # fmt: skip
+        # offloaded: the device holds the one input being recomputed, the host the others
+        on_device = min(inputs, 1) if offload else inputs
+        candidates[name] = (on_device * kept + peak, (inputs - on_device) * kept)
     guided = 2 if (config.guidance_scale is None or config.guidance_scale != 1.0) else 1
     forward = activation_bytes(arch, shape, guided * micro, "forward", dtype=config.dtype)
-    candidates[f"teacher forward, {guided * micro} samples"] = forward
-    name = max(candidates, key=candidates.get)
-    return candidates[name], name
+    candidates[f"teacher forward, {guided * micro} samples"] = (forward, 0)
+    name = max(candidates, key=lambda n: candidates[n][0])
+    return *candidates[name], name
+
+
+def offload_traffic(plan: Plan) -> dict[str, int]:
+    """Bytes one GPU (first pipeline stage) moves between device and host per iteration
+    (fake_updates fake updates, then a generator update) in the phase that moves most:
+    optimizer offload's gradients down (fp32) and weights up (model dtype) per optimizer step,
+    activation offload's layer inputs down and back up per training forward."""
+    config, arch = plan.config, plan.arch
+    traffic = {"optimizer": 0, "activations": 0}
+    shard = plan.data_parallel if config.distributed_optimizer else 1
+    if config.optimizer_offload:
+        per_element = FP32 + DTYPE_BYTES[config.dtype]
+        for phase in range(1, config.num_phases + 1):
+            fake, expert = _trained_elements(plan, phase, 0)
+            moved = (config.fake_updates * fake + expert) / shard * per_element
+            traffic["optimizer"] = max(traffic["optimizer"], round(moved))
+    if config.activation_offload:
+        shape, micro = _call_shape(plan), plan.micro_batch
+        forwards = (plan.rank_batch // micro) * arch.num_layers // plan.pipeline_parallel
+        for adapter, calls in (("full", config.fake_updates),
+                               (config.generator_adapter, config.steps_with_gradient)):  # fmt: skip
+            kept = activation_bytes(arch, shape, micro, "layer", dtype=config.dtype,
+                                    adapter=adapter, recompute=True)  # fmt: skip
+            traffic["activations"] += 2 * calls * forwards * kept
+    return traffic
+
+
+def _trained_elements(plan: Plan, phase: int, pp_rank: int) -> tuple[int, int]:
+    """Elements of the fake model and the expert phase `phase` trains on stage pp_rank."""
+    config = plan.config
+    lora = config.generator_adapter == "lora"
+    stage = stage_parameters(plan.arch, plan.tensor_parallel, plan.pipeline_parallel, pp_rank,
+                             config.lora_rank if lora else 0)  # fmt: skip
+    return fake_experts(plan, phase) * stage.weights, stage.adapter if lora else stage.weights
+
+
+def _in_transit(config: DistillConfig, elements: int, shard: int) -> int:
+    """Host bytes of a trained role's two staging slots (distill/host_optimizer.py)."""
+    slot = min(CHUNK_ELEMENTS, math.ceil(elements / shard))
+    weight = 0 if config.dtype == "float32" else DTYPE_BYTES[config.dtype]
+    return 2 * slot * (FP32 + weight)
 
 
 def buffers(plan: Plan, pp_rank: int) -> int:
@@ -180,7 +265,10 @@ def buffers(plan: Plan, pp_rank: int) -> int:
     conditions = 4 * plan.rank_batch * plan.text_tokens * text_width * FP32  # cond, uncond, pair
     pipeline = 0
     if plan.pipeline_parallel > 1:
-        rows = plan.tokens + plan.text_tokens + 8
+        tokens = math.ceil(plan.tokens / plan.context_parallel)
+        if plan.sequence_parallel:
+            tokens = math.ceil(tokens / plan.tensor_parallel)
+        rows = tokens + plan.text_tokens + 8
         pipeline = (
             2 * rows * plan.micro_batch * plan.arch.hidden_size * DTYPE_BYTES[plan.config.dtype]
         )
@@ -192,14 +280,15 @@ def estimate(plan: Plan) -> list[RankMemory]:
     fake model and trained states at a time; `phase_order: alternating` holds all of them."""
     config, arch = plan.config, plan.arch
     dtype_bytes = DTYPE_BYTES[config.dtype]
-    per_trained = _trained_bytes(config, plan.data_parallel)
+    per_trained, per_trained_host = _trained_bytes(config, plan.data_parallel)
+    shard = plan.data_parallel if config.distributed_optimizer else 1
     lora = config.generator_adapter == "lora"
     teacher_experts = 2 if plan.two_expert_teacher else 1
     result = []
     for pp_rank in distinct_stages(plan.pipeline_parallel):
         stage = stage_parameters(arch, plan.tensor_parallel, plan.pipeline_parallel, pp_rank,
                                  config.lora_rank if lora else 0)  # fmt: skip
-        act, act_note = activations(plan, pp_rank)
+        act, act_host, act_note = activations(plan, pp_rank)
         phases = range(1, config.num_phases + 1)
         for phase in phases:
             fakes = fake_experts(plan, phase)
@@ -218,13 +307,23 @@ def estimate(plan: Plan) -> list[RankMemory]:
             for part in ("gradients", "main parameters", "optimizer states"):
                 parts[part] = round(trained * per_trained[part])
             parts["EMA"] = 0
+            host = {part: 0 for part in HOST_PARTS}
             if config.ema_decay is not None:  # trained experts' (sharded), finished ones' (full)
                 finished = 0 if config.phase_order == "alternating" else phase - 1
-                parts["EMA"] = round(experts_trained * expert * per_trained["EMA"])
-                parts["EMA"] += finished * expert * FP32
+                where, per = (host, per_trained_host) if config.optimizer_offload else (parts, per_trained)
+                where["EMA"] = round(experts_trained * expert * per["EMA"])
+                where["EMA"] += finished * expert * FP32
+            if config.optimizer_offload:
+                for part in ("main parameters", "optimizer states"):
+                    host[part] = round(trained * per_trained_host[part])
+                roles = [fakes * stage.weights] if config.phase_order != "alternating" else [
+                    fake_experts(plan, k) * stage.weights for k in phases]  # fmt: skip
+                roles += [expert] * experts_trained
+                host["gradients in transit"] = sum(_in_transit(config, n, shard) for n in roles)
             parts["activations"] = act
+            host["activations"] = act_host
             parts["buffers"] = buffers(plan, pp_rank)
-            memory = RankMemory(phase, pp_rank, parts)
+            memory = RankMemory(phase, pp_rank, parts, host=host)
             memory.notes["activations"] = act_note
             memory.notes["parameters"] = (
                 f"teacher {teacher_experts} x {stage.weights / 1e9:.3g}B, "
