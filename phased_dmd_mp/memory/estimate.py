@@ -247,9 +247,10 @@ def _trained_elements(plan: Plan, phase: int, pp_rank: int) -> tuple[int, int]:
 
 def _in_transit(config: DistillConfig, elements: int, shard: int) -> int:
     """Host bytes of a trained role's two staging slots (distill/host_optimizer.py)."""
-    slot = min(CHUNK_ELEMENTS, math.ceil(elements / shard))
+    owned = math.ceil(elements / shard)
+    slots = min(2, math.ceil(owned / CHUNK_ELEMENTS))  # one chunk needs one slot
     weight = 0 if config.dtype == "float32" else DTYPE_BYTES[config.dtype]
-    return 2 * slot * (FP32 + weight)
+    return slots * min(CHUNK_ELEMENTS, owned) * (FP32 + weight)
 
 
 def buffers(plan: Plan, pp_rank: int) -> int:

@@ -28,6 +28,8 @@ class HostArena:
     def __init__(self):
         self._live: dict[int, tuple[weakref.ref, int]] = {}  # data_ptr -> (storage, bytes)
         self._state = threading.local()
+        self._bytes = 0  # live bytes, and their peak since `reset_peak`
+        self.peak = 0
 
     @property
     def allocating(self) -> bool:
@@ -43,12 +45,16 @@ class HostArena:
             self._state.allocating = False
         storage = tensor.untyped_storage()
         pointer = storage.data_ptr()
-        if storage.nbytes():
+        nbytes = storage.nbytes()
+        if nbytes:
 
-            def freed(_, pointer=pointer):
+            def freed(_, pointer=pointer, nbytes=nbytes):
                 self._live.pop(pointer, None)
+                self._bytes -= nbytes
 
-            self._live[pointer] = (weakref.ref(storage, freed), storage.nbytes())
+            self._live[pointer] = (weakref.ref(storage, freed), nbytes)
+            self._bytes += nbytes
+            self.peak = max(self.peak, self._bytes)
         return tensor
 
     def copy_of(self, tensor: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -64,7 +70,11 @@ class HostArena:
 
     def live_bytes(self) -> int:
         """Bytes of the arena's live tensors."""
-        return sum(nbytes for ref, nbytes in self._live.values() if ref() is not None)
+        return self._bytes
+
+    def reset_peak(self) -> None:
+        """Start `peak` (the largest `live_bytes` seen) from now."""
+        self.peak = self._bytes
 
 
 HOST = HostArena()
