@@ -197,16 +197,46 @@ def test_cli_latents_against_model_and_budget_are_one_line(capsys, flags, messag
     assert err.count("\n") == 1 and message in err, err
 
 
-def test_cli_missing_teacher_points_to_model_flags(capsys):
+def test_cli_missing_teacher_points_to_the_architecture_keys(capsys):
     code, _, err = run_preflight(capsys, "--config", RECIPE, "--set", "teacher=runs/nowhere",
-                                 "--world-size", "8")  # fmt: skip
+                                 "--set", "architecture=null", "--world-size", "8")  # fmt: skip
     assert code == 2
-    assert err.count("\n") == 1 and "runs/nowhere does not exist" in err and "--model" in err
+    assert err.count("\n") == 1 and "runs/nowhere does not exist" in err
+    assert "architecture and latent_shape" in err and "--model" in err
+
+
+@pytest.mark.parametrize("recipe", ["wan2.1_t2v_14b", "wan2.2_t2v_a14b", "wan2.2_i2v_a14b",
+                                    "qwen_image"])  # fmt: skip
+def test_cli_answers_for_a_shipped_recipe_before_its_teacher_is_on_disk(capsys, recipe):
+    """Each recipe names its architecture and latent shape: a verdict, not a config error,
+    and the recipe's layout fits 8 GPUs of 80 GiB (with 1 TiB of host memory per node)."""
+    code, out, err = run_preflight(capsys, "--config", str(ROOT / "configs" / f"{recipe}_phased_dmd.yaml"),
+                                   "--world-size", "8", "--gpu-memory", "80GiB",
+                                   "--host-memory", "1TiB")  # fmt: skip
+    assert code == 0, out + err
+    assert "(architecture " in out and "fits: peak" in out
+    if recipe.startswith("wan2.2"):
+        assert ", two experts;" in out
+
+
+def test_cli_offload_without_enough_host_memory_is_one_line(capsys):
+    args = ["--config", str(ROOT / "configs" / "wan2.2_t2v_a14b_phased_dmd.yaml"),
+            "--set", "optimizer_offload=true", "--world-size", "8", "--gpu-memory", "80GiB"]  # fmt: skip
+    code, out, _ = run_preflight(capsys, *args, "--host-memory", "128GiB")
+    assert code == 1
+    verdicts = [x for x in out.splitlines() if x.startswith("does not fit")]
+    assert len(verdicts) == 1, out
+    line = verdicts[0]
+    assert "host memory per node" in line and "optimizer_offload" in line
+    assert "--host-memory 128.00 GiB" in line
+    code, out, _ = run_preflight(capsys, *args)  # unchecked without --host-memory, but stated
+    assert code == 0 and "host memory per node: 8 GPUs x" in out and "not checked" in out
 
 
 def test_cli_names_the_peak_phase_when_a_later_phase_needs_more(capsys):
     # Wan2.2 at 720p on 16 GPUs: phase 1 needs 81.0 GiB, phase 2's two-expert fake 103.3 GiB
     code, out, _ = run_preflight(capsys, "--config", str(ROOT / "configs" / "wan2.2_t2v_a14b_phased_dmd.yaml"),
+                                 "--set", "optimizer_offload=false",
                                  "--world-size", "16", "--gpu-memory", "80GiB", "--model", WAN14B,
                                  "--latent-shape", "16", "21", "90", "160",
                                  "--moe-boundary", "0.875")  # fmt: skip

@@ -2,10 +2,12 @@
 imply is checked from config.json / teacher.yaml / conditions.json alone, before any model loads;
 each mismatch is one line naming both values and the file."""
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
+import yaml
 from cli_helpers import run_cli
 from distill_helpers import distill_args
 
@@ -16,6 +18,7 @@ from phased_dmd_mp.data.teacher import TeacherSpec, write_spec
 from phased_dmd_mp.distill.config import DistillConfig
 from phased_dmd_mp.distill.validate import validate_run
 from phased_dmd_mp.models import QwenImageConfig, WanConfig
+from phased_dmd_mp.models.config import MODELS_DIR
 from phased_dmd_mp.models.convert import DIFFUSERS_CLASSES, model_kind
 
 WAN = WanConfig(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
@@ -96,6 +99,13 @@ CASES = {
                               "teacher_low_noise: /path/to/wan22/transformer_2 does not exist"),
     "missing_conditions": (WAN, (4, 3, 8, 8), WAN_TEXT, ("conditions=/path/to/conditions",), "conditions: condition set /path/to/conditions does not exist"),
     "layout": (WAN, (4, 3, 8, 8), WAN_TEXT, ("tensor_parallel=2",), "world size = 3 is not divisible by tensor_parallel x pipeline_parallel = 2"),
+    # a recipe's architecture / latent_shape (what preflight planned with) the teacher is not
+    "named_architecture": (WAN, (4, 3, 8, 8), WAN_TEXT, ("architecture=wan2.1_t2v_14b",),
+                           "architecture: num_attention_heads = 40 in {models}/wan2.1_t2v_14b.yaml, but 2 in the teacher's {t}/transformer/config.json"),
+    "named_kind": (WAN, (4, 3, 8, 8), WAN_TEXT, ("architecture=qwen_image",),
+                   "architecture: {models}/qwen_image.yaml is a QwenImageConfig, the teacher's {t}/transformer/config.json a WanConfig"),
+    "named_latents": (WAN, (4, 3, 8, 8), WAN_TEXT, ("latent_shape=[4, 3, 8, 10]",),
+                      "latent_shape: [4, 3, 8, 10] in the config, but [4, 3, 8, 8] in {t}/teacher.yaml"),
 }  # fmt: skip
 
 
@@ -105,7 +115,16 @@ def test_mismatches_are_one_line_errors_naming_values_and_file(tmp_path, name):
     teacher = teacher_dir(tmp_path / "t", arch, latent, tensors)
     with pytest.raises(ConfigError) as info:
         validate_run(config(teacher, *overrides), 3 if name == "layout" else 1)
-    assert message.format(t=teacher) in str(info.value) and "\n" not in str(info.value)
+    expected = message.format(t=teacher, models=MODELS_DIR)
+    assert expected in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+def test_a_named_architecture_and_latent_shape_that_agree_pass(tmp_path):
+    teacher = teacher_dir(tmp_path / "wan", WAN, (4, 3, 8, 8), WAN_TEXT)
+    named = tmp_path / "wan.yaml"
+    named.write_text(yaml.safe_dump({k: list(v) if isinstance(v, tuple) else v
+                                     for k, v in dataclasses.asdict(WAN).items()}))  # fmt: skip
+    validate_run(config(teacher, f"architecture={named}", "latent_shape=[4, 3, 8, 8]"), 1)
 
 
 def test_out_channels_and_two_expert_disagreement(tmp_path):
