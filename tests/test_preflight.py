@@ -108,6 +108,10 @@ RUNS = {  # name: (arch, latent shape, world size, overrides)
                      ["batch_size=2", "tensor_parallel=2", "generator_adapter=lora", "lora_rank=64"]),
     "qwen_recompute": (SMALL_QWEN, (4, 1, 32, 32), 1,
                             ["batch_size=2", "recompute=true"]),
+    # optimizer state and layer inputs in host memory: device and host peaks both estimated
+    "wan_offload_bf16": (SMALL_WAN, (4, 2, 16, 16), 1,
+                         ["batch_size=2", "dtype=bfloat16", "recompute=true", "ema_decay=0.9",
+                          "optimizer_offload=true", "activation_offload=true"]),
 }  # fmt: skip
 
 
@@ -146,6 +150,11 @@ def test_estimate_is_within_15_percent_of_the_measured_peak(tmp_path, name):
         f"error {error:+.1%}"
     )  # shown by pytest -s (docs/parallelism-and-memory.md's table)
     assert abs(error) < TOLERANCE, (name, error, result)
+    if result["host_estimated"] or result["host_measured"]:  # offload's host memory per GPU
+        host_error = result["host_estimated"] / result["host_measured"] - 1
+        print(f"{name} host: measured {result['host_measured']} B, estimated "
+              f"{result['host_estimated']} B, error {host_error:+.1%}")  # fmt: skip
+        assert abs(host_error) < TOLERANCE, (name, host_error, result)
 
 
 # --- the command line ------------------------------------------------------------------------
