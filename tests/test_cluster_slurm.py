@@ -96,10 +96,11 @@ def test_distill_script_launches_resumes_and_requeues(tmp_path):
     preflight = importlib.util.find_spec("phased_dmd_mp.preflight") is not None
     assert (log / "preflight").exists() == preflight
     if preflight:
-        # with the overrides: the recipe's teacher is a placeholder (preflight exits 2 on it)
-        assert "--world-size 16 --gpu-memory 80GiB --set teacher=/data/t" in (
-            log / "preflight"
-        ).read_text()
+        # with the overrides (they may name the teacher) and this node's memory for offload
+        call = (log / "preflight").read_text()
+        assert "--world-size 16 --gpus-per-node 8 --gpu-memory 80GiB --host-memory " in call
+        assert call.split("--host-memory ")[1].split()[0].endswith("KiB")
+        assert call.rstrip().endswith("--set teacher=/data/t")
 
     (run / "checkpoints" / "step-00000050").mkdir(parents=True)
     result, srun, requeued, _ = sbatch(tmp_path, run)
