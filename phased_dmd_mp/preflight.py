@@ -183,6 +183,8 @@ def suggest(
                                   activation_offload=act, optimizer_offload=opt)  # fmt: skip
                     if not has_cp:
                         del values["context_parallel"]
+                    else:  # sequence parallelism where TP > 1 (its default)
+                        values["sequence_parallel"] = None
                     try:
                         candidate = dataclasses.replace(config, **values)
                         check_run_layout(arch, candidate, world)
@@ -333,15 +335,20 @@ def main(argv: list[str] | None = None) -> int:
     return _print_suggestions(plan, budget, host_budget)
 
 
+def _yaml(value) -> str:
+    """A --set value as YAML reads it back (true, null, 8)."""
+    if value is None:
+        return "null"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def _print_suggestions(plan: Plan, budget: int, host_budget: int | None) -> int:
     suggestions = suggest(plan, budget, host_budget)
     if not suggestions:
         print(f"no layout of {plan.world_size} GPUs fits; more GPUs or a smaller batch_size")
     for values, peak, host in suggestions:
         changed = {k: v for k, v in values.items() if getattr(plan.config, k) != v}
-        sets = " ".join(
-            f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in changed.items()
-        )
+        sets = " ".join(f"--set {k}={_yaml(v)}" for k, v in changed.items())
         on_host = f", host {host / GIB:.0f} GiB per node" if host else ""
         print(f"  fits at {peak / GIB:.2f} GiB{on_host}: {sets or '(as configured)'}")
     return 1
