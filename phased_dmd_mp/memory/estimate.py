@@ -5,9 +5,10 @@ last), what that rank holds at the peak of an iteration (fake updates, then the 
 update):
 
   parameters        every model's weights on the stage: the teacher (one or two experts),
-                    the generator experts (full copies; or with LoRA the adapters of every
-                    expert on the teacher's shared weights) and the phase's fake model (the
-                    teacher experts its noise injection reaches), in the run's dtype
+                    the generator experts (full copies of phases 1..k in phase k, each made
+                    when its phase first trains; or with LoRA the adapters of every expert on
+                    the teacher's shared weights) and the phase's fake model (the teacher
+                    experts its noise injection reaches), in the run's dtype
   gradients         fp32 DDP buffers (`main_grad`) of what the phase trains: the fake model
                     and the phase's expert (all its weights, or its adapter)
   main parameters   fp32 copies of the trained weights (bf16 runs), split over data-parallel
@@ -300,8 +301,9 @@ def estimate(plan: Plan) -> list[RankMemory]:
             if lora:  # num_phases adapters on each teacher expert owning a phase
                 adapters = lora_bases(plan) * config.num_phases
                 weights = teacher_experts * stage.weights + adapters * stage.adapter
-            else:
-                weights = teacher_experts * stage.weights + config.num_phases * stage.weights
+            else:  # full copies, each made when its phase first trains (distill/trainer.py)
+                copies = len(phases) if config.phase_order == "alternating" else phase
+                weights = teacher_experts * stage.weights + copies * stage.weights
             weights += fakes * stage.weights
             trained = fakes * stage.weights + experts_trained * expert
             parts = {"parameters": weights * dtype_bytes}
@@ -329,7 +331,7 @@ def estimate(plan: Plan) -> list[RankMemory]:
             memory.notes["parameters"] = (
                 f"teacher {teacher_experts} x {stage.weights / 1e9:.3g}B, "
                 + (f"{lora_bases(plan) * config.num_phases} adapters x {stage.adapter / 1e6:.3g}M" if lora
-                   else f"{config.num_phases} experts x {stage.weights / 1e9:.3g}B")
+                   else f"{copies} expert copies x {stage.weights / 1e9:.3g}B")
                 + f", fake {fakes} x {stage.weights / 1e9:.3g}B"
             )  # fmt: skip
             result.append(memory)
