@@ -1,7 +1,8 @@
 """LoRA generator experts on the DiTs: a fresh adapter is the base, adapters switch, only the
 active one gets gradients, merged weights equal the adapter path, the export loads into
-diffusers with the same output, files round-trip, and TP=2 / PP=2 (torchrun, gloo) equal one
-process in outputs and adapter gradients."""
+diffusers with the same output, files round-trip, and TP=2 (with and without sequence
+parallelism), PP=2, CP=2 and TP=2 x CP=2 (torchrun, gloo) equal one process in outputs and
+adapter gradients."""
 
 import os
 import subprocess
@@ -72,7 +73,8 @@ def inputs(arch, seed: int = 1) -> dict:
     generator = torch.Generator().manual_seed(seed)
     if isinstance(arch, WanConfig):
         args = {
-            "hidden_states": torch.randn(1, arch.in_channels, 2, 4, 6, generator=generator),
+            # 2 x 3 x 3 = 18 tokens: padded to 20 at TP x CP = 4
+            "hidden_states": torch.randn(1, arch.in_channels, 2, 6, 6, generator=generator),
             "timestep": torch.rand(1, generator=generator) * 1000,
             "encoder_hidden_states": torch.randn(1, 5, arch.text_dim, generator=generator),
         }
@@ -348,21 +350,21 @@ def write_reference(path: Path, name: str, arch, targets) -> Path:
     return target
 
 
-def test_tensor_and_pipeline_parallel_2_equal_one_process(tmp_path):
-    """One torchrun of two processes runs TP=2, then PP=2 (the worker says what it checks);
-    here, the adapter that `save_lora` gathered from the shards is the reference's."""
+def run_lora_worker(tmp_path, nproc: int, layouts: list[str]) -> None:
+    """tests/parallel/lora_worker.py on `nproc` ranks over `layouts` (the worker says what it
+    checks); here, the adapter that `save_lora` gathered from the shards is the reference's."""
     references = {
         "wan_i2v": write_reference(tmp_path, "wan_i2v", WAN_I2V, None),
         "qwen_image": write_reference(tmp_path, "qwen_image", QWEN, QWEN_ALL_TARGETS),
     }
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        str(WORKER), "--layouts", "2x1", "1x2", "--save", str(tmp_path / "saved"),
-        *map(str, references.values()),
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={nproc}", str(WORKER), *map(str, references.values()),
+        "--save", str(tmp_path / "saved"), "--layouts", *layouts,
     ]  # fmt: skip
     result = subprocess.run(
-        command, env=env, capture_output=True, text=True, timeout=300, check=False
+        command, env=env, capture_output=True, text=True, timeout=400, check=False
     )
     errors = [line for line in result.stderr.splitlines() if line.startswith(("rank", "[rank"))]
     assert result.returncode == 0, "\n".join(errors[-60:]) or result.stderr[-4000:]
@@ -372,10 +374,19 @@ def test_tensor_and_pipeline_parallel_2_equal_one_process(tmp_path):
         adapter = reference["adapters"][1]
         expected = {k: v * scale if k.endswith(".lora_B") else v for k, v in adapter.items()}
         arch = WAN_I2V if name == "wan_i2v" else QWEN
-        for layout in ("tp2_pp1", "tp1_pp2"):
+        for layout in layouts:
             whole, rank, alpha = read_diffusers_lora(tmp_path / "saved" / layout / name, arch)
             assert whole.keys() == expected.keys() and rank == alpha
             assert all(torch.equal(whole[k], v) for k, v in expected.items()), (name, layout)
+
+
+def test_tensor_sequence_pipeline_and_context_parallel_2_equal_one_process(tmp_path):
+    run_lora_worker(tmp_path, 2, ["tp2", "pp2", "tp2-sp", "cp2"])
+
+
+def test_tensor_parallel_2_x_context_parallel_2_equal_one_process(tmp_path):
+    """Four ranks: TP = 2 x CP = 2 with sequence parallelism, and TP = 2 x PP = 2 with it."""
+    run_lora_worker(tmp_path, 4, ["tp2-cp2-sp", "tp2-pp2-sp"])
 
 
 def test_a_loader_that_ignores_the_metadata_merges_the_same_weights(tmp_path):

@@ -36,6 +36,27 @@ def test_nothing_changes_outside_the_context():
     assert torch.zeros(1).type() == "torch.FloatTensor"
 
 
+def test_megatron_allocations_in_backward_land_on_the_cpu():
+    """The shim's factory redirection is off inside autograd's backward (a mode is popped while
+    it handles a call); megatron's sequence-parallel mappings allocate there with
+    device=torch.cuda.current_device(), which must still answer the CPU."""
+
+    class Gather(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            buffer = torch.empty(grad.shape, dtype=grad.dtype, device=torch.cuda.current_device())
+            return buffer.copy_(grad) * 2
+
+    x = torch.randn(3, requires_grad=True)
+    with cuda_calls_on_cpu():
+        Gather.apply(x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.full((3,), 2.0))
+
+
 def test_activation_recompute_inside_backward_runs_under_the_shim():
     """Recompute replays a layer inside backward, where the shim's mode is off: a layer that
     allocates on CUDA (megatron's tensor-parallel gather, e.g. Qwen-Image's modulation at TP > 1)

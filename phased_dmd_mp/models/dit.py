@@ -7,6 +7,11 @@ those rows after the tokens and every stage passes them on unchanged; their grad
 through the same sends to the embedders, which therefore live on the first stage only. The
 rotary tables and masks are recomputed from the call's arguments on each stage (every stage's
 forward receives the microbatch; non-first stages read only its shapes).
+
+With sequence or context parallelism (parallel/sequence.py) the first stage embeds the inputs
+whole and keeps this rank's token rows (`shards`), the stages send those, and the last stage's
+head works on them before the whole output is gathered: inputs and outputs of a stage's forward
+are the same on every layout.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from torch import Tensor
 from phased_dmd_mp.models.config import ExecutionConfig
 from phased_dmd_mp.parallel import fp8
 from phased_dmd_mp.parallel.offload import saved_tensors_on_host
+from phased_dmd_mp.parallel.sequence import SequenceShards
 from phased_dmd_mp.parallel.state import ensure_initialized
 
 
@@ -110,6 +116,11 @@ class DiTStage(MegatronModule):
         )
         self.decoder.fp8 = execution.fp8
         self.decoder.activation_offload = execution.activation_offload
+
+    def shards(self, tokens: int) -> SequenceShards:
+        """How a sequence of `tokens` rows splits on this rank's groups (parallel/sequence.py)."""
+        groups = self.pg_collection
+        return SequenceShards.of(tokens, groups.tp, groups.cp, self.config.sequence_parallel)
 
     def set_input_tensor(self, input_tensor: Tensor | list[Tensor] | None) -> None:
         """Called by megatron's schedules with the tensor received from the previous stage."""

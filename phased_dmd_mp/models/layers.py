@@ -60,11 +60,17 @@ def default_core_attention() -> type[nn.Module]:
 class _BiasInMatmul:
     """megatron's matmul (`_forward_impl`) as one `F.linear`: the bias goes into the GEMM
     (addmm) instead of a second pass over the output, and autograd's addmm backward replaces
-    megatron's. The tensor-parallel communication around it stays megatron's. (Our
-    TransformerConfig never turns on gradient_accumulation_fusion or sequence parallelism,
-    the other things megatron's matmul handles.)"""
+    megatron's. The tensor-parallel communication around it stays megatron's. A column-parallel
+    linear under sequence parallelism runs megatron's own matmul, which all-gathers the rows
+    before the GEMM but keeps only this rank's rows for backward (gathering them again there)
+    and reduce-scatters the input gradient. (Our TransformerConfig never turns on
+    gradient_accumulation_fusion, the other thing megatron's matmul handles.)"""
 
-    def _forward_impl(self, input, weight, bias, allreduce_dgrad, tp_group, **_):
+    def _forward_impl(self, input, weight, bias, allreduce_dgrad, tp_group, **kwargs):
+        if kwargs.get("sequence_parallel"):
+            return super()._forward_impl(
+                input, weight, bias, allreduce_dgrad=allreduce_dgrad, tp_group=tp_group, **kwargs
+            )
         if allreduce_dgrad:  # column-parallel: the input's gradient sums over the TP group
             input = copy_to_tensor_model_parallel_region(input, group=tp_group)
         return F.linear(input, weight, bias)
@@ -106,9 +112,14 @@ class LinearSubmodules:
     core_attention: type = SDPAttention
 
 
-def column_linear(submodules, config, tp_group, in_features, out_features):
-    """Output features split over the TP group: returns y_local (bias added)."""
-    return submodules.column_linear(
+def column_linear(submodules, config, tp_group, in_features, out_features, *, whole_rows=False):
+    """Output features split over the TP group: returns y_local (bias added).
+
+    Under sequence parallelism its input is this rank's token rows, all-gathered before the
+    matmul; `whole_rows`: the input is held whole by every rank instead (the text or image
+    context, the timestep embedding), so it is used as it is and its gradient is all-reduced
+    over TP, as without sequence parallelism."""
+    linear = submodules.column_linear(
         in_features,
         out_features,
         config=config,
@@ -118,6 +129,10 @@ def column_linear(submodules, config, tp_group, in_features, out_features):
         skip_bias_add=False,
         tp_group=tp_group,
     )
+    if whole_rows and config.sequence_parallel:  # megatron's attributes, set from the config
+        linear.sequence_parallel = False
+        linear.allreduce_dgrad = get_pg_size(tp_group) > 1
+    return linear
 
 
 def row_linear(submodules, config, tp_group, in_features, out_features):

@@ -56,7 +56,7 @@ def save_checkpoint(model: DiTStage, path: str | Path) -> None:
     }
 
     def write():
-        if get_pg_rank(model.pg_collection.dp) == 0:
+        if get_pg_rank(model.pg_collection.dp_cp) == 0:  # one writer per shard, also CP
             folder = Path(path)
             folder.mkdir(parents=True, exist_ok=True)
             atomic.save_safetensors(shard, folder / convert.shard_file(tp_rank, pp_rank))

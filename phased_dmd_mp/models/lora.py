@@ -29,6 +29,12 @@ summed over the group (A's gradient is then whole and equal on all ranks). A row
 are summed by reduce-from-TP-region before B. Split parameters carry megatron's
 `tensor_model_parallel` / `partition_dim` attributes, so gradient norms count them once per
 shard. Pipeline parallelism needs nothing: adapters live in the layers of each stage.
+Sequence parallelism (parallel/sequence.py) moves the adapter's rank-r rows as the linear moves
+its own: a column linear's A x of this rank's rows is all-gathered before B (its gradient
+reduce-scattered, which also sums the B shards' contributions), a row linear's partial products
+are reduce-scattered to this rank's rows before B; the replicated factor that then sees local
+rows only (column A, row B) is tagged `sequence_parallel`, so its gradient is summed over TP.
+Context parallelism needs nothing either: an adapter acts on each rank's rows like its linear.
 
 The adapter path is a forward hook on megatron's linears, so the FP8 "torch" backend's linears
 (subclasses of megatron's) take adapters too; the adapter matmuls stay in the model dtype.
@@ -64,7 +70,9 @@ from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
     reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
 )
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.utils import get_pg_rank, get_pg_size
@@ -125,25 +133,43 @@ def default_targets(arch: WanConfig | QwenImageConfig) -> tuple[str, ...]:
 
 class LinearAdapters(nn.Module):
     """The adapters of one tensor-parallel linear: A[i] [rank, in], B[i] [out, rank] (this
-    rank's shards) and which one is active."""
+    rank's shards) and which one is active. `sequence_parallel`: the linear's (megatron's
+    attribute), whose rows the adapter moves alike."""
 
-    def __init__(self, parallel: Parallel, A: list[Tensor], B: list[Tensor], scale: float, group):
+    def __init__(
+        self,
+        parallel: Parallel,
+        A: list[Tensor],
+        B: list[Tensor],
+        scale: float,
+        group,
+        sequence_parallel: bool = False,
+    ):
         super().__init__()
         self.parallel, self.scale, self.tp_group = parallel, scale, group
+        self.sequence_parallel = sequence_parallel
         self.A = nn.ParameterList([nn.Parameter(a) for a in A])
         self.B = nn.ParameterList([nn.Parameter(b) for b in B])
-        split = self.B if parallel == "column" else self.A
+        split, local_rows = (self.B, self.A) if parallel == "column" else (self.A, self.B)
         for param in split:
             set_tensor_model_parallel_attributes(param, True, 0 if parallel == "column" else 1, 1)
+        if sequence_parallel:
+            for param in local_rows:
+                param.sequence_parallel = True
         self.active: int | None = None
 
     def delta(self, x: Tensor) -> Tensor:
         """scale * B A x for the active adapter, in this rank's share of the output."""
         A, B = self.A[self.active], self.B[self.active]
-        if self.parallel == "column":
-            h = copy_to_tensor_model_parallel_region(F.linear(x, A), group=self.tp_group)
+        group = self.tp_group
+        if self.parallel == "column" and self.sequence_parallel:
+            h = gather_from_sequence_parallel_region(F.linear(x, A), group=group)
+        elif self.parallel == "column":
+            h = copy_to_tensor_model_parallel_region(F.linear(x, A), group=group)
+        elif self.sequence_parallel:
+            h = reduce_scatter_to_sequence_parallel_region(F.linear(x, A), group=group)
         else:
-            h = reduce_from_tensor_model_parallel_region(F.linear(x, A), group=self.tp_group)
+            h = reduce_from_tensor_model_parallel_region(F.linear(x, A), group=group)
         return F.linear(h * self.scale, B)
 
     def merged_weight(self, weight: Tensor, index: int) -> Tensor:
@@ -270,7 +296,8 @@ def add_lora(
                 A = A.chunk(tp, dim=1)[tp_rank]
             As.append(A.to(weight.device, weight.dtype).contiguous())
             Bs.append(torch.zeros(out_local, rank, device=weight.device, dtype=weight.dtype))
-        linear.lora = LinearAdapters(parallel, As, Bs, config.scale, tp_group)
+        sequence_parallel = getattr(linear, "sequence_parallel", False)
+        linear.lora = LinearAdapters(parallel, As, Bs, config.scale, tp_group, sequence_parallel)
         linear.register_forward_hook(_add_adapter_output, with_kwargs=True)
     model.lora_config, model.lora_active = config, None
     return config
@@ -573,7 +600,7 @@ def save_lora(model: nn.Module, adapter: int, path: str | Path) -> None:
     shards = Path(path) / "shards"
 
     def write_shard():
-        if get_pg_rank(stage.pg_collection.dp) == 0:
+        if get_pg_rank(stage.pg_collection.dp_cp) == 0:  # one writer per shard, also CP
             shards.mkdir(parents=True, exist_ok=True)
             state = lora_state_dict(stage, adapter)
             atomic.save_safetensors(state, shards / f"lora_tp{tp_rank}_pp{pp_rank}.safetensors")

@@ -6,7 +6,10 @@ projections, per-head q/k RMSNorm and GELU(tanh) MLPs, and joins them in one att
 [text; image] with rotary positions (image: centred 2D plus frame index; text: after the image
 extent). Activations are one [text + image tokens, b, hidden] tensor, so a pipeline stage sends
 both streams at once. Projections, MLPs and the (large: 6 x hidden^2 per stream) modulation
-linears are tensor-parallel.
+linears are tensor-parallel. With sequence or context parallelism (parallel/sequence.py) each
+stream is split (and padded) on its own, the tensor holds this rank's [text rows; image rows],
+and the joint attention gathers both streams' whole sequences for its heads, joins them, attends
+with the text mask and splits them back.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+from megatron.core.tensor_parallel import (
+    all_gather_last_dim_from_tensor_parallel_region,
+    gather_from_tensor_model_parallel_region,
+)
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import (
@@ -41,6 +47,7 @@ from phased_dmd_mp.models.layers import (
 from phased_dmd_mp.models.rope import qwen_rotary
 from phased_dmd_mp.models.wan import MLPEmbedding
 from phased_dmd_mp.parallel.fp8 import layer_submodules
+from phased_dmd_mp.parallel.sequence import SequenceShards, mark_sequence_parallel
 from phased_dmd_mp.parallel.state import ensure_initialized
 
 EPS = 1e-6
@@ -49,9 +56,10 @@ TIMESTEP_CHANNELS = 256
 
 @dataclass
 class QwenConditioning:
-    text_len: int
+    text: SequenceShards  # this rank's rows of each stream
+    image: SequenceShards
     temb: Tensor  # [1, b, hidden]
-    image_rotary: tuple[Tensor, Tensor]
+    image_rotary: tuple[Tensor, Tensor]  # of the whole streams
     text_rotary: tuple[Tensor, Tensor]
     mask: Tensor | None  # [b, 1, 1, text + image] bool, True = attend
 
@@ -70,20 +78,31 @@ class JointAttention(MegatronModule):
         self.linear_proj = row_linear(submodules, config, tp_group, hidden, hidden)
         self.linear_added_proj = row_linear(submodules, config, tp_group, hidden, hidden)
 
-    def _qkv(self, linear, q_norm, k_norm, x: Tensor, rotary) -> tuple[Tensor, Tensor, Tensor]:
+    def _qkv(self, linear, q_norm, k_norm, x: Tensor, shards: SequenceShards, rotary):
+        """One stream's q, k, v [whole stream, b, heads here, head_dim]."""
         qkv, _ = linear(x)
         q, k, v = qkv.unflatten(-1, (-1, 3, self.head_dim)).unbind(-2)
-        return apply_rotary(q_norm(q), *rotary), apply_rotary(k_norm(k), *rotary), v
+        q, k, v = shards.heads(q_norm(q)), shards.heads(k_norm(k)), shards.heads(v)
+        return apply_rotary(q, *rotary), apply_rotary(k, *rotary), v
 
     def forward(self, image: Tensor, text: Tensor, cond: QwenConditioning):
-        image_qkv = self._qkv(self.linear_qkv, self.q_norm, self.k_norm, image, cond.image_rotary)
+        image_qkv = self._qkv(
+            self.linear_qkv, self.q_norm, self.k_norm, image, cond.image, cond.image_rotary
+        )
         text_qkv = self._qkv(
-            self.linear_added_qkv, self.added_q_norm, self.added_k_norm, text, cond.text_rotary
+            self.linear_added_qkv,
+            self.added_q_norm,
+            self.added_k_norm,
+            text,
+            cond.text,
+            cond.text_rotary,
         )
         joint = [torch.cat([t, i]) for t, i in zip(text_qkv, image_qkv)]
         out = self.core_attention(*joint, mask=cond.mask)
-        text_out, image_out = out.split([text.shape[0], image.shape[0]])
-        return self.linear_proj(image_out)[0], self.linear_added_proj(text_out)[0]
+        text_out, image_out = out.split([cond.text.tokens, cond.image.tokens])
+        image_out, _ = self.linear_proj(cond.image.rows(image_out))
+        text_out, _ = self.linear_added_proj(cond.text.rows(text_out))
+        return image_out, text_out
 
 
 class QwenImageLayer(MegatronModule, BaseTransformerLayer):
@@ -102,14 +121,20 @@ class QwenImageLayer(MegatronModule, BaseTransformerLayer):
         tp, hidden = pg_collection.tp, config.hidden_size
         # Each rank computes a slice of the 6 x hidden modulation, then all ranks gather it.
         self.tp_group = tp
-        self.img_modulation = column_linear(submodules, config, tp, hidden, 6 * hidden)
-        self.txt_modulation = column_linear(submodules, config, tp, hidden, 6 * hidden)
+        self.img_modulation = column_linear(
+            submodules, config, tp, hidden, 6 * hidden, whole_rows=True
+        )
+        self.txt_modulation = column_linear(
+            submodules, config, tp, hidden, 6 * hidden, whole_rows=True
+        )
         self.attention = JointAttention(config, submodules, tp)
         self.img_mlp = GeluMLP(config, submodules, tp, config.ffn_hidden_size)
         self.txt_mlp = GeluMLP(config, submodules, tp, config.ffn_hidden_size)
 
     def _modulation(self, linear, activated_temb: Tensor) -> Tensor:
         local, _ = linear(activated_temb)
+        if self.config.sequence_parallel:  # it meets local rows: gradients reduce-scattered
+            return all_gather_last_dim_from_tensor_parallel_region(local, group=self.tp_group)
         return gather_from_tensor_model_parallel_region(local, group=self.tp_group)
 
     @staticmethod
@@ -117,7 +142,8 @@ class QwenImageLayer(MegatronModule, BaseTransformerLayer):
         return F.layer_norm(x, x.shape[-1:], eps=EPS) * (1 + scale) + shift
 
     def forward(self, x: Tensor, cond: QwenConditioning) -> Tensor:
-        text, image = x.split([cond.text_len, x.shape[0] - cond.text_len])
+        text_rows = cond.text.local_rows
+        text, image = x.split([text_rows, x.shape[0] - text_rows])
         activated = F.silu(cond.temb)
         img_mod = self._modulation(self.img_modulation, activated).chunk(6, dim=-1)
         txt_mod = self._modulation(self.txt_modulation, activated).chunk(6, dim=-1)
@@ -188,11 +214,14 @@ class QwenImageDiT(DiTStage):
             self.time_embedding = MLPEmbedding(TIMESTEP_CHANNELS, hidden, nn.SiLU())
         if self.post_process:
             self.head = QwenImageHead(hidden, arch.patch_size**2 * arch.out_channels)
+            mark_sequence_parallel(config, self.head)  # runs on local rows
         self.to(execution.torch_dtype)
 
     def rows(self, hidden_states, encoder_hidden_states, *args, **kwargs) -> Rows:
-        """Row layout of the tensor this model's stages exchange for these inputs."""
-        return Rows(encoder_hidden_states.shape[1] + hidden_states.shape[1], (1,))
+        """Row layout of the tensor this model's stages exchange for these inputs: this rank's
+        text and image rows, the timestep embedding."""
+        text = self.shards(encoder_hidden_states.shape[1]).local_rows
+        return Rows(text + self.shards(hidden_states.shape[1]).local_rows, (1,))
 
     def forward(
         self,
@@ -204,8 +233,10 @@ class QwenImageDiT(DiTStage):
     ) -> Tensor:
         shapes = self._image_shapes(hidden_states, encoder_hidden_states, timestep, img_shapes)
         text_len = encoder_hidden_states.shape[1]
+        text_shards, image_shards = self.shards(text_len), self.shards(hidden_states.shape[1])
         if self.pre_process:
-            carried = self._embed(hidden_states, encoder_hidden_states, timestep)
+            text, image, temb = self._embed(hidden_states, encoder_hidden_states, timestep)
+            carried = torch.cat([text_shards.scatter(text), image_shards.scatter(image), temb])
         else:
             carried = self.stage_input()
         tokens, (temb,) = self.rows(hidden_states, encoder_hidden_states).split(carried)
@@ -217,20 +248,23 @@ class QwenImageDiT(DiTStage):
             image_mask = encoder_hidden_states_mask.new_ones(hidden_states.shape[:2])
             mask = torch.cat([encoder_hidden_states_mask, image_mask], dim=1).bool()
             mask = mask[:, None, None, :].to(tokens.device)
-        cond = QwenConditioning(text_len, temb, image_rotary, text_rotary, mask)
+        cond = QwenConditioning(text_shards, image_shards, temb, image_rotary, text_rotary, mask)
         tokens = self.decoder(tokens, cond)
         if not self.post_process:
             return torch.cat([tokens, temb])
-        return self.head(tokens[text_len:], temb).transpose(0, 1)
+        image = tokens[text_shards.local_rows :]
+        velocity = self.head(image, image_shards.conditioning(temb))
+        return image_shards.gather(velocity).transpose(0, 1)
 
-    def _embed(self, hidden_states: Tensor, text: Tensor, timestep: Tensor) -> Tensor:
-        """First stage: [text tokens; image tokens; timestep embedding], [rows, b, hidden]."""
+    def _embed(self, hidden_states: Tensor, text: Tensor, timestep: Tensor) -> list[Tensor]:
+        """First stage: text tokens, image tokens and the timestep embedding, each [rows, b,
+        hidden]."""
         image = self.img_in(hidden_states.to(self.dtype))
         timestep = timestep.to(self.dtype)  # as the reference: bf16 models see bf16 timesteps
         text = self.txt_in(self.txt_norm(text.to(self.dtype)))
         frequencies = timestep_embedding(timestep, TIMESTEP_CHANNELS, scale=1000.0)
         temb = self.time_embedding(frequencies.to(self.dtype))
-        return torch.cat([text.transpose(0, 1), image.transpose(0, 1), temb[None]])
+        return [text.transpose(0, 1), image.transpose(0, 1), temb[None]]
 
     def _image_shapes(
         self, hidden_states, text, timestep, img_shapes

@@ -6,7 +6,10 @@ Each layer: adaLN-modulated self-attention with 3D rotary embeddings and q/k RMS
 heads, cross-attention to the text (plus, in Wan2.1 I2V, to the CLIP image tokens), and an
 adaLN-modulated GELU(tanh) MLP. Norms and modulation are computed in float32 as in the
 reference. Attention, MLP and q/k norms are tensor-parallel (each rank holds whole heads); the
-embedders and the output head are small and replicated.
+embedders and the output head are small and replicated. With sequence or context parallelism
+(parallel/sequence.py) the layers and the head work on this rank's token rows; the text, CLIP
+image and (one timestep per sample) modulation rows stay whole; Wan2.2 TI2V's per-token
+modulation rows split like the tokens.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from phased_dmd_mp.models.layers import (
 )
 from phased_dmd_mp.models.rope import wan_rotary
 from phased_dmd_mp.parallel.fp8 import layer_submodules
+from phased_dmd_mp.parallel.sequence import SequenceShards, mark_sequence_parallel
 from phased_dmd_mp.parallel.state import ensure_initialized
 
 
@@ -51,8 +55,9 @@ class WanConditioning:
 
     text: Tensor  # [text tokens, b, hidden]
     image: Tensor | None  # [image tokens, b, hidden] (Wan2.1 I2V) or None
-    modulation: Tensor  # [6, 1 or tokens, b, hidden]: shift, scale, gate of attention and MLP
-    rotary: tuple[Tensor, Tensor]
+    modulation: Tensor  # [6, 1 or local rows, b, hidden]: shift, scale, gate of attention, MLP
+    rotary: tuple[Tensor, Tensor]  # of the whole sequence
+    shards: SequenceShards  # this rank's token rows
 
 
 class WanSelfAttention(MegatronModule):
@@ -66,12 +71,14 @@ class WanSelfAttention(MegatronModule):
         self.core_attention = submodules.core_attention()
         self.linear_proj = row_linear(submodules, config, tp_group, hidden, hidden)
 
-    def forward(self, x: Tensor, rotary: tuple[Tensor, Tensor]) -> Tensor:
+    def forward(self, x: Tensor, rotary: tuple[Tensor, Tensor], shards: SequenceShards):
         qkv, _ = self.linear_qkv(x)
         q, k, v = qkv.unflatten(-1, (-1, 3, self.head_dim)).unbind(-2)
-        q = apply_rotary(split_heads(self.q_norm(q.flatten(2)), self.head_dim), *rotary)
-        k = apply_rotary(split_heads(self.k_norm(k.flatten(2)), self.head_dim), *rotary)
-        out, _ = self.linear_proj(self.core_attention(q, k, v))
+        q = split_heads(self.q_norm(q.flatten(2)), self.head_dim)  # the norm spans all heads
+        k = split_heads(self.k_norm(k.flatten(2)), self.head_dim)
+        q, k, v = shards.heads(q), shards.heads(k), shards.heads(v)  # the whole sequence
+        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        out, _ = self.linear_proj(shards.rows(self.core_attention(q, k, v)))
         return out
 
 
@@ -79,12 +86,17 @@ class WanCrossAttention(MegatronModule):
     def __init__(self, config, submodules: LinearSubmodules, tp_group, eps: float, image: bool):
         super().__init__(config)
         hidden, self.head_dim = config.hidden_size, config.kv_channels
+        # Local query rows attend to the whole context: no sequence exchange is needed.
         self.linear_q = column_linear(submodules, config, tp_group, hidden, hidden)
-        self.linear_kv = column_linear(submodules, config, tp_group, hidden, 2 * hidden)
+        self.linear_kv = column_linear(
+            submodules, config, tp_group, hidden, 2 * hidden, whole_rows=True
+        )
         self.q_norm = ShardedRMSNorm(hidden, eps, tp_group)
         self.k_norm = ShardedRMSNorm(hidden, eps, tp_group)
         if image:
-            self.linear_kv_image = column_linear(submodules, config, tp_group, hidden, 2 * hidden)
+            self.linear_kv_image = column_linear(
+                submodules, config, tp_group, hidden, 2 * hidden, whole_rows=True
+            )
             self.k_norm_image = ShardedRMSNorm(hidden, eps, tp_group)
         self.core_attention = submodules.core_attention()
         self.linear_proj = row_linear(submodules, config, tp_group, hidden, hidden)
@@ -128,13 +140,14 @@ class WanLayer(MegatronModule, BaseTransformerLayer):
             config, submodules, tp, eps, image=arch.added_kv_proj_dim is not None
         )
         self.mlp = GeluMLP(config, submodules, tp, arch.ffn_dim)
+        mark_sequence_parallel(config, self.modulation, self.cross_attention_norm)
 
     def forward(self, x: Tensor, cond: WanConditioning) -> Tensor:
         table = self.modulation.float().transpose(0, 1)[:, :, None]  # [6, 1, 1, hidden]
         shift, scale, gate, mlp_shift, mlp_scale, mlp_gate = table + cond.modulation.float()
 
         normed = (layer_norm_fp32(x, self.eps) * (1 + scale) + shift).to(x.dtype)
-        x = (x.float() + self.self_attention(normed, cond.rotary) * gate).to(x.dtype)
+        x = (x.float() + self.self_attention(normed, cond.rotary, cond.shards) * gate).to(x.dtype)
 
         normed = x if self.cross_attention_norm is None else self.cross_attention_norm(x)
         x = x + self.cross_attention(normed, cond.text, cond.image)
@@ -239,16 +252,18 @@ class WanDiT(DiTStage):
                 )
         if self.post_process:
             self.head = WanHead(hidden, arch.out_channels * math.prod(arch.patch_size), arch.eps)
+            mark_sequence_parallel(config, self.head)  # runs on local rows
         self.to(execution.torch_dtype)
 
     def rows(
         self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image=None
     ):
-        """Row layout of the tensor this model's stages exchange for these inputs."""
-        tokens = math.prod(self._grid(hidden_states))
-        times = timestep.shape[1] if timestep.ndim == 2 else 1
+        """Row layout of the tensor this model's stages exchange for these inputs: this rank's
+        token rows (and per-token modulation rows), the whole context and modulation rows."""
+        local = self.shards(math.prod(self._grid(hidden_states))).local_rows
+        times = local if timestep.ndim == 2 else 1
         image = self._image_tokens(encoder_hidden_states_image)
-        return Rows(tokens, (encoder_hidden_states.shape[1], image, 6 * times, times))
+        return Rows(local, (encoder_hidden_states.shape[1], image, 6 * times, times))
 
     def forward(
         self,
@@ -261,22 +276,27 @@ class WanDiT(DiTStage):
             hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image
         )
         args = (hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image)
-        if self.pre_process and self.post_process:  # one stage sends nothing: no concatenation
-            tokens, text, image, modulation, temb = self._embed(*args)
-        else:
-            carried = torch.cat(self._embed(*args)) if self.pre_process else self.stage_input()
-            tokens, (text, image, modulation, temb) = self.rows(*args).split(carried)
         grid = self._grid(hidden_states)
+        shards = self.shards(math.prod(grid))
+        if self.pre_process and self.post_process:  # one stage sends nothing: no concatenation
+            tokens, text, image, modulation, temb = self._split(self._embed(*args), shards)
+        else:
+            if self.pre_process:
+                carried = torch.cat(self._split(self._embed(*args), shards))
+            else:
+                carried = self.stage_input()
+            tokens, (text, image, modulation, temb) = self.rows(*args).split(carried)
         cond = WanConditioning(
             text=text,
             image=image if image.shape[0] else None,
             modulation=modulation.unflatten(0, (6, -1)),
             rotary=wan_rotary(grid, self.arch.attention_head_dim, device=tokens.device),
+            shards=shards,
         )
         tokens = self.decoder(tokens, cond)
         if not self.post_process:
             return torch.cat([tokens, text, image, modulation, temb])
-        return self._unpatchify(self.head(tokens, temb), grid)
+        return self._unpatchify(shards.gather(self.head(tokens, temb)), grid)
 
     def _grid(self, hidden_states: Tensor) -> tuple[int, int, int]:
         return tuple(n // p for n, p in zip(hidden_states.shape[2:], self.arch.patch_size))
@@ -308,6 +328,20 @@ class WanDiT(DiTStage):
             image = tokens.new_zeros(0, batch, tokens.shape[-1])
         else:
             image = self.image_embedding(image.to(self.dtype)).transpose(0, 1)
+        return [tokens, text, image, modulation, temb]
+
+    @staticmethod
+    def _split(embedded: list[Tensor], shards: SequenceShards) -> list[Tensor]:
+        """`_embed`'s rows with the tokens (and per-token modulation rows) cut to this rank's;
+        one timestep per sample: its modulation rows stay whole (they meet local rows only)."""
+        tokens, text, image, modulation, temb = embedded
+        tokens = shards.scatter(tokens)
+        if temb.shape[0] == 1:
+            modulation, temb = shards.conditioning(modulation, temb)
+        else:  # Wan2.2 TI2V: [6 x tokens] rows, token-major within each of the 6 tables
+            per_token = modulation.unflatten(0, (6, -1)).transpose(0, 1)
+            modulation = shards.scatter(per_token).transpose(0, 1).flatten(0, 1)
+            temb = shards.scatter(temb)
         return [tokens, text, image, modulation, temb]
 
     def _unpatchify(self, x: Tensor, grid: tuple[int, int, int]) -> Tensor:

@@ -3,7 +3,9 @@
 Those code paths allocate with `device="cuda"` / `torch.cuda.current_device()` and call
 `torch.cuda.synchronize()` even when the process group is gloo. `cuda_calls_on_cpu()` redirects
 exactly these: factory calls asking for a CUDA device get the CPU, `current_device()` answers
-device 0 (which then also lands on the CPU), and `synchronize()` is a no-op, as CPU ops are
+the CPU device (so `device=torch.cuda.current_device()` lands there even where the factory
+redirection is off: inside autograd's backward, where megatron's sequence-parallel mappings
+allocate their gathers and reduce-scatters), and `synchronize()` is a no-op, as CPU ops are
 synchronous. Megatron's optimizers also pick a parameter's role by its type name
 (`param.type() in ['torch.cuda.BFloat16Tensor', ...]` builds the fp32 main copy), so inside the
 context a CPU tensor answers `type()` with the CUDA name of its dtype. With a CUDA device present
@@ -47,7 +49,7 @@ def cuda_calls_on_cpu():
         yield
         return
     with (
-        mock.patch.object(torch.cuda, "current_device", lambda: 0),
+        mock.patch.object(torch.cuda, "current_device", lambda: torch.device("cpu")),
         mock.patch.object(torch.cuda, "synchronize", lambda device=None: None),
         _CudaFactoriesOnCpu(),
     ):

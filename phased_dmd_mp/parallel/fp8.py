@@ -21,6 +21,7 @@ from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
 )
 from torch import Tensor
 
@@ -95,10 +96,14 @@ def fp8_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 class _FP8Matmul:
     """Replaces megatron's matmul (`_forward_impl`) by the FP8 one; the tensor-parallel
-    communication around it (input all-reduce in backward, output all-reduce) is megatron's."""
+    communication around it (input all-reduce in backward, output all-reduce; under sequence
+    parallelism the rows' all-gather and reduce-scatter) is megatron's. Its E4M3 copy of the
+    gathered rows is what backward keeps."""
 
-    def _forward_impl(self, input, weight, bias, allreduce_dgrad, tp_group, **_):
-        if allreduce_dgrad:  # column-parallel: the input's gradient sums over the TP group
+    def _forward_impl(self, input, weight, bias, allreduce_dgrad, tp_group, **kwargs):
+        if kwargs.get("sequence_parallel"):  # column-parallel: all-gather the rows first
+            input = gather_from_sequence_parallel_region(input, group=tp_group)
+        elif allreduce_dgrad:  # column-parallel: the input's gradient sums over the TP group
             input = copy_to_tensor_model_parallel_region(input, group=tp_group)
         return fp8_linear(input, weight, bias)
 

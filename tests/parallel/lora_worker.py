@@ -1,12 +1,13 @@
-"""torchrun worker: LoRA adapters on TP x PP layouts against single-process references written
-by tests/test_models_lora.py.
+"""torchrun worker: LoRA adapters on TP x PP x CP layouts (with and without sequence
+parallelism) against single-process references written by tests/test_models_lora.py.
 
-    torchrun --nproc_per_node=N tests/parallel/lora_worker.py --layouts 2x1 1x2 --save DIR REF.pt
+    torchrun --nproc_per_node=N tests/parallel/lora_worker.py REF.pt --save DIR --layouts tp2 pp2
 
+Layouts are named as in dit_worker.py (tp2-cp2-sp: TP = 2 x CP = 2 with sequence parallelism).
 For each layout (one after the other in the same processes) every rank builds its stage, loads
 its shard of the base weights, adds the adapters (checking that their initial A's are the
 reference's: the init does not depend on the layout), loads its shard of each adapter, and runs
-megatron's schedules with adapter 1 active: outputs on the last stage and the DDP-averaged
+megatron's schedules with adapter 1 active: outputs on the last stage and the finalised
 gradients of both adapters (adapter 0 unused: zero) are compared with the reference. Then
 `save_lora` writes adapter 1 to DIR/<layout>/<reference name>, for the test to compare.
 Mismatches are collected, not raised, so that no rank leaves the others in a collective.
@@ -20,7 +21,9 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state
 
-from phased_dmd_mp.models import build, load_whole_state_dict
+from dit_worker import parse_layout
+
+from phased_dmd_mp.models import ExecutionConfig, build, load_whole_state_dict
 from phased_dmd_mp.models.convert import MODEL_KINDS
 from phased_dmd_mp.models.lora import (
     adapter_parameters,
@@ -44,10 +47,13 @@ def check(name: str, actual: torch.Tensor, expected: torch.Tensor, tolerance: fl
         MISMATCHES.append(f"{name}: relative error {error:.2e} >= {tolerance:.0e}")
 
 
-def run_reference(path: str, groups, tp: int, pp: int, save: Path) -> None:
+def run_reference(path: str, groups, layout: str, save: Path) -> None:
+    sizes = parse_layout(layout)
+    tp, pp = sizes["tp"], sizes["pp"]
     reference = torch.load(path, weights_only=False)
     arch = MODEL_KINDS[reference["model"]](**reference["arch"])
-    stage = build(arch, pg_collection=groups, init_weights=False)
+    execution = ExecutionConfig(sequence_parallel=sizes["sp"])
+    stage = build(arch, execution, pg_collection=groups, init_weights=False)
     load_whole_state_dict(stage, reference["base"])
     add_lora(stage, **reference["lora"])
     ranks = (groups.tp.rank(), groups.pp.rank())
@@ -65,33 +71,35 @@ def run_reference(path: str, groups, tp: int, pp: int, save: Path) -> None:
     outputs = pipeline.forward(stage, [inputs for inputs, _ in samples])
     if last_stage:
         for i, output in enumerate(outputs):
-            check(f"{path} output {i}", output, reference["outputs"][i], 1e-5)
+            check(f"{path} {layout} output {i}", output, reference["outputs"][i], 1e-5)
 
     model = pipeline.data_parallel(stage)
     model.zero_grad_buffer()
     pipeline.forward_backward(model, samples, lambda output, weight: (output * weight).sum())
-    model.finish_grad_sync()
+    pipeline.finish_grad_sync(model)
     expected = shard_lora(reference["grads"], arch, tp, pp)[ranks]
     names = list(lora_state_dict(stage, 1))
     for name, param in zip(names, adapter_parameters(stage, 1)):
-        check(f"{path} grad {name}", param.main_grad, expected[name], 1e-4)
+        check(f"{path} {layout} grad {name}", param.main_grad, expected[name], 1e-5)
     if any(param.main_grad.any() for param in adapter_parameters(stage, 0)):
         MISMATCHES.append(f"{path}: the inactive adapter 0 got gradients")
-    save_lora(stage, 1, save / f"tp{tp}_pp{pp}" / Path(path).stem)
+    save_lora(stage, 1, save / layout / Path(path).stem)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--layouts", nargs="+", required=True, help="TPxPP, e.g. 2x1 1x2")
+    parser.add_argument("--layouts", nargs="+", required=True, help="e.g. tp2 pp2 tp2-sp cp2")
     parser.add_argument("--save", type=Path, required=True)
     parser.add_argument("references", nargs="+")
     args = parser.parse_args()
     torch.manual_seed(0)
     for layout in args.layouts:
-        tp, pp = map(int, layout.split("x"))
-        groups = initialize(tp, pp, timeout=datetime.timedelta(seconds=120))
+        sizes = parse_layout(layout)
+        timeout = datetime.timedelta(seconds=120)
+        groups = initialize(sizes["tp"], sizes["pp"], context_parallel=sizes["cp"],
+                            timeout=timeout)  # fmt: skip
         for path in args.references:
-            run_reference(path, groups, tp, pp, args.save)
+            run_reference(path, groups, layout, args.save)
         parallel_state.destroy_model_parallel()  # the next layout builds its own groups
     rank = torch.distributed.get_rank()
     destroy()
