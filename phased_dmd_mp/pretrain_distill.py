@@ -92,6 +92,7 @@ def _main(argv: list[str] | None) -> int:
         initialize(
             config.tensor_parallel,
             config.pipeline_parallel,
+            context_parallel=config.context_parallel,
             timeout=datetime.timedelta(seconds=config.collective_timeout),
         )
     except ConfigError as error:  # what only the launched job can check, e.g. its world size

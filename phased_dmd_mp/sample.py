@@ -67,6 +67,7 @@ from phased_dmd_mp.eval.report import save_grid, video_strip
 from phased_dmd_mp.eval.samples import SampleFile
 from phased_dmd_mp.evaluate import EvalConfig
 from phased_dmd_mp.models import ExecutionConfig
+from phased_dmd_mp.parallel.layout import sequence_parallel_on
 from phased_dmd_mp.parallel.state import initialize
 from phased_dmd_mp.sampling import ConditionedVelocityFn, guided, sample
 from phased_dmd_mp.schedule import timestep_table
@@ -98,14 +99,22 @@ class Runtime:
     execution: ExecutionConfig
 
     @staticmethod
-    def start(tensor_parallel: int = 1, pipeline_parallel: int = 1, dtype: str | None = None):
-        """Join the process group (a world of one outside torchrun); dtype None: bfloat16 on
-        a GPU, float32 on the CPU."""
-        initialize(tensor_parallel, pipeline_parallel)
+    def start(
+        tensor_parallel: int = 1,
+        pipeline_parallel: int = 1,
+        context_parallel: int = 1,
+        sequence_parallel: bool | None = None,
+        dtype: str | None = None,
+    ):
+        """Join the process group (a world of one outside torchrun) in this layout
+        (sequence_parallel None: on where tensor_parallel > 1, as in a distillation run);
+        dtype None: bfloat16 on a GPU, float32 on the CPU."""
+        initialize(tensor_parallel, pipeline_parallel, context_parallel=context_parallel)
         cuda = torch.cuda.is_available()
         dtype = dtype or ("bfloat16" if cuda else "float32")
         device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-        return Runtime(device, ExecutionConfig(dtype=dtype))
+        sequence_parallel = sequence_parallel_on(sequence_parallel, tensor_parallel)
+        return Runtime(device, ExecutionConfig(dtype=dtype, sequence_parallel=sequence_parallel))
 
     def load(self, directory: Path) -> VelocityModel:
         """A diffusers transformer folder as this rank's shard, frozen, on the device."""
@@ -163,18 +172,21 @@ def teacher_source(
     )
 
 
-def run_layout(run_dir: str | Path) -> tuple[int, int]:
-    """(tensor_parallel, pipeline_parallel) of a distillation run (RUN/config.yaml)."""
+LAYOUT_KEYS = ("tensor_parallel", "pipeline_parallel", "context_parallel", "sequence_parallel")
+
+
+def run_layout(run_dir: str | Path) -> dict:
+    """The parallel layout of a distillation run (RUN/config.yaml): `Runtime.start` keywords."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         path = Path(run_dir).parent / "config.yaml"  # RUN/export given
     config = yaml.safe_load(path.read_text()) if path.is_file() else {}
-    return config.get("tensor_parallel", 1), config.get("pipeline_parallel", 1)
+    return {key: config[key] for key in LAYOUT_KEYS if key in config}
 
 
 def generator_source(run_dir: str | Path, runtime: Runtime | None = None) -> Source:
     """The MoE generator a distillation run exported (RUN or RUN/export)."""
-    runtime = runtime or Runtime.start(*run_layout(run_dir))
+    runtime = runtime or Runtime.start(**run_layout(run_dir))
     folder = Path(run_dir)
     if not (folder / "generator.json").is_file():
         folder = folder / "export"
@@ -424,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pipeline-parallel", type=int, help="teacher layout under torchrun (default 1)"
     )
+    parser.add_argument(
+        "--context-parallel", type=int, help="teacher layout under torchrun (default 1)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--overwrite", action="store_true", help="replace samples already in --out")
     args = parser.parse_args(argv)
@@ -431,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--seeds must be >= 2 (the evaluation measures diversity over seed pairs)")
     if args.batch is not None and args.batch < 1:
         parser.error("--batch must be >= 1")
-    if args.checkpoint and (args.tensor_parallel, args.pipeline_parallel) != (None, None):
+    layout_flags = (args.tensor_parallel, args.pipeline_parallel, args.context_parallel)
+    if args.checkpoint and layout_flags != (None, None, None):
         parser.error("--checkpoint runs in the run's own layout (its config.yaml)")
     done = (args.out / "samples.npz").exists() or (args.out / "grid.png").exists()
     if done and not args.overwrite:
@@ -444,11 +460,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         if args.checkpoint:
-            runtime = Runtime.start(*run_layout(args.checkpoint), args.dtype)
+            runtime = Runtime.start(**run_layout(args.checkpoint), dtype=args.dtype)
             source = generator_source(args.checkpoint, runtime)
         else:
-            layout = (args.tensor_parallel or 1, args.pipeline_parallel or 1)
-            runtime = Runtime.start(*layout, args.dtype)
+            layout = [flag or 1 for flag in layout_flags]
+            runtime = Runtime.start(*layout, dtype=args.dtype)
             source = teacher_source(args.teacher, args.steps, args.guidance, args.shift, runtime)
         batch = args.batch or (1 if source.pipeline is not None else SAMPLE_BATCH)
         progress = not args.no_progress and dist.get_rank() == 0

@@ -7,9 +7,11 @@ YAML as it is and overrides only size keys:
     batch_size                  2 per data-parallel rank (micro_batch_size: at most that)
     iterations_per_phase        2 generator updates in all, at least one per phase
     log_every, sample_every, checkpoint_every   1 (every iteration logs, samples, checkpoints)
-    tensor_parallel, pipeline_parallel   1 in one process; under torchrun 2 where the recipe's is
-                                above 1, and data parallel is the rest of 2 ranks (a TP=8 recipe
-                                rehearses as TP=2, DP=1; a data-parallel one as DP=2)
+    tensor_parallel, pipeline_parallel, context_parallel   1 in one process; under torchrun 2
+                                where the recipe's is above 1, and data parallel is the rest of
+                                2 ranks, or of TP x PP x CP where that is more (a TP=8 recipe
+                                rehearses as TP=2, DP=1; a TP=8 x CP=2 one on 4 ranks; a
+                                data-parallel one as DP=2); sequence_parallel stays the recipe's
     architecture, latent_shape  the tiny teacher's (its architecture.yaml: the recipe's named
                                 architecture shrunk), which the run checks against the teacher
 
@@ -21,7 +23,8 @@ The tiny teacher (`write_teacher`): the recipe's architecture config (RECIPES: a
 configs/models/, or for the embedded teachers their pretrain_teacher config) with widths and
 depth shrunk (`tiny_arch`) and everything that shapes the data path kept: patch size, in/out
 channels (so I2V's extra image-latent channels), image cross-attention, Qwen-Image's packing.
-Its random weights go through our converter into the teacher directory layout
+Its heads are 2, or TP x CP of the torchrun rehearsal where that is more (heads must divide
+by it). Its random weights go through our converter into the teacher directory layout
 (data/teacher.py), with a condition set holding what the family needs: `text` always,
 `text_mask` for Qwen-Image, `image_latents` for Wan I2V (in_channels - out_channels channels),
 `image_embeds` for Wan2.1 I2V; a two-expert teacher (Wan2.2) gets its low-noise expert in
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,19 +98,26 @@ def load_recipe(name: str) -> dict:
     return yaml.safe_load((CONFIGS / name).read_text())
 
 
-def scaled_layout(recipe: dict, world_size: int) -> tuple[int, int]:
-    """(tensor_parallel, pipeline_parallel) of the rehearsal on world_size ranks."""
+LAYOUT_KEYS = ("tensor_parallel", "pipeline_parallel", "context_parallel")
+
+
+def scaled_layout(recipe: dict, world_size: int) -> tuple[int, int, int]:
+    """(tensor_parallel, pipeline_parallel, context_parallel) of the rehearsal on world_size
+    ranks."""
     if world_size == 1:
-        return 1, 1
-    return tuple(
-        2 if recipe.get(key, 1) > 1 else 1 for key in ("tensor_parallel", "pipeline_parallel")
-    )
+        return 1, 1, 1
+    return tuple(2 if recipe.get(key, 1) > 1 else 1 for key in LAYOUT_KEYS)
 
 
 def rehearsal_world_size(name: str) -> int:
-    """Ranks of the torchrun rehearsal: 2, or 4 for a recipe with both TP and PP."""
-    tp, pp = scaled_layout(load_recipe(name), 2)
-    return max(2, tp * pp)
+    """Ranks of the torchrun rehearsal: 2, or TP x PP x CP where a recipe uses several."""
+    return max(2, math.prod(scaled_layout(load_recipe(name), 2)))
+
+
+def tiny_heads(recipe: dict) -> int:
+    """Heads of the recipe's tiny teacher: 2, or its rehearsal's TP x CP where that is more."""
+    tp, _, cp = scaled_layout(recipe, 2)
+    return max(2, tp * cp)
 
 
 def rehearsal_overrides(name: str, teacher: Path, world_size: int = 1) -> list[str]:
@@ -116,16 +127,17 @@ def rehearsal_overrides(name: str, teacher: Path, world_size: int = 1) -> list[s
 
 def shrink(recipe: dict, teacher: Path, world_size: int = 1) -> list[str]:
     """The size-key overrides (module docstring) of a run whose own keys are `recipe`."""
-    tp, pp = scaled_layout(recipe, world_size)
+    tp, pp, cp = scaled_layout(recipe, world_size)
     overrides = [
         f"teacher={teacher}",
-        f"batch_size={RANK_BATCH * world_size // (tp * pp)}",
+        f"batch_size={RANK_BATCH * world_size // (tp * pp * cp)}",
         f"iterations_per_phase={max(1, ITERATIONS // recipe.get('num_phases', DEFAULT_PHASES))}",
         "log_every=1",
         "sample_every=1",
         "checkpoint_every=1",
         f"tensor_parallel={tp}",
         f"pipeline_parallel={pp}",
+        f"context_parallel={cp}",
     ]
     if recipe.get("teacher_low_noise") is not None:
         overrides.append(f"teacher_low_noise={teacher / 'transformer_2'}")
@@ -145,7 +157,7 @@ def shrink(recipe: dict, teacher: Path, world_size: int = 1) -> list[str]:
 SIZE_KEYS = {
     "teacher", "teacher_low_noise", "conditions", "batch_size", "micro_batch_size",
     "iterations_per_phase", "log_every", "sample_every", "checkpoint_every",
-    "tensor_parallel", "pipeline_parallel", "architecture", "latent_shape",
+    "tensor_parallel", "pipeline_parallel", "context_parallel", "architecture", "latent_shape",
 }  # fmt: skip
 ARCHITECTURE_FILE = "architecture.yaml"  # the tiny teacher's architecture, as configs/models/
 
@@ -165,15 +177,16 @@ def model_config(path: str) -> WanConfig | QwenImageConfig:
     return load_config(cls, CONFIGS / path)
 
 
-def tiny_arch(arch: WanConfig | QwenImageConfig) -> WanConfig | QwenImageConfig:
+def tiny_arch(arch: WanConfig | QwenImageConfig, heads: int = 2) -> WanConfig | QwenImageConfig:
     """`arch` with its widths and depth shrunk; the data path (patches, channels, image
-    conditioning) unchanged. Heads and FFN stay divisible by 2 ranks, layers by 2 stages."""
+    conditioning) unchanged. Heads (`heads` of 8 channels) and FFN stay divisible by 2 ranks,
+    layers by 2 stages."""
+    widths = {**TINY_WIDTHS, "num_attention_heads": heads}
     if isinstance(arch, WanConfig):
-        image = {} if arch.image_dim is None else {"image_dim": 8, "added_kv_proj_dim": 16}
-        return dataclasses.replace(
-            arch, **TINY_WIDTHS, ffn_dim=32, text_dim=8, freq_dim=16, **image
-        )
-    return dataclasses.replace(arch, **TINY_WIDTHS, joint_attention_dim=8, axes_dims_rope=(2, 2, 4))
+        hidden = heads * TINY_WIDTHS["attention_head_dim"]
+        image = {} if arch.image_dim is None else {"image_dim": 8, "added_kv_proj_dim": hidden}
+        return dataclasses.replace(arch, **widths, ffn_dim=32, text_dim=8, freq_dim=16, **image)
+    return dataclasses.replace(arch, **widths, joint_attention_dim=8, axes_dims_rope=(2, 2, 4))
 
 
 def tiny_latent_shape(arch: WanConfig | QwenImageConfig) -> tuple[int, int, int, int]:
@@ -253,7 +266,8 @@ def write_recipe_teacher(name: str, out: Path) -> Path:
     teacher = RECIPES[name]
     if not teacher.model.startswith("models/"):
         return rehearse_teacher_training(teacher.model, out)
-    return write_teacher(out, tiny_arch(model_config(teacher.model)), teacher.boundary_ratio)
+    arch = tiny_arch(model_config(teacher.model), tiny_heads(load_recipe(name)))
+    return write_teacher(out, arch, teacher.boundary_ratio)
 
 
 # --- what a rehearsal checks ----------------------------------------------------------------

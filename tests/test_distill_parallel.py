@@ -1,7 +1,8 @@
-"""The distillation runner under torchrun on CPU (gloo): tensor and pipeline parallel runs train
-the same generator as one process, data-parallel replicas stay identical, for every algorithm
-each layout supports."""
+"""The distillation runner under torchrun on CPU (gloo): tensor (with sequence parallelism, the
+default), pipeline and context parallel runs train the same generator as one process,
+data-parallel replicas stay identical, for every algorithm each layout supports."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from distill_helpers import ALGORITHMS
+from distill_helpers import ALGORITHMS, TINY_WAN, run_distill, write_tiny_teacher
 
 from phased_dmd_mp.models.convert import read_diffusers_dir
 
@@ -26,11 +27,11 @@ SINGLE_GRADED_STEP = [
 ]
 
 
-def torchrun(teacher: Path, out: Path, layout: str, names: list[str]) -> None:
+def torchrun(teacher: Path, out: Path, layout: str, names: list[str], nproc: int = 2) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        str(WORKER), str(teacher), str(out), layout, *names,
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={nproc}", str(WORKER), str(teacher), str(out), layout, *names,
     ]  # fmt: skip
     result = subprocess.run(
         command, env=env, capture_output=True, text=True, timeout=500, check=False
@@ -56,6 +57,7 @@ def assert_same_generator(run: Path, reference: Path, atol: float) -> None:
         # thread) only reorder float sums, ~5e-7.
         ("tensor_parallel=2", list(ALGORITHMS), 1e-5),
         ("pipeline_parallel=2", SINGLE_GRADED_STEP, 1e-5),
+        ("context_parallel=2", list(ALGORITHMS), 1e-5),
     ],
 )
 def test_model_parallel_runs_match_one_process(
@@ -71,3 +73,24 @@ def test_data_parallel_replicas_stay_identical_and_resume_exactly(tmp_path, teac
     from a checkpoint after one iteration and checks it ends identical."""
     torchrun(teacher, tmp_path, "batch_size=4", ["phased_dmd_sgts", "few_step_dmd"])
     assert (tmp_path / "few_step_dmd" / "export" / "generator.json").is_file()
+
+
+# Heads divisible by TP x CP = 4 (the shared tiny teacher has 2).
+FOUR_HEADS = dataclasses.replace(TINY_WAN, num_attention_heads=4, attention_head_dim=4)
+TP_X_CP = ["phased_dmd_all", "phased_dmd_lora"]  # through every step; LoRA experts
+
+
+def test_tensor_parallel_2_x_context_parallel_2_matches_one_process(tmp_path):
+    teacher = write_tiny_teacher(tmp_path / "teacher", arch=FOUR_HEADS)
+    for name in TP_X_CP:
+        assert run_distill(tmp_path / "one" / name, teacher, *ALGORITHMS[name]) == 0
+    torchrun(teacher, tmp_path / "four", "tensor_parallel=2 context_parallel=2", TP_X_CP, nproc=4)
+    for name in TP_X_CP:
+        assert_same_generator(tmp_path / "four" / name, tmp_path / "one" / name, 1e-5)
+
+
+def test_context_parallel_2_x_data_parallel_2_replicas_and_resume(tmp_path, teacher):
+    """The two CP ranks of each data-parallel replica share its samples and checkpoint files
+    (written once); the worker resumes after one iteration and must end bit-identical."""
+    torchrun(teacher, tmp_path, "context_parallel=2 batch_size=4", ["phased_dmd_sgts"], nproc=4)
+    assert (tmp_path / "phased_dmd_sgts" / "export" / "generator.json").is_file()

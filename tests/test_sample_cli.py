@@ -102,21 +102,25 @@ def test_user_mistakes_are_one_line_errors(teacher_dir, tmp_path, capsys):
         assert code == 2 and message in err and "Traceback" not in err, err
 
 
-@pytest.mark.parametrize("layout", ["pipeline_parallel", "data_parallel"])
+@pytest.mark.parametrize(
+    "layout", ["pipeline_parallel", "tensor_parallel", "context_parallel", "data_parallel"]
+)
 def test_torchrun_samples_in_the_runs_layout_equal_one_process(
     layout, tmp_path, single_process_runs, capsys
 ):
-    """2 ranks: the run's config says pipeline_parallel 2 (each rank loads its stage), or the
-    run is single-rank and the 2 ranks split the samples; both give one process's samples."""
+    """2 ranks: the run's config says pipeline_parallel 2 (each rank loads its stage),
+    tensor_parallel 2 (with sequence parallelism, its default) or context_parallel 2 (each rank
+    holds half the tokens), or the run is single-rank and the 2 ranks split the samples; all
+    give one process's samples."""
     run = tmp_path / "run"
     shutil.copytree(single_process_runs["phased_dmd_sgts"], run)
     code, err = run_cli(
         sample.main, ["--checkpoint", str(run), "--out", str(tmp_path / "one"), "--seeds", "3",
                       "--batch", "4", "--no-progress"], capsys)  # fmt: skip
     assert code == 0, err
-    if layout == "pipeline_parallel":
+    if layout != "data_parallel":
         config = yaml.safe_load((run / "config.yaml").read_text())
-        (run / "config.yaml").write_text(yaml.safe_dump({**config, "pipeline_parallel": 2}))
+        (run / "config.yaml").write_text(yaml.safe_dump({**config, layout: 2}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

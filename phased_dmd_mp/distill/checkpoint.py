@@ -51,6 +51,8 @@ def _ranks() -> tuple[int, int, int]:
 
 
 def layout() -> dict[str, int]:
+    """The sizes the files depend on (not context parallelism: a CP group shares its files, so a
+    run may resume at another context-parallel size)."""
     return {
         "data_parallel": parallel_state.get_data_parallel_world_size(),
         "tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
@@ -129,6 +131,8 @@ def save(
     writes = {_rank_file(dp, tp, pp): rank_state}
     if dp == 0:
         writes[_model_file(tp, pp)] = model_state
+    if parallel_state.get_context_parallel_rank() > 0:  # the same files as its CP rank 0's
+        writes = {}
     # Room for the new checkpoint next to the old ones (they are removed only after it).
     needed = torch.tensor([sum(_tensor_bytes(obj) for obj in writes.values())], dtype=torch.float64)
     if dist.get_world_size() > 1:

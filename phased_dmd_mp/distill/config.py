@@ -111,15 +111,15 @@ class DistillConfig:
     # --- runtime ---
     tensor_parallel: int = 1  # GPUs each layer is split over (megatron tensor parallelism)
     # Pipeline stages the layers are split into; data parallel is the rest of the world,
-    # world size / (tensor_parallel x pipeline_parallel).
+    # world size / (tensor_parallel x pipeline_parallel x context_parallel).
     pipeline_parallel: int = 1
-    # megatron's sequence parallelism: the token rows split over the tensor-parallel ranks
-    # outside attention and the MLP, so each keeps 1 / tensor_parallel of the layer activations;
-    # null: on where tensor_parallel > 1; true needs tensor_parallel > 1
+    # Split the token rows over the tensor-parallel ranks outside attention and the MLP
+    # (megatron's sequence parallelism): each keeps 1 / tensor_parallel of a layer's input.
+    # null: on where tensor_parallel > 1; true needs tensor_parallel > 1.
     sequence_parallel: bool | None = None
-    # Ranks that split the token rows of every layer and trade them for head shards around
-    # attention (Ulysses all-to-all); heads must divide by tensor_parallel x context_parallel,
-    # data parallel is world_size / (tensor x pipeline x context parallel)
+    # Ranks that split every layer's token rows, trading them for attention-head shards around
+    # self-attention (Ulysses all-to-all); num_attention_heads must divide by tensor_parallel x
+    # context_parallel. The ranks of one context-parallel group draw the same samples.
     context_parallel: int = 1
     dtype: Literal["float32", "bfloat16"] = "float32"  # weights the models compute with
     # With dtype bfloat16: float32 keeps fp32 main params, gradient buffers and Adam moments

@@ -73,7 +73,7 @@ def _export_expert(d, k: int, expert, folder: Path) -> None:
             )
 
     def shard():
-        if d.dp_rank == 0:
+        if parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0:
             atomic.save_safetensors(weights, sharded / convert.shard_file(tp, pp))
 
     def to_diffusers():

@@ -82,6 +82,7 @@ from megatron.core.transformer.module import MegatronModule
 from torch import Tensor, nn
 
 from phased_dmd_mp.distill.host_optimizer import HostOptimizer
+from phased_dmd_mp.parallel import pipeline
 from phased_dmd_mp.parallel.cpu_compat import cuda_calls_on_cpu
 from phased_dmd_mp.parallel.offload import HOST
 
@@ -124,7 +125,8 @@ class TrainedModel:
             )
         self.parameters = parameters
         self.grad_clip = grad_clip
-        self.dp_group = parallel_state.get_data_parallel_group()
+        # megatron's DDP and distributed optimizer work over data x context parallel ranks
+        self.dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
         self.sharded = shard and dist.get_world_size(self.dp_group) > 1
         half = parameters[0].dtype == torch.bfloat16
         mixed = half and main_params_dtype == "float32"
@@ -207,11 +209,12 @@ class TrainedModel:
         return min(1.0, self.grad_clip / (norm + 1.0e-6))
 
     def step(self) -> float:
-        """Average the gradients over data-parallel ranks (fp32; reduce-scatter when sharded),
+        """Finalise the gradients (pipeline.finish_grad_sync: the average over data-parallel
+        ranks, fp32, a reduce-scatter when sharded; the sequence-parallel sums over TP),
         clip them to `grad_clip` (global L2 norm over all model-parallel ranks) and step.
         Returns the norm before clipping; a non-finite norm skips the step (nothing changes)."""
+        pipeline.finish_grad_sync(self.ddp)
         with cuda_calls_on_cpu():
-            self.ddp.finish_grad_sync()
             if self.host is not None:
                 norm = self.host.grad_norm()
                 if not math.isfinite(norm):

@@ -31,7 +31,6 @@ from tqdm import tqdm
 
 from phased_dmd_mp import ops
 from phased_dmd_mp.conditioning import Conditions, model_inputs, velocity_from_output
-from phased_dmd_mp.config import ConfigError
 from phased_dmd_mp.data.conditions import ConditionSampler, ConditionSet
 from phased_dmd_mp.data.readers import condition_tensors, describe_nonfinite, nonfinite_items
 from phased_dmd_mp.data.teacher import (
@@ -52,6 +51,7 @@ from phased_dmd_mp.models import ExecutionConfig, build, convert
 from phased_dmd_mp.models.convert import diffusers_to_ours, read_diffusers_dir
 from phased_dmd_mp.models.loading import load_checkpoint, load_whole_state_dict
 from phased_dmd_mp.models.lora import add_lora
+from phased_dmd_mp.parallel import pipeline
 from phased_dmd_mp.parallel.layout import rank_batch_size
 from phased_dmd_mp.parallel.state import initialize
 from phased_dmd_mp.schedule import (
@@ -87,17 +87,15 @@ class Progress:
 class Distiller:
     def __init__(self, config: DistillConfig, run_dir: Path, *, progress: bool = True):
         self.config, self.run_dir, self.show_progress = config, run_dir, progress
-        if config.context_parallel > 1 or config.sequence_parallel:  # issue 19, in progress
-            raise ConfigError(
-                "sequence_parallel: true and context_parallel > 1 are not implemented in the "
-                "runner yet"
-            )
         initialize(
             config.tensor_parallel,
             config.pipeline_parallel,
+            context_parallel=config.context_parallel,
             timeout=datetime.timedelta(seconds=config.collective_timeout),
         )
         ops.set_kernel_backend(config.kernels)
+        # The context-parallel ranks of one group share a data-parallel rank: the same seed,
+        # conditions and noise (they split one sample's sequence).
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.is_logger = dist.get_rank() == 0
@@ -117,9 +115,12 @@ class Distiller:
         self.timesteps = timestep_table(config.num_steps, self.shift).tolist()
         self.bounds = phase_step_boundaries(config.num_steps, config.num_phases)
         self.execution = ExecutionConfig(
-            dtype=config.dtype, recompute=config.recompute, fp8=config.fp8,
+            dtype=config.dtype,
+            recompute=config.recompute,
+            fp8=config.fp8,
             activation_offload=config.activation_offload,
-        )  # fmt: skip
+            sequence_parallel=config.uses_sequence_parallel,
+        )
 
         self.teacher = self._load_teacher(
             *teacher_experts(teacher_dir, spec, config.teacher_low_noise, config.moe_boundary)
@@ -398,12 +399,14 @@ class Distiller:
         x = r.x
         for (t_from, t_to), noise in zip(r.steps, r.noises):
             t_in = torch.full((x.shape[0],), t_from, device=self.device)
-            out = module(**model_inputs(expert.arch, x.to(expert.dtype), t_in, r.cond))
+            with pipeline.outside_schedules():
+                out = module(**model_inputs(expert.arch, x.to(expert.dtype), t_in, r.cond))
             v = velocity_from_output(expert.arch, out, x).float()
             x = FLOW_MATCHING.denoise_step(x, v, t_from, t_to, noise=noise)
         x_t, t, s, v_cond, v_uncond, v_fake = self._dmd_terms(k, x.detach(), r)
         loss = self._dmd_loss(x, x_t, t, s, v_cond, v_uncond, v_fake)
-        loss.backward()
+        with pipeline.outside_schedules():
+            pipeline.backward(loss, module)
         return loss.item()
 
     def _step(self, trained: TrainedModel, role: str, r: Rollout) -> float:

@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node=2 tests/parallel/distill_worker.py TEACHER OUT LAYOUT NAME...
 
-LAYOUT is a config override such as tensor_parallel=2; each NAME (tests/distill_helpers.py's
+LAYOUT is config overrides separated by spaces, such as "tensor_parallel=2"; each NAME (tests/distill_helpers.py's
 ALGORITHMS) trains into OUT/NAME with the settings of the single-process test runs. Afterwards
 every rank checks that the data-parallel replicas hold identical generator weights (their
 gradients were averaged). With data parallelism the first NAME also runs again, stopped after
@@ -27,7 +27,7 @@ from phased_dmd_mp.distill.trainer import Distiller
 def main() -> None:
     teacher, out, layout, *names = sys.argv[1:]
     for name in names:
-        overrides = [f"teacher={teacher}", *QUICK, *ALGORITHMS[name], layout]
+        overrides = [f"teacher={teacher}", *QUICK, *ALGORITHMS[name], *layout.split()]
         distiller = Distiller(
             load_config(DistillConfig, None, overrides), Path(out) / name, progress=False
         )
