@@ -21,6 +21,11 @@ suite is planned to finish within `--budget` seconds (default 8 minutes):
   distill       Phased DMD on the 1.3B architecture (random weights, that latent, LoRA
                 generator, bf16, recompute) under torchrun with NCCL on the one GPU: seconds per
                 iteration and peak memory, next to preflight's estimate where it exists
+  sequence      two GPUs (skipped on one: NCCL runs one rank per GPU): the 1.3B model at that
+                latent, forward + backward under tensor parallelism 2 with and without sequence
+                parallelism and context parallelism 2, against one process (each GPU running the
+                whole model), with recompute: step time and activations saved per GPU,
+                benchmarks/bench_sequence.py; its 90 s come on top of the 8 minutes
 
 OUT receives summary.json (every section: status, seconds, command, parsed results, the tail
 of its log) and summary.md (the same as tables), plus one log per section. Without a GPU, or
@@ -46,7 +51,8 @@ WHEELS_FILE = ROOT / "benchmarks" / "gpu_wheels.txt"
 WORK = Path(os.environ.get("GPU_SUITE_WORK", "/tmp/phased_dmd_gpu_suite"))  # large files
 HBM_PEAK_GBPS = {"H200": 4800.0, "H100 PCIe": 2000.0, "H100": 3350.0}  # per name fragment
 LATENT_480P_81 = (16, 21, 60, 104)  # Wan VAE: 81 frames -> 21, 480 x 832 -> 60 x 104
-SECTIONS = ("build", "kernel_tests", "kernels", "block", "model", "distill")
+SECTIONS = ("build", "kernel_tests", "kernels", "block", "model", "distill", "sequence")
+ONE_GPU_BUDGET_S = 480
 
 
 @dataclass
@@ -55,6 +61,7 @@ class Section:
     command: list[str]
     limit_s: int
     env: dict[str, str] = field(default_factory=dict)
+    gpus: int = 1  # GPUs it needs (skipped on a machine with fewer)
     status: str = "planned"  # planned | passed | failed | timed out | skipped
     seconds: float | None = None
     results: dict | list | None = None
@@ -177,6 +184,36 @@ def plan(out: Path) -> list[Section]:
                 "--distill-worker",
             ],
             110,
+        ),  # fmt: skip
+        Section(
+            "sequence",
+            [
+                python,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node=2",
+                str(ROOT / "benchmarks" / "bench_sequence.py"),
+                "--model",
+                str(ROOT / "configs" / "models" / "wan2.1_t2v_1.3b.yaml"),
+                *latent,
+                "--dtype",
+                "bfloat16",
+                "--recompute",
+                "on",
+                "--layouts",
+                "tp2",
+                "tp2-sp",
+                "cp2",
+                "--rounds",
+                "3",
+                "--steps",
+                "2",
+                "--json",
+                str(out / "sequence.json"),
+            ],
+            90,
+            gpus=2,
         ),  # fmt: skip
     ]
 
@@ -328,6 +365,21 @@ def model_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def sequence_table(rows: list[dict]) -> list[str]:
+    """bench_sequence.py's rows: step time and saved activations per layout."""
+    lines = ["| layout | recompute | step ms (median) | vs one process | saved GiB / GPU | "
+             "vs tp2 |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for row in rows:
+        if row.get("clock", "wall") != "wall":
+            continue
+        versus = "" if row["saved_vs_tp2"] is None else f"{row['saved_vs_tp2']:.2f}"
+        lines.append(
+            f"| {row['layout']} | {row['recompute']} | {row['step_ms']['median']:.1f} | "
+            f"{row['vs_one_process']['median']:.2f} | {row['saved_mib'] / 1024:.2f} | {versus} |"
+        )
+    return lines
+
+
 def summary_markdown(device: str, sections: list[Section]) -> str:
     peak = next((v for k, v in HBM_PEAK_GBPS.items() if k in device), None)
     lines = [f"# GPU suite on {device}", "", "| section | status | seconds | limit (s) |",
@@ -348,6 +400,8 @@ def summary_markdown(device: str, sections: list[Section]) -> str:
             lines += kernel_table(s.results, peak)
         elif s.name in ("block", "model"):
             lines += model_table(s.results)
+        elif s.name == "sequence":
+            lines += sequence_table(s.results)
         elif s.name == "distill":
             seconds = s.results["seconds_per_iteration"]
             lines.append(
@@ -357,6 +411,8 @@ def summary_markdown(device: str, sections: list[Section]) -> str:
             if s.results.get("preflight"):
                 lines += ["", "preflight:", "```", s.results["preflight"].strip(), "```"]
     for s in sections:
+        if s.status == "skipped" and s.log_tail:
+            lines += ["", f"{s.name}: skipped, {s.log_tail}"]
         if s.status in ("failed", "timed out"):
             lines += ["", f"## {s.name}: {s.status}, log tail", "```", s.log_tail.strip(), "```"]
     return "\n".join(lines) + "\n"
@@ -367,7 +423,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path, help="folder for summary.json, summary.md and logs")
     parser.add_argument("--dry-run", action="store_true", help="plan only (default without GPU)")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run these sections only")
-    parser.add_argument("--budget", type=float, default=480, help="seconds for the whole suite")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        help=f"seconds for the whole suite (default {ONE_GPU_BUDGET_S}, plus the multi-GPU "
+        "sections' limits where the machine runs them)",
+    )
     parser.add_argument("--distill-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -381,10 +442,15 @@ def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if gpu else "no GPU (dry run)"
     sections = [s for s in plan(args.out) if not args.only or s.name in args.only]
-    planned = sum(s.limit_s for s in sections)
-    if planned > args.budget:
-        raise SystemExit(f"the sections' limits add up to {planned} s, over --budget {args.budget}")
     dry = args.dry_run or not gpu
+    gpus = max(1, torch.cuda.device_count()) if gpu else 1
+    runnable = [s for s in sections if s.gpus <= gpus]
+    budget = args.budget
+    if budget is None:
+        budget = ONE_GPU_BUDGET_S + sum(s.limit_s for s in runnable if s.gpus > 1)
+    planned = sum(s.limit_s for s in runnable)
+    if planned > budget:
+        raise SystemExit(f"the sections' limits add up to {planned} s, over --budget {budget}")
     start = time.perf_counter()
     if not dry:
         WORK.mkdir(parents=True, exist_ok=True)
@@ -394,6 +460,10 @@ def main(argv: list[str] | None = None) -> int:
                 s.name == "build" and s.status != "passed" for s in sections
             ):
                 section.status = "skipped"  # nothing runs on a failed build
+                continue
+            if section.gpus > gpus:
+                section.status = "skipped"
+                section.log_tail = f"needs {section.gpus} GPUs, this machine has {gpus}"
                 continue
             print(f"[gpu_suite] {section.name} (limit {section.limit_s} s)", flush=True)
             run_section(section, args.out)

@@ -23,9 +23,11 @@ def test_dry_run_plans_every_section_within_eight_minutes(tmp_path):
     sections = {s["name"]: s for s in summary["sections"]}
     assert list(sections) == list(gpu_suite.SECTIONS)
     assert all(s["status"] == "planned" for s in sections.values())
-    assert sum(s["limit_s"] for s in sections.values()) <= 8 * 60
+    one_gpu = [s for s in sections.values() if s["gpus"] == 1]
+    assert sum(s["limit_s"] for s in one_gpu) <= 8 * 60  # what a one-GPU slot runs
+    assert sections["sequence"]["gpus"] == 2 and sections["sequence"]["limit_s"] <= 90
     assert sections["build"]["env"] == {"PHASED_DMD_CUDA": "ON", "PHASED_DMD_CUDA_ARCHS": "90"}
-    for name in ("kernels", "block", "model"):  # the scripts and configs it calls exist
+    for name in ("kernels", "block", "model", "sequence"):  # the scripts and configs it calls
         paths = [Path(a) for a in sections[name]["command"] if a.endswith((".py", ".yaml"))]
         assert all(p.exists() or p.parent == gpu_suite.WORK for p in paths), paths
     assert {w.split("==")[0] for w in summary["wheels"]} == {"megatron-core", "diffusers"}
@@ -91,7 +93,14 @@ def test_summary_tables_compute_fraction_of_peak_and_ratios():
                  {"variant": "fp8 te", "refused": "no transformer-engine"}],
     )  # fmt: skip
     broken = gpu_suite.Section("distill", [], 1, status="timed out", log_tail="Traceback: hang")
-    text = gpu_suite.summary_markdown("NVIDIA H200", [kernels, model, broken])
+    sequence_rows = [{"layout": "tp2-sp", "recompute": "on", "step_ms": stat(812.0),
+                      "vs_one_process": stat(0.61), "saved_mib": 3072.0, "saved_vs_tp2": 0.52}]
+    sequence = gpu_suite.Section("sequence", [], 1, status="passed", results=sequence_rows)
+    skipped = gpu_suite.Section("sequence", [], 1, gpus=2, status="skipped",
+                                log_tail="needs 2 GPUs, this machine has 1")  # fmt: skip
+    text = gpu_suite.summary_markdown("NVIDIA H200", [kernels, model, broken, sequence, skipped])
+    assert "| tp2-sp | on | 812.0 | 0.61 | 3.00 | 0.52 |" in text
+    assert "sequence: skipped, needs 2 GPUs, this machine has 1" in text
     assert "| copy | bfloat16 | 64M | 4000 | 83% |  |  |  |" in text
     assert "| dmd_loss | bfloat16 | 64M | 4320 | 90% | 108% | 3.00x | 1.50x |" in text
     assert "900000" not in text  # CPU-clock rows are left out on a GPU
