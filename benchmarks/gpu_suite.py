@@ -244,7 +244,7 @@ def write_random_teacher(teacher: Path) -> None:
     import torch
 
     from phased_dmd_mp.config import load_config
-    from phased_dmd_mp.data.conditions import write_condition_set
+    from phased_dmd_mp.data.condition_writer import write_condition_set
     from phased_dmd_mp.data.teacher import TeacherSpec, write_spec
     from phased_dmd_mp.models import ExecutionConfig, WanConfig, build
     from phased_dmd_mp.models.convert import ours_to_diffusers, write_diffusers_dir

@@ -50,8 +50,29 @@ class Conditions:
     def batch_size(self) -> int:
         return self.text.shape[0]
 
+    def pad_text(self, tokens: int) -> Conditions:
+        """These conditions with `text` and `text_mask` zero-padded to `tokens` tokens, as
+        QwenImagePipeline.encode_prompt pads a batch (the mask keeps the padding unattended).
+        Raises ValueError for text without a mask (Wan attends to every token of its 512) or
+        longer than `tokens`."""
+        have = self.text.shape[1]
+        if have == tokens:
+            return self
+        if self.text_mask is None or have > tokens:
+            raise ValueError(f"cannot pad {have} text tokens to {tokens} (needs text_mask)")
+        pad = tokens - have
+        return replace(
+            self,
+            text=torch.nn.functional.pad(self.text, (0, 0, 0, pad)),
+            text_mask=torch.nn.functional.pad(self.text_mask, (0, pad)),
+        )
+
     @staticmethod
     def cat(parts: list[Conditions]) -> Conditions:
+        """One batch of `parts`; masked text of different lengths (a Qwen-Image batch and its
+        negative prompt) is padded to the longest first."""
+        tokens = max(part.text.shape[1] for part in parts)
+        parts = [part.pad_text(tokens) for part in parts]
         first = parts[0]
         return replace(
             first,

@@ -5,14 +5,17 @@ prompt file.
         --out runs/teacher --height 480 --width 832 --frames 81
 
 Reads a Wan2.1/2.2 text-to-video (`WanPipeline`), image-to-video (`WanImageToVideoPipeline`) or
-Qwen-Image (`QwenImagePipeline`) folder, checks from the configs alone that its parts and the
-requested size agree, then encodes every prompt with the pipeline's own `encode_prompt` (Wan:
-umT5, 512 tokens, padding zeroed; Qwen-Image: Qwen2.5-VL with the template prefix dropped, padded
-to the longest prompt of the file with `text_mask`) and, for image-to-video, each first frame
-with the pipeline's own `prepare_latents` (VAE) and `encode_image` (Wan2.1's CLIP). The negative
-prompt (default: empty, as the Wan pipelines use when given none) is the unconditional entry
-(QwenImagePipeline applies its true_cfg_scale only when given a negative prompt; teacher.yaml's
-guidance is that scale, with the empty prompt as the negative one unless told otherwise).
+Qwen-Image (`QwenImagePipeline`) folder (data/pipeline_folder.py), checks from the configs alone
+that its parts and the requested size agree, then encodes every prompt with the pipeline's own
+`encode_prompt` (data/encoders.py; Wan: umT5; Qwen-Image: Qwen2.5-VL with the template prefix
+dropped) and, for image-to-video, each first frame with the pipeline's own `prepare_latents` (VAE)
+and `encode_image` (Wan2.1's CLIP). Each prompt's real tokens are stored, in the text encoder's
+`--dtype` (default bfloat16, the recipes' compute dtype; float32 as before); the reader pads them
+as the pipeline does (Wan: zeros to 512 tokens; Qwen-Image: the batch's longest, with the mask).
+The negative prompt (default: empty, as the Wan pipelines use when given none) is the
+unconditional entry (QwenImagePipeline applies its true_cfg_scale only when given a negative
+prompt; teacher.yaml's guidance is that scale, with the empty prompt as the negative one unless
+told otherwise).
 
 The teacher directory (data/teacher.py) refers to the pipeline instead of copying it:
 
@@ -20,9 +23,18 @@ The teacher directory (data/teacher.py) refers to the pipeline instead of copyin
                    pipeline / transformer / transformer_2 / boundary_ratio paths and values
     conditions/    the condition set (data/conditions.py)
 
-Encoding runs on the GPU in bf16 when there is one (CPU: float32), one batch per shard, each
-shard renamed into `conditions.partial/` when complete: a rerun with the same arguments skips the
-done shards, so a crash at prompt 90,000 of 100,000 resumes there.
+Prompts go to shards of `--shard-size` consecutive prompts (named by their range), encoded in
+batches of `--batch-size` from the shard's start, each shard written into `conditions.partial/`
+under a temporary name and renamed when complete (phased_dmd_mp/atomic.py; a full disk is one
+line, exit 1): a rerun with the same arguments skips the done shards, so a crash at prompt
+90,000 of 100,000 resumes there. Under torchrun
+(`torchrun --nproc_per_node=8 -m phased_dmd_mp.prepare ...`, scripts/slurm/prepare.sbatch) rank r
+encodes shards r, r + N, ... on its own GPU (LOCAL_RANK); rank 0 shows the whole job's progress
+and, when every shard is there, writes the manifest: the set is the same for any N, and a rerun
+with another N continues it. Encoders run on the GPU when there is one, else on the CPU.
+
+`--online` writes the prompt list instead (data/online.py): the runner encodes each batch when it
+draws it, on `--online-device` (each rank's GPU, or the CPU).
 """
 
 from __future__ import annotations
@@ -31,9 +43,12 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import sys
+import time
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
@@ -41,21 +56,22 @@ from phased_dmd_mp import atomic
 from phased_dmd_mp.config import ConfigError
 from phased_dmd_mp.data import conditions as cs
 from phased_dmd_mp.data import readers
-from phased_dmd_mp.data.encoders import ConditionEncoder
+from phased_dmd_mp.data.condition_writer import publish, real_text_tensors
+from phased_dmd_mp.data.encoders import ENCODER_DTYPES, ConditionEncoder, encoder_device
+from phased_dmd_mp.data.online import write_online_set
 from phased_dmd_mp.data.pipeline_folder import (
+    WAN_TEXT_TOKENS,
     PipelineFolder,
     check,
     default_size,
     read_pipeline,
     teacher_spec,
+    text_width,
 )
 from phased_dmd_mp.data.teacher import CONDITIONS_DIR, SPEC_FILE, write_spec
 
 PARTIAL = "conditions.partial"
 RUN_FILE = "prepare.json"  # in PARTIAL: the arguments the shards were made with
-
-
-# --- inputs ----------------------------------------------------------------------------------
 
 
 def takes_images(pipe: PipelineFolder) -> bool:
@@ -76,21 +92,32 @@ def first_frames(
     return readers.match_images(prompts, images, prompt_file)
 
 
-def _check_finite(items: dict, lines: list[readers.Prompt], prompt_file: Path) -> None:
-    """Refuse a batch whose encodings hold NaN/Inf, naming the prompt's file:line."""
-    bad = readers.nonfinite_items(items)
+def _check_finite(texts, fields: dict, lines: list[readers.Prompt], prompt_file: Path) -> None:
+    """Refuse a batch whose encodings (real-token texts, image fields [n, ...]) hold NaN/Inf,
+    naming the prompt's file:line."""
+    bad = readers.nonfinite_items(fields)
+    for row, text in enumerate(texts):
+        if not torch.isfinite(text).all():
+            bad.setdefault(row, []).insert(0, "text")
     if bad:
         row = min(bad)
         raise ConfigError(
             f"{prompt_file}:{lines[row].line}: the encoders gave NaN/Inf ({', '.join(bad[row])}) "
-            f"for {lines[row].text!r}; nothing of this batch was kept"
+            f"for {lines[row].text!r}; nothing of this shard was kept"
         )
 
 
 # --- the run ---------------------------------------------------------------------------------
 
 
+def _world() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) in one process."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+
+
 def _fingerprint(args, prompts_sha: str, images) -> dict:
+    """What the shards depend on (not the number of processes)."""
     return {
         "pipeline": str(Path(args.pipeline).resolve()),
         "prompts_sha256": prompts_sha,
@@ -99,19 +126,105 @@ def _fingerprint(args, prompts_sha: str, images) -> dict:
         "height": args.height,
         "width": args.width,
         "frames": args.frames,
+        "dtype": args.dtype,
         "batch_size": args.batch_size,
+        "shard_size": args.shard_size,
     }
 
 
-def _done_shards(partial: Path, batches: int) -> int:
-    """How many leading shards are complete (written atomically, so present = complete)."""
-    done = 0
-    while done < batches and (partial / cs.shard_name(done)).is_file():
-        done += 1
-    return done
+def _check_run_file(partial: Path, run: dict, rank: int) -> None:
+    """Refuse to continue shards made with other arguments (every rank reads an existing
+    record); rank 0 records them otherwise."""
+    run_file = partial / RUN_FILE
+    if run_file.is_file():
+        before = json.loads(run_file.read_text())
+        for key, value in run.items():
+            if before.get(key) != value:
+                raise ConfigError(
+                    f"{partial} was started with {key} {before.get(key)!r}, this run has "
+                    f"{value!r}: rerun with the same arguments or delete {partial}"
+                )
+    elif rank == 0:
+        atomic.write_json(run_file, run)
 
 
-def prepare(args) -> Path:
+class JobProgress:
+    """The whole job's prompts on one bar: every finished shard in `partial` (whichever rank
+    wrote it, the directory listed at most once a second) plus this rank's current shard."""
+
+    def __init__(self, partial: Path, ranges: list[tuple[int, int]], enabled: bool):
+        self.partial, self.enabled = partial, enabled
+        self.counts = {cs.shard_name(start, stop): stop - start for start, stop in ranges}
+        self.total = sum(self.counts.values())
+        self.current = 0
+        self.listed_at, self.listed = -math.inf, 0
+        self.bar = tqdm(total=self.total, unit="prompt", desc="encoding", disable=not enabled)
+        self.refresh()
+
+    def finished(self) -> int:
+        """Prompts in the shards written so far (all ranks)."""
+        if time.monotonic() - self.listed_at >= 1.0:
+            self.listed = sum(self.counts.get(name, 0) for name in os.listdir(self.partial))
+            self.listed_at = time.monotonic()
+        return self.listed
+
+    def refresh(self) -> None:
+        if self.enabled:
+            self.bar.update(self.finished() + self.current - self.bar.n)
+
+    def advance(self, prompts: int) -> None:
+        self.current += prompts
+        self.refresh()
+
+    def shard_saved(self) -> None:
+        self.current = 0
+        self.listed_at = -math.inf  # count the shard just written
+        self.refresh()
+
+    def wait_for_all(self, poll_s: float = 1.0) -> None:
+        """Until every shard is there (the other ranks' too). A rank that fails ends the job:
+        torchrun stops the others."""
+        while self.finished() < self.total:
+            self.refresh()
+            time.sleep(poll_s)
+        self.refresh()
+        self.bar.close()
+
+
+def _text_specs(pipe, partial: Path, names: list[str], uncond: torch.Tensor, dtype: str) -> dict:
+    """The text's per-item specs: Wan pads to 512 tokens; Qwen-Image's are the longest prompt
+    (read from the shards' offsets), with the mask."""
+    width = text_width(pipe)
+    if pipe.is_wan:
+        return {"text": ((WAN_TEXT_TOKENS, width), dtype)}
+    longest = len(uncond)
+    for name in names:
+        with safe_open(partial / name, framework="pt") as handle:
+            offsets = handle.get_tensor(cs.TEXT_OFFSETS)
+        longest = max(longest, int(offsets.diff().max()))
+    return {"text": ((longest, width), dtype), "text_mask": ((longest,), "int64")}
+
+
+def _encode_shard(encoder, lines, images, start, stop, args, progress) -> dict:
+    """The shard of prompts [start, stop), encoded in batches of --batch-size from `start`.
+    Raises ConfigError naming the prompt's line if an encoding is not finite."""
+    texts, fields = [], {}
+    for first in range(start, stop, args.batch_size):
+        chunk = slice(first, min(first + args.batch_size, stop))
+        batch_texts = encoder.text([line.text for line in lines[chunk]])
+        batch_fields = encoder.image(images[chunk]) if images is not None else {}
+        _check_finite(batch_texts, batch_fields, lines[chunk], args.prompts)
+        texts += batch_texts
+        for name, tensor in batch_fields.items():
+            fields.setdefault(name, []).append(tensor)
+        progress.advance(chunk.stop - chunk.start)
+    return {**real_text_tensors(texts), **{k: torch.cat(v) for k, v in fields.items()}}
+
+
+def prepare(args) -> Path | None:
+    """Write the teacher directory `args.out` (module docstring); returns it on rank 0, None on
+    the other ranks. Raises ConfigError for a user mistake."""
+    rank, world, local_rank = _world()
     out: Path = args.out
     pipe = read_pipeline(args.pipeline)
     height, width, frames = default_size(pipe)
@@ -124,65 +237,71 @@ def prepare(args) -> Path:
     lines = readers.read_prompt_file(args.prompts, images=takes_images(pipe))
     prompts = [prompt.text for prompt in lines]
     images = first_frames(pipe, args.images, lines, args.prompts)
-    if images is not None:
+    if images is not None and rank == 0:  # the same files for every rank: one reads them
         readers.check_images(images, progress=not args.no_progress)
     negative = "" if args.negative_prompt is None else args.negative_prompt
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    for flag, value in (("--batch-size", args.batch_size), ("--shard-size", args.shard_size)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
     if (out / CONDITIONS_DIR).exists():
         raise ConfigError(
             f"{out / CONDITIONS_DIR} already exists: {out} is prepared already (choose another "
             "--out, or remove it to prepare again)"
         )
+    if args.online:
+        if rank == 0:
+            write_online_set(
+                out / CONDITIONS_DIR, pipe, prompts, negative, args.dtype, args.online_device
+            )
+            write_spec(out, spec)
+        return out if rank == 0 else None
 
     partial = out / PARTIAL
     partial.mkdir(parents=True, exist_ok=True)
-    run = _fingerprint(args, hashlib.sha256(args.prompts.read_bytes()).hexdigest(), images)
-    run_file = partial / RUN_FILE
-    if run_file.is_file():
-        before = json.loads(run_file.read_text())
-        for key, value in run.items():
-            if before.get(key) != value:
-                raise ConfigError(
-                    f"{partial} was started with {key} {before.get(key)!r}, this run has "
-                    f"{value!r}: rerun with the same arguments or delete {partial}"
-                )
-    else:
-        atomic.write_json(run_file, run)
+    prompts_sha = hashlib.sha256(args.prompts.read_bytes()).hexdigest()
+    _check_run_file(partial, _fingerprint(args, prompts_sha, images), rank)
+    ranges = [
+        (start, min(start + args.shard_size, len(prompts)))
+        for start in range(0, len(prompts), args.shard_size)
+    ]
+    done = set(os.listdir(partial))
+    mine = [
+        (start, stop)
+        for index, (start, stop) in enumerate(ranges)
+        if index % world == rank and cs.shard_name(start, stop) not in done
+    ]
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    encoder = None
+    if mine or rank == 0:
+        size = (height, width, frames) if images is not None else None
+        encoder = ConditionEncoder(pipe, ENCODER_DTYPES[args.dtype], encoder_device("gpu"), size)
+    progress = JobProgress(partial, ranges, enabled=rank == 0 and not args.no_progress)
+    for start, stop in mine:
+        tensors = _encode_shard(encoder, lines, images, start, stop, args, progress)
+        atomic.save_safetensors(tensors, partial / cs.shard_name(start, stop))
+        progress.shard_saved()
+    if rank != 0:
+        return None
+    progress.wait_for_all()
 
-    batches = math.ceil(len(prompts) / args.batch_size)
-    done = _done_shards(partial, batches)
-    encoder = ConditionEncoder(pipe, height, width, frames, [*prompts, negative])
-    with tqdm(
-        total=len(prompts),
-        initial=min(len(prompts), done * args.batch_size),
-        unit="prompt",
-        desc="encoding",
-        disable=args.no_progress,
-    ) as bar:
-        for index in range(done, batches):
-            start = index * args.batch_size
-            chunk = slice(start, start + args.batch_size)
-            items = encoder.text(prompts[chunk])
-            if images is not None:
-                items.update(encoder.image(images[chunk]))
-            _check_finite(items, lines[chunk], args.prompts)
-            atomic.save_safetensors(items, partial / cs.shard_name(index))
-            bar.update(len(prompts[chunk]))
-    uncond = {k: v[0] for k, v in encoder.text([negative]).items()}
-    if bad := readers.nonfinite_items({k: v[None] for k, v in uncond.items()}):
-        raise ConfigError(
-            f"the text encoder gave NaN/Inf ({', '.join(bad[0])}) for the negative prompt "
-            f"{negative!r}"
-        )
-    with safe_open(partial / cs.shard_name(0), framework="pt") as handle:
-        specs = {name: handle.get_slice(name) for name in handle.keys()}
-        specs = {
-            name: (tuple(view.get_shape()[1:]), cs.SAFETENSORS_DTYPE_NAMES[view.get_dtype()])
-            for name, view in specs.items()
-        }
-    counts = [min(args.batch_size, len(prompts) - i * args.batch_size) for i in range(batches)]
-    cs.publish(partial, specs, counts, uncond, out / CONDITIONS_DIR, finite=True)
+    (uncond,) = encoder.text([negative])
+    if not torch.isfinite(uncond).all():
+        raise ConfigError(f"the text encoder gave NaN/Inf (text) for the negative prompt {negative!r}")
+    files = [cs.shard_name(start, stop) for start, stop in ranges]
+    specs = _text_specs(pipe, partial, files, uncond, args.dtype)
+    if images is not None:
+        with safe_open(partial / files[0], framework="pt") as handle:
+            for name in ("image_latents", "image_embeds"):
+                if name in handle.keys():
+                    view = handle.get_slice(name)
+                    dtype = cs.SAFETENSORS_DTYPE_NAMES[view.get_dtype()]
+                    specs[name] = (tuple(view.get_shape()[1:]), dtype)
+    shards = [(name, stop - start) for name, (start, stop) in zip(files, ranges)]
+    for leftover in partial.glob(".*.partial*"):  # a shard being written when a run was killed
+        leftover.unlink()
+    uncond_tensors = real_text_tensors([uncond])
+    publish(partial, specs, shards, uncond_tensors, out / CONDITIONS_DIR, "real", finite=True)
     write_spec(out, spec)
     return out
 
@@ -207,18 +326,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, help="video frames (default: the pipeline's)")
     parser.add_argument("--images", type=Path, help="first frames for image-to-video")
     parser.add_argument(
-        "--batch-size", type=int, default=16, help="prompts per batch and per shard (default 16)"
+        "--batch-size", type=int, default=16, help="prompts per encoder call (default 16)"
+    )
+    parser.add_argument(
+        "--shard-size",
+        type=int,
+        default=1024,
+        help="prompts per shard file, the unit a rerun resumes from (default 1024)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(ENCODER_DTYPES),
+        default="bfloat16",
+        help="the text encoder's dtype, the stored embeddings' (default bfloat16)",
+    )
+    parser.add_argument(
+        "--online",
+        action="store_true",
+        help="store the prompt list only: the runner encodes each batch when it draws it",
+    )
+    parser.add_argument(
+        "--online-device",
+        choices=["gpu", "cpu"],
+        default="gpu",
+        help="where an online set's text encoder runs: each rank's GPU (default) or the CPU",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
         out = prepare(args)
     except ConfigError as error:
+        if _world()[0] != 0:  # every rank meets the same mistake: rank 0 says it
+            return 2
         parser.error(str(error))
     except atomic.DiskFullError as error:  # the finished shards stay: rerun to continue
         print(f"{parser.prog}: error: {error.strerror}", file=sys.stderr)
         return 1
-    print(f"teacher directory {out} ({SPEC_FILE}, {CONDITIONS_DIR}/)", file=sys.stderr)
+    if out is not None:
+        print(f"teacher directory {out} ({SPEC_FILE}, {CONDITIONS_DIR}/)", file=sys.stderr)
     return 0
 
 

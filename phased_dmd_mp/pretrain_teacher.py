@@ -57,7 +57,8 @@ from phased_dmd_mp.conditioning import Conditions, dit_velocity
 from phased_dmd_mp.config import ConfigError, add_config_arguments, load_config
 from phased_dmd_mp.data import mixture as mixture_data
 from phased_dmd_mp.data import moving_digits
-from phased_dmd_mp.data.conditions import ConditionSampler, ConditionSet, staging_dir
+from phased_dmd_mp.data.condition_writer import staging_dir
+from phased_dmd_mp.data.conditions import ConditionSampler, ConditionSet
 from phased_dmd_mp.data.digits import (
     LATENT_SHAPE,
     VALUE_RANGE,

@@ -52,7 +52,7 @@ from tqdm import tqdm
 from phased_dmd_mp import media
 from phased_dmd_mp.conditioning import Conditions
 from phased_dmd_mp.config import ConfigError
-from phased_dmd_mp.data.conditions import ConditionSet
+from phased_dmd_mp.data.conditions import ConditionSet, open_conditions
 from phased_dmd_mp.data.teacher import (
     SPEC_FILE,
     load_diffusers_transformer,
@@ -223,7 +223,7 @@ def generator_source(run_dir: str | Path, runtime: Runtime | None = None) -> Sou
         name=f"{summary['algorithm']} {len(expert_of_step)} steps, {len(experts)} experts",
         velocity=velocity,
         timesteps=timesteps,
-        conditions=ConditionSet(conditions_dir),
+        conditions=open_conditions(conditions_dir),
         latent_shape=tuple(summary["latent_shape"]),
         value_range=tuple(summary["value_range"]),
         renoise=summary["step_noise"] == "renoise",

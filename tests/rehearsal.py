@@ -46,7 +46,7 @@ import yaml
 
 from phased_dmd_mp import pretrain_teacher
 from phased_dmd_mp.config import load_config
-from phased_dmd_mp.data.conditions import write_condition_set
+from phased_dmd_mp.data.condition_writer import write_condition_set
 from phased_dmd_mp.data.teacher import TeacherSpec, read_spec, write_spec
 from phased_dmd_mp.distill.config import DistillConfig
 from phased_dmd_mp.models import QwenImageConfig, WanConfig, build

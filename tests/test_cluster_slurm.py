@@ -2,7 +2,8 @@
 distillation script, run with stand-ins for srun and scontrol, launches one c10d rendezvous
 over the nodes through phased_dmd_mp.launch, resumes a run with a checkpoint, calls the
 preflight when that module exists, and requeues after a pre-emption stop but not after a
-failure."""
+failure; the prepare script starts one prepare rank per GPU of every node, with the user's
+options."""
 
 import importlib.util
 import os
@@ -50,7 +51,7 @@ STANDINS = {
 }
 
 
-def sbatch(tmp_path, run_dir, srun_status=0):
+def sbatch(tmp_path, run_dir, srun_status=0, script="distill.sbatch", arguments=None):
     bin_dir, log = tmp_path / "bin", tmp_path / "log"
     bin_dir.mkdir(exist_ok=True)
     shutil.rmtree(log, ignore_errors=True)
@@ -69,9 +70,10 @@ def sbatch(tmp_path, run_dir, srun_status=0):
         "SLURM_JOB_NODELIST": "node-[a-b]",
         "SLURM_GPUS_ON_NODE": "8",
     }
+    if arguments is None:
+        arguments = ["configs/wan2.1_t2v_14b_phased_dmd.yaml", str(run_dir), "teacher=/data/t"]
     result = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "slurm" / "distill.sbatch"),
-         "configs/wan2.1_t2v_14b_phased_dmd.yaml", str(run_dir), "teacher=/data/t"],
+        ["bash", str(ROOT / "scripts" / "slurm" / script), *arguments],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert (log / "srun").exists(), (result.returncode, result.stdout, result.stderr)
@@ -119,3 +121,22 @@ def test_each_recipe_has_exactly_one_layout_row():
     text = (ROOT / "scripts" / "slurm" / "distill.sbatch").read_text()
     rows = re.findall(r"^#\s+(configs/\S+\.yaml)\s+\d+ x \d+", text, re.MULTILINE)
     assert len(rows) == len(set(rows)), f"duplicate layout rows: {rows}"
+
+
+def test_prepare_script_starts_one_prepare_rank_per_gpu_of_every_node(tmp_path):
+    out = tmp_path / "teacher"
+    arguments = ["/data/Wan2.2", "/data/prompts.txt", str(out), "--height", "480", "--online"]
+    result, srun, requeued, _ = sbatch(tmp_path, out, script="prepare.sbatch", arguments=arguments)
+    assert result.returncode == 0, result.stderr
+    torchrun = srun[srun.index("python") :]
+    assert torchrun[:3] == ["python", "-m", "torch.distributed.run"]
+    for argument in (
+        "--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d", "--rdzv-id=4242",
+        "--rdzv-endpoint=node-a:29742", "--max-restarts=0",
+    ):  # fmt: skip
+        assert argument in torchrun
+    prepare = torchrun[torchrun.index("phased_dmd_mp.prepare") + 1 :]
+    assert prepare[:6] == ["--pipeline", "/data/Wan2.2", "--prompts", "/data/prompts.txt",
+                           "--out", str(out)]  # fmt: skip
+    assert prepare[6:] == ["--height", "480", "--online", ""]  # "" = the record's last newline
+    assert f"--output={out}/logs/%j-node%n.out" in srun and requeued == ""

@@ -1,4 +1,5 @@
-"""Condition sets on disk (round trip, optional fields, errors) and the training index sampler."""
+"""Condition sets on disk (round trip, optional fields, errors, the real-token layout and its
+padding, version 1 sets) and the training index sampler."""
 
 import json
 
@@ -6,13 +7,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from phased_dmd_mp.conditioning import Conditions
 from phased_dmd_mp.config import ConfigError
-from phased_dmd_mp.data.conditions import (
-    ConditionSampler,
-    ConditionSet,
+from phased_dmd_mp.atomic import save_safetensors
+from phased_dmd_mp.data.condition_writer import (
     ConditionSetWriter,
+    publish,
+    real_text_tensors,
+    staging_dir,
     write_condition_set,
 )
+from phased_dmd_mp.data.conditions import ConditionSampler, ConditionSet, shard_name
 from phased_dmd_mp.sampling import guided
 
 
@@ -41,6 +46,8 @@ def test_round_trip_with_every_field_across_shards(tmp_path):
             writer.add(**{name: tensor[lo:hi] for name, tensor in items.items()})
     manifest = json.loads((tmp_path / "set" / "conditions.json").read_text())
     assert [shard["count"] for shard in manifest["shards"]] == [5, 5, 5, 5, 3]
+    assert manifest["shards"][-1]["file"] == "items-000000020-000000023.safetensors"
+    assert manifest["version"] == 2 and manifest["text_tokens"] == "padded"
     assert manifest["tensors"]["text"] == {"shape": [6, 8], "dtype": "bfloat16"}
     assert not [p for p in tmp_path.iterdir() if p.name != "set"]  # no staging left behind
 
@@ -132,18 +139,115 @@ def test_reader_errors_name_the_problem(small_set, tmp_path):
     (small_set / "conditions.json").write_text(json.dumps(manifest))
     ConditionSet(small_set)
 
-    # A shard whose contents disagree with the manifest, a truncated one, a missing one.
+    # Opening stats the shards (sizes from the manifest) and reads none: a shard whose contents
+    # disagree with the manifest at the same size fails when a batch first reads it.
     shard = small_set / manifest["shards"][1]["file"]
     data = shard.read_bytes()
-    save_file({"text": torch.zeros(2, 2, 4), "labels": torch.arange(2)}, shard)
-    with pytest.raises(ConfigError, match=r"manifest says F32 \[2, 2, 3\]"):
-        ConditionSet(small_set)
+    shard.write_bytes(data.replace(b'"labels"', b'"lebals"'))
+    conditions = ConditionSet(small_set)
+    conditions.batch([0, 1])  # the first shard is fine
+    with pytest.raises(ConfigError, match=r"holds tensors \['lebals', 'text'\]"):
+        conditions.batch([5])
     shard.write_bytes(data[:-5])
-    with pytest.raises(ConfigError, match="not a readable safetensors file"):
+    with pytest.raises(ConfigError, match=f"is {len(data) - 5} bytes, .* says {len(data)}"):
         ConditionSet(small_set)
+    save_file({"text": torch.zeros(2, 2, 4), "labels": torch.arange(2)}, shard)
+    (small_set / "conditions.json").write_text(
+        json.dumps({**manifest, "shards": [{**s, "bytes": shard.stat().st_size} if s["file"] ==
+                                           shard.name else s for s in manifest["shards"]]})
+    )
+    with pytest.raises(ConfigError, match=r"manifest says F32 \[2, 2, 3\]"):
+        ConditionSet(small_set).batch([5])
     shard.unlink()
     with pytest.raises(ConfigError, match="is missing"):
         ConditionSet(small_set)
+
+
+def write_version_1_set(path, items, uncond, per_shard):
+    """A condition set exactly as version 1 (before real-token sets) wrote it: every item
+    padded, shards items-00000.safetensors..., no text layout or sizes in the manifest."""
+    path.mkdir()
+    count = len(items["text"])
+    shards = []
+    for index, start in enumerate(range(0, count, per_shard)):
+        name = f"items-{index:05d}.safetensors"
+        save_file({k: v[start : start + per_shard].contiguous() for k, v in items.items()},
+                  path / name)  # fmt: skip
+        shards.append({"file": name, "count": len(items["text"][start : start + per_shard])})
+    save_file({k: v[None].contiguous() for k, v in uncond.items()}, path / "uncond.safetensors")
+    tensors = {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype).removeprefix("torch.")}
+               for k, v in items.items()}  # fmt: skip
+    manifest = {"format": "phased_dmd_mp.conditions", "version": 1, "count": count,
+                "tensors": tensors, "shards": shards, "uncond": "uncond.safetensors"}  # fmt: skip
+    (path / "conditions.json").write_text(json.dumps(manifest))
+
+
+def test_version_1_sets_still_load(tmp_path):
+    items = _i2v_items(9)
+    write_version_1_set(tmp_path / "v1", items, I2V_UNCOND, per_shard=4)
+    conditions = ConditionSet(tmp_path / "v1")
+    assert len(conditions) == 9 and conditions.text_tokens == "padded"
+    batch = conditions.batch([8, 0, 4])
+    for name in batch.__dataclass_fields__:
+        torch.testing.assert_close(getattr(batch, name), items[name][[8, 0, 4]], rtol=0, atol=0)
+    torch.testing.assert_close(conditions.labels, items["labels"])
+    assert torch.equal(conditions.uncond(3, like=batch).text[2], I2V_UNCOND["text"])
+
+
+def write_real_set(path, texts, uncond_text, masked, tokens, per_shard, **fixed):
+    """A real-token set as prepare writes one: shards by prompt range, then publish."""
+    staging = staging_dir(path)
+    shards = []
+    for start in range(0, len(texts), per_shard):
+        stop = min(start + per_shard, len(texts))
+        name = shard_name(start, stop)
+        tensors = {**real_text_tensors(texts[start:stop]),
+                   **{k: v[start:stop] for k, v in fixed.items()}}  # fmt: skip
+        save_safetensors(tensors, staging / name)
+        shards.append((name, stop - start))
+    width, dtype = texts[0].shape[1], str(texts[0].dtype).removeprefix("torch.")
+    specs = {"text": ((tokens, width), dtype)}
+    if masked:
+        specs["text_mask"] = ((tokens,), "int64")
+    specs |= {k: (tuple(v.shape[1:]), str(v.dtype).removeprefix("torch.")) for k, v in fixed.items()}
+    return publish(staging, specs, shards, real_text_tensors([uncond_text]), path, "real")
+
+
+def _texts(lengths, width=4, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, width, generator=generator).to(torch.bfloat16) for n in lengths]
+
+
+def test_real_token_sets_pad_as_the_pipeline_does(tmp_path):
+    """Unmasked (Wan): zeros to the set's tokens; masked (Qwen-Image): to the batch's longest
+    with the mask; the bytes stored are the real tokens'."""
+    lengths = [3, 7, 1, 5, 2, 6, 4]
+    texts, null = _texts(lengths), _texts([2], seed=1)[0]
+    wan = write_real_set(tmp_path / "wan", texts, null, masked=False, tokens=12, per_shard=3)
+    batch = wan.batch([6, 1, 3])
+    assert batch.text.shape == (3, 12, 4) and batch.text_mask is None
+    for row, index in enumerate([6, 1, 3]):
+        n = lengths[index]
+        assert torch.equal(batch.text[row, :n], texts[index])
+        assert not batch.text[row, n:].any()
+    assert wan.uncond(2).text.shape == (2, 12, 4) and torch.equal(wan.uncond(2).text[1, :2], null)
+    shards = sum(f.stat().st_size for f in (tmp_path / "wan").glob("items-*"))
+    payload = sum(lengths) * 4 * 2 + (len(lengths) + 3) * 8  # bf16 tokens + int64 offsets
+    assert payload <= shards < payload + 3 * 200  # + one small header per shard
+
+    qwen = write_real_set(tmp_path / "qwen", texts, null, masked=True, tokens=7, per_shard=3)
+    assert qwen.fields == ("text", "text_mask") and qwen.shape("text") == (7, 4)
+    batch = qwen.batch([4, 0, 4])  # lengths 2, 3, 2: padded to 3
+    assert batch.text.shape == (3, 3, 4)
+    assert batch.text_mask.tolist() == [[1, 1, 0], [1, 1, 1], [1, 1, 0]]
+    assert torch.equal(batch.text[1], texts[0]) and not batch.text[0, 2:].any()
+    uncond = qwen.uncond(3)
+    assert uncond.text.shape == (3, 2, 4) and uncond.text_mask.all()
+    # the CFG pair: the shorter half padded to the longer, its padding masked out
+    both = Conditions.cat([batch, uncond])
+    assert both.text.shape == (6, 3, 4) and both.text_mask[3:].tolist() == [[1, 1, 0]] * 3
+    with pytest.raises(ValueError, match="needs text_mask"):
+        Conditions.cat([wan.batch([0]), Conditions(text=torch.zeros(1, 3, 4))])
 
 
 def test_sampler_is_deterministic_and_covers_each_epoch():

@@ -14,7 +14,8 @@ from PIL import Image
 
 from phased_dmd_mp.config import ConfigError
 from phased_dmd_mp.data import readers
-from phased_dmd_mp.data.conditions import ConditionSet, ConditionSetWriter, write_condition_set
+from phased_dmd_mp.data.condition_writer import ConditionSetWriter, write_condition_set
+from phased_dmd_mp.data.conditions import ConditionSet
 
 # --- prompt files ----------------------------------------------------------------------------
 
@@ -227,7 +228,7 @@ def test_check_finite_names_the_condition_of_a_set_written_elsewhere(tmp_path):
     # a set made by other code: same format, no `finite` record, a NaN in item 4
     from safetensors.torch import load_file, save_file
 
-    shard = tmp_path / "set" / "items-00000.safetensors"
+    shard = tmp_path / "set" / "items-000000000-000000006.safetensors"
     tensors = load_file(shard)
     tensors["text"][4, 0, 0] = float("-inf")
     save_file(tensors, shard)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from phased_dmd_mp import preflight
-from phased_dmd_mp.data.conditions import write_condition_set
+from phased_dmd_mp.data.condition_writer import write_condition_set
 from phased_dmd_mp.data.teacher import TeacherSpec, write_spec
 from phased_dmd_mp.memory.activations import activation_bytes
 from phased_dmd_mp.memory.calibrate import measure_point

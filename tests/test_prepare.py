@@ -6,7 +6,11 @@ without redoing finished shards, and mismatched parts must be refused before wei
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,26 +97,39 @@ def test_wan22_teacher_yaml_follows_the_pipeline(prepared):
     assert teacher_experts(teacher, spec, boundary=0.9)[2] == 0.9
 
 
+def load_reference(pipeline, text_dtype=torch.bfloat16):
+    """The pipeline as prepare loads it: the text encoder in `text_dtype` (prepare's default
+    --dtype bfloat16), the VAE and CLIP in float32."""
+    return diffusers.DiffusionPipeline.from_pretrained(
+        pipeline, dtype={"default": text_dtype, "vae": torch.float32, "image_encoder": torch.float32}
+    )
+
+
+def shard_bytes(teacher):
+    return sum(f.stat().st_size for f in (teacher / "conditions").glob("items-*.safetensors"))
+
+
 @torch.no_grad()  # as the pipeline's __call__ runs (CPU attention kernels differ)
 def test_wan_text_equals_the_pipelines_encode_prompt(prepared):
     pipeline, teacher = prepared("wan22_t2v")
-    pipe = diffusers.DiffusionPipeline.from_pretrained(pipeline)
+    pipe = load_reference(pipeline)
     conditions = ConditionSet(teacher / "conditions")
     assert len(conditions) == len(PROMPTS) and conditions.fields == ("text",)
-    # in the batches prepare used (--batch-size 2): batched matmuls round differently
-    expected = torch.cat(
-        [
-            pipe.encode_prompt(PROMPTS[i : i + 2], max_sequence_length=512)[0]
-            for i in range(0, len(PROMPTS), 2)
-        ]
-    )
+    assert conditions.text_tokens == "real"
+    # in the batches prepare used (--batch-size 2), as a run drawing them gets them
+    for first in range(0, len(PROMPTS), 2):
+        batch = PROMPTS[first : first + 2]
+        expected = pipe.encode_prompt(batch, max_sequence_length=512)[0]
+        got = conditions.batch(range(first, first + len(batch))).text
+        assert got.shape == (len(batch), 512, 16) and got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
     negative = pipe.encode_prompt("", max_sequence_length=512)[0]
-    got = conditions.batch(range(len(PROMPTS))).text
-    assert got.shape == (len(PROMPTS), 512, 16)
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)
     torch.testing.assert_close(conditions.uncond(1).text, negative[:1], rtol=0, atol=0)
-    # padding zeroed after the prompt's tokens (+ </s>): "a red cat" is 4 tokens
-    assert got[0, 4:].abs().sum() == 0 and got[0, :4].abs().sum() > 0
+    # stored: the real tokens only ("a red cat" is 4 tokens with </s>), in bf16; the set as
+    # the code before real-token sets wrote it on a CPU: 512 x 16 float32 per prompt
+    assert conditions.batch([0]).text[0, :4].abs().sum() > 0
+    before = 512 * 16 * 4
+    assert shard_bytes(teacher) / len(PROMPTS) <= before / 4
 
 
 @torch.no_grad()  # as the pipeline's __call__ runs (CPU attention kernels differ)
@@ -123,7 +140,7 @@ def test_wan21_i2v_conditions_equal_the_pipelines_own(prepared):
     spec = read_spec(teacher)
     assert spec.latent_shape == (16, 2, 4, 4) and spec.shift == 5.0
     assert spec.transformer_2 is None and spec.boundary_ratio is None
-    pipe = diffusers.DiffusionPipeline.from_pretrained(pipeline)
+    pipe = load_reference(pipeline)
     conditions = ConditionSet(teacher / "conditions")
     assert conditions.fields == ("text", "image_latents", "image_embeds")
     batch = conditions.batch([3])
@@ -146,21 +163,33 @@ def test_qwen_image_text_and_mask_equal_the_pipelines(prepared):
     assert spec.latent_shape == (4, 1, 8, 8)  # VAE /4, single frame
     mu = calculate_shift(16, 256, 8192, 0.5, 0.9)  # (8/2) x (8/2) packed tokens
     assert spec.shift == pytest.approx(math.exp(mu)) and spec.guidance_scale == 4.0
-    pipe = diffusers.DiffusionPipeline.from_pretrained(pipeline)
+    pipe = load_reference(pipeline)
     conditions = ConditionSet(teacher / "conditions")
-    got = conditions.batch(range(len(PROMPTS)))
-    for i, prompt in enumerate(PROMPTS):  # alone: no batch padding in the reference
-        expected, mask = pipe.encode_prompt([prompt])
-        n = expected.shape[1]
-        assert mask is None and got.text_mask[i].sum() == n  # template prefix dropped
-        torch.testing.assert_close(got.text[i, :n], expected[0], rtol=1e-5, atol=1e-6)
-        assert got.text[i, n:].abs().sum() == 0 and got.text_mask[i, n:].sum() == 0
-    # the common length is the longest prompt's
-    longest = max(len(pipe.encode_prompt([p])[0][0]) for p in PROMPTS + [""])
-    assert got.text.shape[1] == longest
-    uncond = conditions.uncond(1)
+    assert conditions.fields == ("text", "text_mask")
+    for first in range(0, len(PROMPTS), 2):  # prepare's batches: padded to their longest
+        expected, mask = pipe.encode_prompt(PROMPTS[first : first + 2])
+        got = conditions.batch(range(first, min(first + 2, len(PROMPTS))))
+        if mask is None:  # the pipeline drops an all-ones mask
+            mask = torch.ones(expected.shape[:2], dtype=torch.long)
+        torch.testing.assert_close(got.text, expected, rtol=0, atol=0)
+        assert torch.equal(got.text_mask, mask)
+    # the set's tokens: its longest prompt's; a batch of short ones is padded less
+    longest = max(len(pipe.encode_prompt([p])[0][0]) for p in PROMPTS)
+    assert conditions.shape("text") == (longest, 16)
+    assert conditions.batch([4]).text.shape == (1, len(pipe.encode_prompt(PROMPTS[4])[0][0]), 16)
     expected, _ = pipe.encode_prompt([""])
-    torch.testing.assert_close(uncond.text[0, : expected.shape[1]], expected[0])
+    uncond = conditions.uncond(1)
+    torch.testing.assert_close(uncond.text, expected, rtol=0, atol=0)
+    assert uncond.text_mask.all()
+
+
+@torch.no_grad()
+def test_dtype_float32_stores_the_float32_pipelines_embeddings(tiny_pipeline, tmp_path):
+    teacher = run_prepare(tmp_path, tiny_pipeline("qwen_image"), "--dtype", "float32")
+    pipe = load_reference(tiny_pipeline("qwen_image"), torch.float32)
+    got = ConditionSet(teacher / "conditions").batch([0, 1])
+    assert got.text.dtype == torch.float32
+    torch.testing.assert_close(got.text, pipe.encode_prompt(PROMPTS[:2])[0], rtol=0, atol=0)
 
 
 def test_an_interrupted_run_resumes_without_redoing_shards(
@@ -177,33 +206,130 @@ def test_an_interrupted_run_resumes_without_redoing_shards(
         return real(self, prompts)
 
     monkeypatch.setattr(prepare.ConditionEncoder, "text", crash_after_two)
+    resumable = ["--frames", "5", "--shard-size", "2"]
     with pytest.raises(KeyboardInterrupt):
-        run_prepare(tmp_path, tiny_pipeline("wan22_t2v"), "--frames", "5")
+        run_prepare(tmp_path, tiny_pipeline("wan22_t2v"), *resumable)
     partial = tmp_path / "teacher" / prepare.PARTIAL
     assert sorted(p.name for p in partial.glob("items-*")) == [
-        "items-00000.safetensors",
-        "items-00001.safetensors",
+        "items-000000000-000000002.safetensors",
+        "items-000000002-000000004.safetensors",
     ]
     assert not (tmp_path / "teacher" / "teacher.yaml").exists()
 
     # other arguments are refused: the finished shards were made with these
     monkeypatch.setattr(prepare.ConditionEncoder, "text", real)
     with pytest.raises(SystemExit):
-        run_prepare(tmp_path, tiny_pipeline("wan22_t2v"), "--frames", "9")
+        run_prepare(tmp_path, tiny_pipeline("wan22_t2v"), "--frames", "9", "--shard-size", "2")
 
     # a kill while a shard was being written leaves only its temporary file
-    atomic.partial_name(partial / "items-00002.safetensors").write_bytes(b"half a shard")
+    atomic.partial_name(partial / "items-000000004-000000005.safetensors").write_bytes(b"half")
     calls.clear()
     monkeypatch.setattr(
         prepare.ConditionEncoder, "text", lambda self, p: calls.append(list(p)) or real(self, p)
     )
-    teacher = run_prepare(tmp_path, tiny_pipeline("wan22_t2v"), "--frames", "5")
+    teacher = run_prepare(tmp_path, tiny_pipeline("wan22_t2v"), *resumable)
     assert calls == [PROMPTS[4:], [""]]  # the last shard and the negative prompt only
-    assert not partial.exists()
+    assert not partial.exists() and not list((teacher / "conditions").glob(".*"))
     resumed, whole = ConditionSet(teacher / "conditions"), ConditionSet(reference / "conditions")
     assert torch.equal(resumed.batch(range(5)).text, whole.batch(range(5)).text)
     assert yaml.safe_load((teacher / "teacher.yaml").read_text()) == yaml.safe_load(
         (reference / "teacher.yaml").read_text()
+    )
+
+
+@pytest.mark.parametrize("kind", ["wan22_t2v", "qwen_image"])
+def test_online_sets_hold_the_prompts_and_encode_the_cached_embeddings(prepared, tmp_path, kind):
+    """prepare --online writes the prompt list only (no encoder loads); opened, the set encodes
+    a drawn batch with the pipeline's text encoder: the cached set's tensors exactly."""
+    from phased_dmd_mp.data.online import OnlineConditionSet
+    from phased_dmd_mp.data.teacher import read_conditions
+
+    pipeline, cached_teacher = prepared(kind)
+    extra = ["--frames", "5"] if kind != "qwen_image" else []
+    teacher = run_prepare(tmp_path, pipeline, "--online", "--online-device", "cpu", *extra)
+    assert sorted(p.name for p in (teacher / "conditions").iterdir()) == [
+        "conditions.json", "prompt_offsets.npy", "prompts.txt"
+    ]  # fmt: skip
+    assert read_spec(teacher) == read_spec(cached_teacher)
+    online, cached = read_conditions(teacher), read_conditions(cached_teacher)
+    assert isinstance(online, OnlineConditionSet) and online.encoder.device.type == "cpu"
+    assert len(online) == len(cached) and online.specs == cached.specs
+    assert online.prompts([4, 1]) == [PROMPTS[4], PROMPTS[1]]
+    for indices in ([4, 0, 2], [1]):
+        got, expected = online.batch(indices), cached.batch(indices)
+        assert torch.equal(got.text, expected.text)
+        assert (got.text_mask is None) == (expected.text_mask is None)
+        assert got.text_mask is None or torch.equal(got.text_mask, expected.text_mask)
+    assert torch.equal(online.uncond(2).text, cached.uncond(2).text)
+
+
+def test_a_run_on_an_online_set_starts_as_on_the_cached_set(prepared, tmp_path):
+    """The first iteration (a 1-step DMD update of the generator and the fake score) on the
+    Wan2.2 teacher: the same losses to the bit with online encoding as with the cached set."""
+    from distill_helpers import run_distill
+
+    pipeline, cached = prepared("wan22_t2v")
+    online = run_prepare(tmp_path, pipeline, "--online", "--frames", "5")
+    one = ["algorithm=dmd", "num_steps=1", "num_phases=1", "iterations_per_phase=1"]
+    histories = []
+    for name, teacher in (("cached", cached), ("online", online)):
+        assert run_distill(tmp_path / name, teacher, *one, "batch_size=2", "sample_every=100") == 0
+        history = json.loads((tmp_path / name / "history.json").read_text())
+        histories.append([{k: v for k, v in e.items() if "loss" in k} for e in history])
+    assert histories[0] == histories[1] and any(histories[0])
+
+
+MANY_PROMPTS = [*PROMPTS, "red ball", "a dog sitting in the snow on the grass"]
+WORKER = Path(__file__).parent / "parallel" / "prepare_worker.py"
+
+
+def torchrun_prepare(args, kill_rank=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parents[2])}
+    if kill_rank is not None:
+        env["KILL_RANK"] = str(kill_rank)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(WORKER), *args,
+    ]  # fmt: skip
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_two_ranks_under_torchrun_write_the_one_process_set_and_resume_after_a_kill(
+    tiny_pipeline, tmp_path
+):
+    """Qwen-Image (masked text, the set's longest prompt found over every rank's shards): 7
+    prompts in 4 shards of 2, shards 0 and 2 on rank 0, 1 and 3 on rank 1. Rank 1 is killed
+    after its first shard; the same command continues; the set equals one process's, file by
+    file and tensor by tensor."""
+    from safetensors.torch import load_file
+
+    prompts = write_prompts(tmp_path / "p.txt", MANY_PROMPTS)
+    args = [
+        "--pipeline", str(tiny_pipeline("qwen_image")), "--prompts", str(prompts),
+        "--batch-size", "1", "--shard-size", "2", "--no-progress", *SIZE,
+    ]  # fmt: skip
+    assert prepare.main([*args, "--out", str(tmp_path / "one")]) == 0
+
+    two = ["--out", str(tmp_path / "two")]
+    killed = torchrun_prepare([*args, *two], kill_rank=1)
+    assert killed.returncode != 0
+    partial = tmp_path / "two" / prepare.PARTIAL
+    assert "items-000000002-000000004.safetensors" in os.listdir(partial)  # rank 1's first
+    assert not (tmp_path / "two" / "conditions").exists()
+    resumed = torchrun_prepare([*args, *two])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "teacher directory" in resumed.stderr and not partial.exists()
+
+    one, two = tmp_path / "one" / "conditions", tmp_path / "two" / "conditions"
+    assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
+    assert json.loads((one / "conditions.json").read_text()) == json.loads(
+        (two / "conditions.json").read_text()
+    )
+    for file in one.glob("*.safetensors"):
+        a, b = load_file(file), load_file(two / file.name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert ConditionSet(two).shape("text")[0] == max(
+        len(ConditionSet(one).batch([i]).text[0]) for i in range(len(MANY_PROMPTS))
     )
 
 
@@ -449,7 +575,7 @@ def test_a_nonfinite_encoding_names_the_prompts_line(prepared, tmp_path, capsys,
     def overflowing(self, prompts):  # a float16 T5 overflows on some prompts
         out = real(self, prompts)
         if "blue ball in snow" in prompts:
-            out["text"][prompts.index("blue ball in snow"), 0, 0] = float("inf")
+            out[prompts.index("blue ball in snow")][0, 0] = float("inf")
         return out
 
     monkeypatch.setattr(prepare.ConditionEncoder, "text", overflowing)
@@ -468,7 +594,7 @@ def test_disk_full_while_encoding_is_one_line_and_a_rerun_continues(
     real = atomic._save_file
 
     def full_at_the_second_shard(tensors, path, metadata):
-        if "items-00001" in str(path):
+        if "items-000000002" in str(path):
             from safetensors import SafetensorError
 
             raise SafetensorError("I/O error: No space left on device (os error 28)")
@@ -476,14 +602,18 @@ def test_disk_full_while_encoding_is_one_line_and_a_rerun_continues(
 
     monkeypatch.setattr(atomic, "_save_file", full_at_the_second_shard)
     args = ["--pipeline", str(pipeline), "--prompts", str(write_prompts(tmp_path / "p.txt"))]
-    args += ["--out", str(tmp_path / "t"), "--batch-size", "2", "--no-progress", *SIZE]
-    assert prepare.main([*args, "--frames", "5"]) == 1
+    args += ["--out", str(tmp_path / "t"), "--batch-size", "2", "--shard-size", "2"]
+    args += ["--no-progress", "--frames", "5", *SIZE]
+    assert prepare.main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     partial = tmp_path / "t" / prepare.PARTIAL
-    assert f"error: disk full writing {partial / 'items-00001.safetensors'} (" in err[-1]
+    second = partial / "items-000000002-000000004.safetensors"
+    assert f"error: disk full writing {second} (" in err[-1]
     assert "Traceback" not in "\n".join(err)
-    assert sorted(p.name for p in partial.iterdir()) == ["items-00000.safetensors", "prepare.json"]
+    assert sorted(p.name for p in partial.iterdir()) == [
+        "items-000000000-000000002.safetensors", "prepare.json"
+    ]  # fmt: skip
     monkeypatch.undo()
-    assert prepare.main([*args, "--frames", "5"]) == 0
+    assert prepare.main(args) == 0
     got = ConditionSet(tmp_path / "t" / "conditions").batch(range(len(PROMPTS))).text
     assert torch.equal(got, ConditionSet(reference / "conditions").batch(range(len(PROMPTS))).text)

@@ -38,16 +38,19 @@ def write_transformer(path: Path, arch) -> Path:
 
 
 def write_manifest(path: Path, tensors: dict) -> Path:
-    """A condition set's manifest only: validation never opens the tensors (`finite`: its
-    writer checked them, so validation does not scan them)."""
+    """A condition set's manifest and empty files where it names them: validation stats the
+    files (sizes as the manifest records them) and never opens them (`finite`: its writer
+    checked them, so validation does not scan them)."""
     path.mkdir(parents=True)
     manifest = {
         "format": FORMAT, "version": VERSION, "count": 1,
         "tensors": {name: {"shape": shape, "dtype": "float32"} for name, shape in tensors.items()},
-        "shards": [{"file": "items-00000.safetensors", "count": 1}], "uncond": "uncond.safetensors",
-        "finite": True,
+        "shards": [{"file": "items-000000000-000000001.safetensors", "count": 1, "bytes": 0}],
+        "uncond": "uncond.safetensors", "finite": True,
     }  # fmt: skip
     (path / MANIFEST).write_text(json.dumps(manifest))
+    for file in (manifest["shards"][0]["file"], manifest["uncond"]):
+        (path / file).touch()
     return path
 
 
@@ -125,6 +128,18 @@ def test_a_named_architecture_and_latent_shape_that_agree_pass(tmp_path):
     named.write_text(yaml.safe_dump({k: list(v) if isinstance(v, tuple) else v
                                      for k, v in dataclasses.asdict(WAN).items()}))  # fmt: skip
     validate_run(config(teacher, f"architecture={named}", "latent_shape=[4, 3, 8, 8]"), 1)
+
+
+def test_a_missing_or_resized_shard_is_found_without_reading_it(tmp_path):
+    teacher = teacher_dir(tmp_path / "t", WAN, (4, 3, 8, 8), WAN_TEXT)
+    shard = teacher / "conditions" / "items-000000000-000000001.safetensors"
+    validate_run(config(teacher), 1)
+    shard.write_bytes(b"12345")
+    with pytest.raises(ConfigError, match=f"teacher: {shard} is 5 bytes, .* says 0"):
+        validate_run(config(teacher), 1)
+    shard.unlink()
+    with pytest.raises(ConfigError, match=f"condition set file {shard} is missing"):
+        validate_run(config(teacher), 1)
 
 
 def test_out_channels_and_two_expert_disagreement(tmp_path):

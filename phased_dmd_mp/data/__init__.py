@@ -2,12 +2,8 @@
 embedded teachers' data (digits.py: scikit-learn's digits and class embeddings; mixture.py: a 2D
 Gaussian mixture) and teacher directories (teacher.py)."""
 
-from phased_dmd_mp.data.conditions import (
-    ConditionSampler,
-    ConditionSet,
-    ConditionSetWriter,
-    write_condition_set,
-)
+from phased_dmd_mp.data.condition_writer import ConditionSetWriter, write_condition_set
+from phased_dmd_mp.data.conditions import ConditionSampler, ConditionSet, open_conditions
 from phased_dmd_mp.data.teacher import (
     TeacherSpec,
     load_transformer,
@@ -21,6 +17,7 @@ __all__ = [
     "ConditionSetWriter",
     "TeacherSpec",
     "load_transformer",
+    "open_conditions",
     "read_conditions",
     "read_spec",
     "write_condition_set",

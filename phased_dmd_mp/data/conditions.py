@@ -2,36 +2,53 @@
 
 A condition set is a directory:
 
-    conditions.json       {"format": "phased_dmd_mp.conditions", "version": 1, "count": N,
-                           "tensors": {name: {"shape": [per-item shape], "dtype": "float32"}},
-                           "shards": [{"file": "items-00000.safetensors", "count": n}, ...],
+    conditions.json       {"format": "phased_dmd_mp.conditions", "version": 2, "count": N,
+                           "text_tokens": "real" | "padded" | "online",
+                           "tensors": {name: {"shape": [per-item shape], "dtype": "bfloat16"}},
+                           "shards": [{"file": "items-000000000-000001024.safetensors",
+                                       "count": 1024, "bytes": 26214912}, ...],
                            "uncond": "uncond.safetensors", "finite": true}
-    items-*.safetensors   the items, each tensor stacked on a leading item dimension [n, ...]
+    items-*.safetensors   the items of a range of prompts (named by that range), each tensor
+                          stacked on a leading item dimension [n, ...]
     uncond.safetensors    the unconditional entry of classifier-free guidance (null condition or
-                          negative prompt), its tensors [1, ...] with the items' shapes
+                          negative prompt), laid out as a shard of one item
 
 Tensors are named like the fields of `conditioning.Conditions`: `text` [L, D] per item
-(required: class embeddings, T5 or Qwen2.5-VL prompt embeddings padded to L tokens),
-`text_mask` [L] (1 = real token), `image_latents` [C, F, H, W] and `image_embeds` [T, D'] (I2V
-first-frame latents, Wan2.1 CLIP tokens), plus `labels` (an int per item, e.g. a digit class).
-`finite` (optional) records that the writer found every value finite, so validation need not
-read the items again; a set without it is scanned (data/readers.py `check_finite`).
-The unconditional entry holds the text fields only: under CFG the negative branch sees the
-batch's own image conditioning (as Wan's I2V pipeline does), so it is taken from that batch.
+(required: class embeddings, umT5 or Qwen2.5-VL prompt embeddings), `text_mask` [L] (1 = real
+token), `image_latents` [C, F, H, W] and `image_embeds` [T, D'] (I2V first-frame latents, Wan2.1
+CLIP tokens), plus `labels` (an int per item, e.g. a digit class). The unconditional entry holds
+the text fields only: under CFG the negative branch sees the batch's own image conditioning (as
+Wan's I2V pipeline does), so it is taken from that batch.
 
-`ConditionSet(path)` reads a set lazily (safetensors memory maps; a batch reads only its items),
-`ConditionSetWriter` streams one to disk, shard by shard, and `ConditionSampler` draws the
-training batches of each data-parallel rank, deterministically and resumably.
+How text is stored (`text_tokens`):
+- "real" (`python -m phased_dmd_mp.prepare`): each prompt's real tokens only, in the dtype its
+  text encoder ran in. A shard holds `text` [tokens of all its items, D] and `text_offsets`
+  [n + 1] (int64, item i is rows offsets[i]:offsets[i+1]); `text_mask` is not stored. The reader
+  pads as the pipeline's `encode_prompt` does: without `text_mask` (Wan) with zeros to L = 512
+  tokens (WanPipeline pads to max_sequence_length); with it (Qwen-Image) to the longest prompt of
+  the batch, the mask marking the real tokens (QwenImagePipeline); L is then the set's longest.
+- "padded" (ConditionSetWriter, version 1 sets): every item stored at its full [L, D].
+- "online" (`prepare --online`, data/online.py): no shards; the prompt list, encoded by the
+  pipeline's text encoder when a batch is drawn.
+
+`finite` (optional) records that the writer found every value finite, so validation need not
+read the items again; a set without it is scanned (data/readers.py `check_finite`). Version 1
+(every item padded, shards named items-00000.safetensors) still loads.
+
+`open_conditions(path)` opens any set; `ConditionSet(path)` reads a stored one lazily: opening
+reads the manifest and the unconditional entry and stats each shard (no shard is read), a batch
+reads only its items (safetensors memory maps), so start-up time and memory do not grow with the
+number of prompts. `ConditionSampler` draws the training batches of each data-parallel rank,
+deterministically and resumably. Writing: data/condition_writer.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -40,14 +57,15 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from phased_dmd_mp.conditioning import Conditions
-from phased_dmd_mp import atomic
 from phased_dmd_mp.config import ConfigError
-from phased_dmd_mp.data.readers import describe_nonfinite, nonfinite_items
 
 FORMAT = "phased_dmd_mp.conditions"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "conditions.json"
 UNCOND_FILE = "uncond.safetensors"
+TEXT_LAYOUTS = ("real", "padded", "online")
+TEXT_OFFSETS = "text_offsets"  # real layout: item i is text rows offsets[i]:offsets[i+1]
 CONDITION_FIELDS = tuple(field.name for field in dataclasses.fields(Conditions))
 UNCOND_FIELDS = ("text", "text_mask")
 LABELS = "labels"
@@ -74,28 +92,34 @@ SAFETENSORS_DTYPES = {
     "bool": "BOOL",
 }
 SAFETENSORS_DTYPE_NAMES = {code: name for name, code in SAFETENSORS_DTYPES.items()}
-DEFAULT_SHARD_BYTES = 1 << 30
 
 
-def staging_dir(final: Path) -> Path:
-    """A new empty directory next to `final`, to be renamed to it once complete (a rename within
-    one file system is atomic). Made by mkdir, so it gets the usual permissions."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.tmp")
-    staging.mkdir()
-    return staging
+def shard_name(start: int, stop: int) -> str:
+    """The file of the items [start, stop): named by the range, so a set prepared by any number
+    of processes has the same files."""
+    return f"items-{start:09d}-{stop:09d}.safetensors"
 
 
-def shard_name(index: int) -> str:
-    return f"items-{index:05d}.safetensors"
+@dataclass(frozen=True)
+class Shard:
+    file: str
+    count: int
+    bytes: int | None  # file size (None in version 1 manifests)
 
 
-# --- reading -----------------------------------------------------------------------------------
+Specs = dict[str, tuple[tuple[int, ...], str]]  # name: (per-item shape, dtype name)
+
+
+# --- the manifest ------------------------------------------------------------------------------
 
 
 def read_manifest(path: Path) -> dict:
     """The checked manifest of the condition set at `path`: {count, specs (name: (per-item
-    shape, dtype)), shards, uncond}; reads conditions.json only."""
+    shape, dtype)), text_tokens ("real" | "padded" | "online"), shards (list of Shard), uncond,
+    online (data/online.py's settings or None), finite (its writer checked every value)};
+    reads conditions.json only. Raises ConfigError
+    naming the file."""
+    path = Path(path)
     manifest_path = path / MANIFEST
     if not path.is_dir():
         raise ConfigError(f"condition set {path} does not exist (expected a directory)")
@@ -107,39 +131,51 @@ def read_manifest(path: Path) -> dict:
         raise ConfigError(f"{manifest_path} is not valid JSON: {error}") from error
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ConfigError(f"{manifest_path} is not a {FORMAT} manifest")
-    if manifest.get("version") != VERSION:
+    version = manifest.get("version")
+    if version not in READABLE_VERSIONS:
         raise ConfigError(
-            f"{manifest_path} has format version {manifest.get('version')!r}; this code reads "
-            f"version {VERSION}"
+            f"{manifest_path} has format version {version!r}; this code reads versions "
+            f"{list(READABLE_VERSIONS)}"
         )
+    layout = manifest.get("text_tokens", "padded") if version >= 2 else "padded"
+    if layout not in TEXT_LAYOUTS:
+        raise ConfigError(f"{manifest_path}: text_tokens {layout!r} is not one of {TEXT_LAYOUTS}")
+    online = layout == "online"
     try:
-        count, tensors, shards = manifest["count"], manifest["tensors"], manifest["shards"]
-        uncond = manifest["uncond"]
+        count, tensors = manifest["count"], manifest["tensors"]
         specs = {
             name: (tuple(int(d) for d in spec["shape"]), spec["dtype"])
             for name, spec in tensors.items()
         }
-        shard_list = [(str(shard["file"]), int(shard["count"])) for shard in shards]
+        shards = [
+            Shard(str(s["file"]), int(s["count"]), int(s["bytes"]) if "bytes" in s else None)
+            for s in ([] if online else manifest["shards"])
+        ]
+        uncond = None if online else str(manifest["uncond"])
+        settings = dict(manifest["online"]) if online else None
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise ConfigError(f"{manifest_path} is malformed ({error!r})") from error
     if not isinstance(count, int) or count < 1:
         raise ConfigError(f"{manifest_path}: count must be a positive integer, got {count!r}")
-    _check_specs(specs, manifest_path)
-    if sum(n for _, n in shard_list) != count:
+    check_specs(specs, manifest_path)
+    if not online and sum(s.count for s in shards) != count:
         raise ConfigError(
-            f"{manifest_path}: the shards hold {sum(n for _, n in shard_list)} items, "
+            f"{manifest_path}: the shards hold {sum(s.count for s in shards)} items, "
             f"count says {count}"
         )
     return {
         "count": count,
         "specs": specs,
-        "shards": shard_list,
-        "uncond": str(uncond),
+        "text_tokens": layout,
+        "shards": shards,
+        "uncond": uncond,
+        "online": settings,
         "finite": manifest.get("finite") is True,
     }
 
 
-def _check_specs(specs: dict[str, tuple[tuple[int, ...], str]], where: object) -> None:
+def check_specs(specs: Specs, where: object) -> None:
+    """The per-item tensors `specs` form a condition set (names, dtypes, shapes agree)."""
     unknown = sorted(set(specs) - set(TENSOR_NAMES))
     if unknown:
         raise ConfigError(f"{where}: unknown tensors {unknown}; known: {list(TENSOR_NAMES)}")
@@ -152,6 +188,8 @@ def _check_specs(specs: dict[str, tuple[tuple[int, ...], str]], where: object) -
             raise ConfigError(f"{where}: {name} has an empty per-item shape {list(shape)}")
     if LABELS in specs and (specs[LABELS][0] != () or specs[LABELS][1] not in ("int64", "int32")):
         raise ConfigError(f"{where}: labels must be one int64/int32 per item")
+    if len(specs["text"][0]) != 2:
+        raise ConfigError(f"{where}: text must be [tokens, width] per item, not {specs['text'][0]}")
     if "text_mask" in specs and specs["text_mask"][0] != specs["text"][0][:1]:
         raise ConfigError(
             f"{where}: text_mask {list(specs['text_mask'][0])} must be [text tokens] of text "
@@ -159,48 +197,132 @@ def _check_specs(specs: dict[str, tuple[tuple[int, ...], str]], where: object) -
         )
 
 
-def _check_file(file: Path, specs: dict[str, tuple[tuple[int, ...], str]], rows: int) -> None:
-    """The safetensors header of `file` holds exactly `specs`, each with `rows` leading rows."""
-    if not file.is_file():
-        raise ConfigError(f"condition set file {file} is missing")
+def check_files(path: Path, manifest: dict) -> None:
+    """The shards and unconditional entry the manifest names exist, with the sizes it records
+    (stat only: a shard is read, and its header checked, when a batch first needs it)."""
+    for shard in manifest["shards"]:
+        file = path / shard.file
+        if not file.is_file():
+            raise ConfigError(f"condition set file {file} is missing")
+        if shard.bytes is not None and file.stat().st_size != shard.bytes:
+            raise ConfigError(
+                f"{file} is {file.stat().st_size} bytes, {path / MANIFEST} says {shard.bytes} "
+                "(truncated or replaced)"
+            )
+    if manifest["uncond"] is not None and not (path / manifest["uncond"]).is_file():
+        raise ConfigError(f"condition set file {path / manifest['uncond']} is missing")
+    online = manifest["online"]
+    if online is not None:
+        try:
+            files = [path / online["prompts"], path / online["prompt_offsets"]]
+            pipeline = Path(online["pipeline"])
+        except (KeyError, TypeError) as error:
+            raise ConfigError(f"{path / MANIFEST}: online settings lack {error}") from None
+        for file in files:
+            if not file.is_file():
+                raise ConfigError(f"condition set file {file} is missing")
+        if not (pipeline / "model_index.json").is_file():
+            raise ConfigError(
+                f"{path / MANIFEST}: the online set's pipeline {pipeline} is not a diffusers "
+                "pipeline folder (no model_index.json)"
+            )
+
+
+def file_tensors(specs: Specs, layout: str, rows: int) -> dict[str, tuple[list, str]]:
+    """What a shard of `rows` items holds: name: ([shape, None = any size], dtype)."""
+    expected = {name: ([rows, *shape], dtype) for name, (shape, dtype) in specs.items()}
+    if layout == "real":
+        expected.pop("text_mask", None)  # the lengths are the mask
+        expected["text"] = ([None, specs["text"][0][1]], specs["text"][1])
+        expected[TEXT_OFFSETS] = ([rows + 1], "int64")
+    return expected
+
+
+def _check_file(file: Path, expected: dict[str, tuple[list, str]]) -> None:
+    """The safetensors header of `file` holds exactly the tensors `expected`."""
     try:
         with safe_open(file, framework="pt") as handle:
             names = set(handle.keys())
-            if names != set(specs):
+            if names != set(expected):
                 raise ConfigError(
-                    f"{file} holds tensors {sorted(names)}, the manifest lists {sorted(specs)}"
+                    f"{file} holds tensors {sorted(names)}, the manifest implies {sorted(expected)}"
                 )
-            for name, (shape, dtype) in specs.items():
+            for name, (shape, dtype) in expected.items():
                 view = handle.get_slice(name)
-                expected = [rows, *shape]
-                if view.get_shape() != expected or view.get_dtype() != SAFETENSORS_DTYPES[dtype]:
+                got = view.get_shape()
+                same = len(got) == len(shape) and all(e in (None, g) for e, g in zip(shape, got))
+                if not same or view.get_dtype() != SAFETENSORS_DTYPES[dtype]:
+                    want = ["*" if e is None else e for e in shape]
                     raise ConfigError(
-                        f"{file}: {name} is {view.get_dtype()} {view.get_shape()}, the manifest "
-                        f"says {SAFETENSORS_DTYPES[dtype]} {expected}"
+                        f"{file}: {name} is {view.get_dtype()} {got}, the manifest says "
+                        f"{SAFETENSORS_DTYPES[dtype]} {want}".replace("'*'", "*")
                     )
     except SafetensorError as error:
         raise ConfigError(f"{file} is not a readable safetensors file ({error})") from error
 
 
+# --- padding -----------------------------------------------------------------------------------
+
+
+def pad_real_text(texts: Sequence[Tensor], tokens: int, masked: bool) -> dict[str, Tensor]:
+    """A batch of real-token embeddings (each [len_i, D]) padded as its pipeline pads it:
+    {"text": [B, L, D]} with L = `tokens` zero-padded (WanPipeline.encode_prompt, unmasked), or
+    {"text": [B, L, D], "text_mask": [B, L] int64} with L the longest of the batch
+    (QwenImagePipeline.encode_prompt, `masked`). Raises ConfigError for a text longer than
+    `tokens`."""
+    longest = max(len(text) for text in texts)
+    if longest > tokens:
+        raise ConfigError(f"a text of {longest} tokens is longer than the set's {tokens}")
+    length = longest if masked else tokens
+    first = texts[0]
+    out = first.new_zeros((len(texts), length, first.shape[-1]))
+    mask = torch.zeros((len(texts), length), dtype=torch.int64)
+    for row, text in enumerate(texts):
+        out[row, : len(text)] = text
+        mask[row, : len(text)] = 1
+    return {"text": out, "text_mask": mask} if masked else {"text": out}
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+def open_conditions(path: str | Path, device: str | None = None):
+    """The condition set at `path`: a ConditionSet, or for an online set (prepare --online) an
+    OnlineConditionSet that encodes batches on `device` (default: its manifest's choice)."""
+    path = Path(path)
+    if read_manifest(path)["text_tokens"] == "online":
+        from phased_dmd_mp.data.online import OnlineConditionSet
+
+        return OnlineConditionSet(path, device)
+    return ConditionSet(path)
+
+
 class ConditionSet:
-    """A condition set on disk (format in the module docstring), checked when opened."""
+    """A stored condition set (format in the module docstring); files checked when opened
+    (sizes) and when first read (headers)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         manifest = read_manifest(self.path)
-        self.specs: dict[str, tuple[tuple[int, ...], str]] = manifest["specs"]
+        if manifest["text_tokens"] == "online":
+            raise ConfigError(
+                f"{self.path} is an online condition set (prepare --online): open it with "
+                "open_conditions"
+            )
+        check_files(self.path, manifest)
+        self.specs: Specs = manifest["specs"]
+        self.text_tokens: str = manifest["text_tokens"]
         self._count = manifest["count"]
-        self._files = [self.path / name for name, _ in manifest["shards"]]
-        for file, (_, rows) in zip(self._files, manifest["shards"]):
-            _check_file(file, self.specs, rows)
-        self._starts = np.cumsum([0] + [rows for _, rows in manifest["shards"]])
+        self._shards: list[Shard] = manifest["shards"]
+        self._starts = np.cumsum([0] + [shard.count for shard in self._shards])
+        self._checked: set[int] = set()
         uncond_specs = {k: v for k, v in self.specs.items() if k in UNCOND_FIELDS}
-        _check_file(self.path / manifest["uncond"], uncond_specs, 1)
-        with safe_open(self.path / manifest["uncond"], framework="pt") as handle:
-            self._uncond = {name: handle.get_tensor(name) for name in uncond_specs}
-        self.labels: Tensor | None = (
-            self._read(LABELS, np.arange(self._count)).long() if LABELS in self.specs else None
-        )
+        uncond_file = self.path / manifest["uncond"]
+        _check_file(uncond_file, file_tensors(uncond_specs, self.text_tokens, 1))
+        with safe_open(uncond_file, framework="pt") as handle:
+            self._uncond = self._conditions(
+                self._read_rows(handle, uncond_file, np.zeros(1, np.int64), UNCOND_FIELDS)
+            )
 
     def __len__(self) -> int:
         return self._count
@@ -211,197 +333,102 @@ class ConditionSet:
         return tuple(name for name in CONDITION_FIELDS if name in self.specs)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        """Per-item shape of the tensor `name`."""
+        """Per-item shape of the tensor `name` (text: the most tokens a batch is padded to)."""
         return self.specs[name][0]
 
-    def _read(self, name: str, indices: np.ndarray) -> Tensor:
-        shards = np.searchsorted(self._starts, indices, side="right") - 1
-        out = torch.empty((len(indices), *self.shape(name)), dtype=DTYPES[self.specs[name][1]])
-        for shard in np.unique(shards):
-            positions = np.flatnonzero(shards == shard)
-            rows = indices[positions] - self._starts[shard]
-            with safe_open(self._files[shard], framework="pt") as handle:
-                out[torch.from_numpy(positions)] = handle.get_slice(name)[rows.tolist()]
+    @cached_property
+    def labels(self) -> Tensor | None:
+        """Every item's label (int64 [N]), or None for sets without labels."""
+        if LABELS not in self.specs:
+            return None
+        return self._read(np.arange(self._count), (LABELS,))[LABELS].long()
+
+    def _read_rows(self, handle, file: Path, rows: np.ndarray, names) -> dict:
+        """`names` of the items `rows` of one open shard: tensors [n, ...], real text as a list
+        of [len_i, D]."""
+        out = {}
+        for name in names:
+            if name not in self.specs or (name == "text_mask" and self.text_tokens == "real"):
+                continue
+            if name == "text" and self.text_tokens == "real":
+                offsets = handle.get_slice(TEXT_OFFSETS)
+                starts, ends = offsets[rows.tolist()], offsets[(rows + 1).tolist()]
+                view, tokens = handle.get_slice("text"), self.shape("text")[0]
+                total = view.get_shape()[0]
+                texts = []
+                for start, end in zip(starts.tolist(), ends.tolist()):
+                    if not 0 <= start < end <= total or end - start > tokens:
+                        raise ConfigError(
+                            f"{file}: text_offsets give rows [{start}, {end}) of {total}, not "
+                            f"1 to {tokens} tokens"
+                        )
+                    texts.append(view[start:end])
+                out[name] = texts
+            else:
+                out[name] = handle.get_slice(name)[rows.tolist()]
         return out
 
+    def _conditions(self, parts: dict) -> Conditions:
+        if self.text_tokens == "real":
+            masked = "text_mask" in self.specs
+            parts = {**parts, **pad_real_text(parts["text"], self.shape("text")[0], masked)}
+        return Conditions(**{name: parts[name] for name in CONDITION_FIELDS if name in parts})
+
+    def _read(self, indices: np.ndarray, names) -> dict:
+        shards = np.searchsorted(self._starts, indices, side="right") - 1
+        out = {}
+        for shard in np.unique(shards):
+            positions = np.flatnonzero(shards == shard)
+            file = self.path / self._shards[shard].file
+            if shard not in self._checked:
+                expected = file_tensors(self.specs, self.text_tokens, self._shards[shard].count)
+                _check_file(file, expected)
+                self._checked.add(shard)
+            with safe_open(file, framework="pt") as handle:
+                rows = indices[positions] - self._starts[shard]
+                for name, values in self._read_rows(handle, file, rows, names).items():
+                    if name not in out:
+                        out[name] = [None] * len(indices)
+                    for position, value in zip(positions.tolist(), values):
+                        out[name][position] = value
+        return {
+            name: values if name == "text" and self.text_tokens == "real" else torch.stack(values)
+            for name, values in out.items()
+        }
+
     def batch(self, indices: Sequence[int] | Tensor) -> Conditions:
-        """The conditions of the items `indices` (repeats allowed), in that order."""
+        """The conditions of the items `indices` (repeats allowed), in that order, padded as
+        the pipeline pads a batch (module docstring)."""
         indices = np.asarray(torch.as_tensor(indices).flatten(), dtype=np.int64)
         if len(indices) == 0:
             raise ValueError("batch needs at least one index")
         if indices.min() < 0 or indices.max() >= self._count:
             raise IndexError(f"indices must be in [0, {self._count}), got {indices.tolist()}")
-        return Conditions(**{name: self._read(name, indices) for name in self.fields})
+        return self._conditions(self._read(indices, self.fields))
 
     def uncond(self, batch_size: int, like: Conditions | None = None) -> Conditions:
         """The unconditional entry repeated `batch_size` times. A set with image conditioning
         needs `like`, the conditional batch whose image fields the negative branch shares."""
-        image_fields = [name for name in self.fields if name not in UNCOND_FIELDS]
-        if image_fields and like is None:
-            raise ValueError(
-                f"this condition set has {image_fields}: pass like=<the conditional batch>"
-            )
-        if like is not None and like.batch_size != batch_size:
-            raise ValueError(f"like has batch size {like.batch_size}, not {batch_size}")
-        # Views of one stored row: a batch of T5 embeddings would otherwise cost B x 4 MB.
-        text = {name: row.expand(batch_size, *row.shape[1:]) for name, row in self._uncond.items()}
-        return Conditions(**text, **{name: getattr(like, name) for name in image_fields})
+        return repeat_uncond(self._uncond, self.fields, batch_size, like)
 
 
-# --- writing -----------------------------------------------------------------------------------
-
-
-class ConditionSetWriter:
-    """Writes a new condition set, streaming: `add` batches of items, `close` publishes it.
-
-        with ConditionSetWriter(path, uncond={"text": null_text}) as writer:
-            for chunk in prompts:
-                writer.add(text=encode(chunk), labels=ids)
-
-    The items' tensors and per-item shapes are fixed by the first `add`; `uncond` holds the
-    text fields without the item dimension. Shards hold up to `shard_bytes` each. The set is
-    assembled in a temporary directory next to `path` and renamed into place on close, so a
-    reader never sees half a set; leaving the block with an exception discards it.
-    """
-
-    def __init__(
-        self,
-        path: str | Path,
-        uncond: Mapping[str, Tensor],
-        shard_bytes: int = DEFAULT_SHARD_BYTES,
-    ):
-        self.path = Path(path)
-        if self.path.exists():
-            raise ConfigError(f"{self.path} already exists; a condition set is written once")
-        self._uncond = {name: tensor.detach().cpu().contiguous() for name, tensor in uncond.items()}
-        bad = nonfinite_items({name: t[None] for name, t in self._uncond.items()})
-        if bad:
-            raise ConfigError(
-                f"{self.path}: the unconditional entry has NaN/Inf in {', '.join(bad[0])}"
-            )
-        self._shard_bytes = shard_bytes
-        self._specs: dict[str, tuple[tuple[int, ...], str]] | None = None
-        self._pending: list[dict[str, Tensor]] = []
-        self._pending_rows = 0
-        self._shards: list[dict] = []
-        self._written = 0  # items in the shards so far
-        self._staging = staging_dir(self.path)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, value, traceback) -> None:
-        if kind is None:
-            self.close()
-        else:
-            self.discard()
-
-    def _items_per_shard(self) -> int:
-        item_bytes = sum(
-            int(np.prod(shape)) * DTYPES[dtype].itemsize for shape, dtype in self._specs.values()
-        )
-        return max(1, self._shard_bytes // item_bytes)
-
-    def add(self, **tensors: Tensor) -> None:
-        """Append items: every tensor [n, per-item shape...], the same n for all."""
-        specs = {
-            name: (tuple(tensor.shape[1:]), DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype)))
-            for name, tensor in tensors.items()
-        }
-        rows = {tensor.shape[0] if tensor.ndim else 0 for tensor in tensors.values()}
-        if len(rows) != 1 or 0 in rows:  # also no tensors at all
-            raise ConfigError(f"add takes tensors with the same, non-zero leading dim; got {rows}")
-        if self._specs is None:
-            _check_specs(specs, "condition set")
-            self._check_uncond(specs)
-            self._specs = specs
-        elif specs != self._specs:
-            raise ConfigError(f"items {specs} do not match the earlier items {self._specs}")
-        pending = {name: t.detach().cpu() for name, t in tensors.items()}
-        bad = nonfinite_items(pending)
-        if bad:
-            first = self._written + self._pending_rows
-            found = {first + row: names for row, names in bad.items()}
-            raise ConfigError(f"{self.path}: {describe_nonfinite(found)}")
-        self._pending.append(pending)
-        self._pending_rows += rows.pop()
-        while self._pending_rows >= self._items_per_shard():
-            self._flush(self._items_per_shard())
-
-    def _check_uncond(self, specs: dict) -> None:
-        expected = {name: specs[name] for name in UNCOND_FIELDS if name in specs}
-        given = {
-            name: (tuple(t.shape), DTYPE_NAMES.get(t.dtype, str(t.dtype)))
-            for name, t in self._uncond.items()
-        }
-        if given != expected:
-            raise ConfigError(
-                f"uncond must hold {expected} (per-item shapes and dtypes of the items' text "
-                f"fields), got {given}"
-            )
-
-    def _flush(self, rows: int) -> None:
-        joined = {name: torch.cat([p[name] for p in self._pending]) for name in self._specs}
-        shard = {name: tensor[:rows].contiguous() for name, tensor in joined.items()}
-        rest = {name: tensor[rows:] for name, tensor in joined.items()}
-        name = shard_name(len(self._shards))
-        atomic.save_safetensors(shard, self._staging / name)
-        self._shards.append({"file": name, "count": rows})
-        self._written += rows
-        self._pending_rows -= rows
-        self._pending = [rest] if self._pending_rows else []
-
-    def close(self) -> ConditionSet:
-        if self._specs is None:
-            self.discard()
-            raise ConfigError("a condition set needs at least one item")
-        if self._pending_rows:
-            self._flush(self._pending_rows)
-        counts = [shard["count"] for shard in self._shards]
-        return publish(self._staging, self._specs, counts, self._uncond, self.path, finite=True)
-
-    def discard(self) -> None:
-        shutil.rmtree(self._staging, ignore_errors=True)
-
-
-def publish(
-    staging: Path,
-    specs: dict[str, tuple[tuple[int, ...], str]],
-    counts: list[int],
-    uncond: Mapping[str, Tensor],
-    path: Path,
-    finite: bool = False,
-) -> ConditionSet:
-    """Finish a set whose shards `shard_name(0..)` (holding `counts` items) are in `staging`:
-    write the unconditional entry and the manifest, then rename `staging` to `path`.
-    `finite`: the caller checked every value (recorded, so validation skips the scan)."""
-    atomic.save_safetensors({name: t[None] for name, t in uncond.items()}, staging / UNCOND_FILE)
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        "count": sum(counts),
-        "tensors": {
-            name: {"shape": list(shape), "dtype": dtype} for name, (shape, dtype) in specs.items()
-        },
-        "shards": [{"file": shard_name(i), "count": n} for i, n in enumerate(counts)],
-        "uncond": UNCOND_FILE,
-        **({"finite": True} if finite else {}),
+def repeat_uncond(
+    uncond: Conditions, fields: Sequence[str], batch_size: int, like: Conditions | None
+) -> Conditions:
+    """`uncond` (one item, text fields) as a batch of `batch_size` sharing `like`'s image
+    fields (ConditionSet.uncond)."""
+    image_fields = [name for name in fields if name not in UNCOND_FIELDS]
+    if image_fields and like is None:
+        raise ValueError(f"this condition set has {image_fields}: pass like=<the conditional batch>")
+    if like is not None and like.batch_size != batch_size:
+        raise ValueError(f"like has batch size {like.batch_size}, not {batch_size}")
+    # Views of one stored row: a batch of T5 embeddings would otherwise cost B x 4 MB.
+    text = {
+        name: getattr(uncond, name).expand(batch_size, *getattr(uncond, name).shape[1:])
+        for name in UNCOND_FIELDS
+        if getattr(uncond, name) is not None
     }
-    atomic.write_json(staging / MANIFEST, manifest)
-    os.rename(staging, path)
-    return ConditionSet(path)
-
-
-def write_condition_set(
-    path: str | Path,
-    items: Mapping[str, Tensor],
-    uncond: Mapping[str, Tensor],
-    shard_bytes: int = DEFAULT_SHARD_BYTES,
-) -> ConditionSet:
-    """Write all items at once (each tensor [N, ...]); see ConditionSetWriter."""
-    with ConditionSetWriter(path, uncond, shard_bytes) as writer:
-        writer.add(**items)
-    return ConditionSet(path)
+    return Conditions(**text, **{name: getattr(like, name) for name in image_fields})
 
 
 # --- sampling ----------------------------------------------------------------------------------

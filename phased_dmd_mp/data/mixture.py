@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from phased_dmd_mp.data.conditions import ConditionSet, write_condition_set
+from phased_dmd_mp.data.condition_writer import write_condition_set
+from phased_dmd_mp.data.conditions import ConditionSet
 from phased_dmd_mp.eval.mixture import Mixture
 from phased_dmd_mp.schedule import FLOW_MATCHING
 

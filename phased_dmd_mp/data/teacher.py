@@ -28,7 +28,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 
 from phased_dmd_mp import atomic
 from phased_dmd_mp.config import ConfigError, load_config
-from phased_dmd_mp.data.conditions import ConditionSet
+from phased_dmd_mp.data.conditions import ConditionSet, open_conditions
 from phased_dmd_mp.eval.mixture import Mixture
 from phased_dmd_mp.models import ExecutionConfig, build, load_whole_state_dict
 from phased_dmd_mp.models.convert import diffusers_to_ours, read_diffusers_dir
@@ -155,7 +155,8 @@ def pipeline_dir(teacher_dir: str | Path, spec: TeacherSpec) -> Path | None:
 
 
 def read_conditions(teacher_dir: str | Path) -> ConditionSet:
-    return ConditionSet(Path(teacher_dir) / CONDITIONS_DIR)
+    """The teacher directory's condition set (an OnlineConditionSet for `prepare --online`)."""
+    return open_conditions(Path(teacher_dir) / CONDITIONS_DIR)
 
 
 def transformer_dirs(teacher_dir: str | Path, spec: TeacherSpec) -> tuple[Path, Path | None]:

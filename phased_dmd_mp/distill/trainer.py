@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from phased_dmd_mp import ops
 from phased_dmd_mp.conditioning import Conditions, model_inputs, velocity_from_output
-from phased_dmd_mp.data.conditions import ConditionSampler, ConditionSet
+from phased_dmd_mp.config import ConfigError
+from phased_dmd_mp.data.conditions import ConditionSampler, open_conditions
 from phased_dmd_mp.data.readers import condition_tensors, describe_nonfinite, nonfinite_items
 from phased_dmd_mp.data.teacher import (
     pipeline_dir,
@@ -133,7 +134,7 @@ class Distiller:
         self.finished_ema: dict[int, list[Tensor]] = {}  # retired expert -> its fp32 EMA
 
         self.conditions = (
-            ConditionSet(config.conditions) if config.conditions else read_conditions(teacher_dir)
+            open_conditions(config.conditions) if config.conditions else read_conditions(teacher_dir)
         )
         self.sampler = ConditionSampler(
             len(self.conditions), self.rank_batch, config.seed, self.dp_rank, self.dp_size

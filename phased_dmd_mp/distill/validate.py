@@ -2,9 +2,10 @@
 
 `validate_run(config, world_size)` reads small files: the teacher's teacher.yaml, the
 config.json of each teacher transformer (diffusers format or our sharded one) and the condition
-set's manifest (and its items only when the manifest does not record them finite). It raises
-`phased_dmd_mp.config.ConfigError`, one line naming the key or file and both values, for what
-would otherwise fail after every rank loaded a 14B teacher:
+set's manifest (its shards stat'ed against the sizes it records, not read; an online set's prompt
+files and pipeline folder must exist; the items are read only when the manifest does not record
+them finite). It raises `phased_dmd_mp.config.ConfigError`, one line naming the key or file and
+both values, for what would otherwise fail after every rank loaded a 14B teacher:
 
 - paths: `teacher` (with teacher.yaml and transformer/config.json, or the transformer folder
   teacher.yaml names), `teacher_low_noise` (a transformer folder; default teacher.yaml's
@@ -31,7 +32,7 @@ import json
 from pathlib import Path
 
 from phased_dmd_mp.config import ConfigError
-from phased_dmd_mp.data.conditions import MANIFEST, ConditionSet, read_manifest
+from phased_dmd_mp.data.conditions import MANIFEST, ConditionSet, check_files, read_manifest
 from phased_dmd_mp.data.readers import check_finite
 from phased_dmd_mp.data.teacher import (
     CONDITIONS_DIR,
@@ -185,6 +186,7 @@ def validate_run(config: DistillConfig, world_size: int) -> None:
     key = "conditions" if config.conditions else "teacher"
     try:
         manifest = read_manifest(conditions)
+        check_files(conditions, manifest)
     except ConfigError as error:
         raise ConfigError(f"{key}: {error}") from None
     specs = manifest["specs"]
@@ -192,7 +194,8 @@ def validate_run(config: DistillConfig, world_size: int) -> None:
     check_latents(arch, spec.latent_shape, image_channels, spec_file, arch_file)
     _check_conditions(arch, specs, spec.latent_shape, conditions / MANIFEST, arch_file)
     check_run_layout(arch, config, world_size)
-    if not manifest["finite"]:  # last: the only check that reads more than a small file
+    stored = manifest["text_tokens"] != "online"  # an online set is encoded (and checked) live
+    if stored and not manifest["finite"]:  # last: the only check that reads more than small files
         try:
             check_finite(ConditionSet(conditions))
         except ConfigError as error:
