@@ -286,14 +286,14 @@ def pad_real_text(texts: Sequence[Tensor], tokens: int, masked: bool) -> dict[st
 # --- reading -----------------------------------------------------------------------------------
 
 
-def open_conditions(path: str | Path, device: str | None = None):
+def open_conditions(path: str | Path):
     """The condition set at `path`: a ConditionSet, or for an online set (prepare --online) an
-    OnlineConditionSet that encodes batches on `device` (default: its manifest's choice)."""
+    OnlineConditionSet, which loads the pipeline's text encoder (data/online.py)."""
     path = Path(path)
     if read_manifest(path)["text_tokens"] == "online":
         from phased_dmd_mp.data.online import OnlineConditionSet
 
-        return OnlineConditionSet(path, device)
+        return OnlineConditionSet(path)
     return ConditionSet(path)
 
 

@@ -160,8 +160,15 @@ class OnlineConditionSet:
         return out
 
     def _encode(self, prompts: list[str]) -> Conditions:
+        """Raises ConfigError naming a prompt the text encoder gives NaN/Inf for (prepare
+        refuses those too)."""
         masked = "text_mask" in self.specs
         texts = self.encoder.text(prompts)
+        for prompt, text in zip(prompts, texts):
+            if not torch.isfinite(text).all():
+                raise ConfigError(
+                    f"{self.path}: the text encoder gave NaN/Inf for the prompt {prompt!r}"
+                )
         return Conditions(**pad_real_text(texts, self.shape("text")[0], masked))
 
     def batch(self, indices) -> Conditions:
