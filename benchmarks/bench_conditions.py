@@ -1,7 +1,8 @@
 """Condition sets at scale, on tiny random diffusers pipelines (tests/tiny_pipelines.py), CPU.
 
     python benchmarks/bench_conditions.py [--small 1000] [--large 100000] [--bytes-prompts 2000]
-                                          [--batch 8] [--workdir DIR] [--json FILE]
+                                          [--batch 8] [--rounds 5] [--workdir DIR]
+                                          [--json FILE]
 
 Three measurements, each a ratio within this run:
 
@@ -10,9 +11,9 @@ Three measurements, each a ratio within this run:
    tokens as version 1 sets stored them (float32 from a CPU encoder, bf16 from a GPU one; one
    shard per batch of 16);
 2. scale (Qwen-Image, the cheaper tiny encoder): `--small` against `--large` prompts: prepare
-   time and disk per prompt, and the runner's start-up (open the set, make the sampler, draw
-   and read the first batch and its negative) time and resident memory, each in a fresh process
-   after its imports;
+   time and disk per prompt, and the runner's start-up (open the set; make the sampler, draw
+   and read the first batch and its negative) time, wall and CPU, and resident memory, each in
+   a fresh process after its imports, `--rounds` of each set interleaved (medians);
 3. online encoding (Wan2.2 and Qwen-Image): a rank batch of `--batch` prompts encoded by an
    online set against read from the cached set.
 """
@@ -113,21 +114,29 @@ import json, sys, time
 sys.path.insert(0, {bench!r})
 from bench_conditions import rss_bytes
 from phased_dmd_mp.data.conditions import ConditionSampler, open_conditions
-rss, start = rss_bytes(), time.perf_counter()
+clocks = (time.perf_counter, time.process_time)
+rss, start = rss_bytes(), [clock() for clock in clocks]
 conditions = open_conditions({path!r})
+opened, rss_opened = [clock() for clock in clocks], rss_bytes()
 sampler = ConditionSampler(len(conditions), {batch}, seed=0)
 cond = conditions.batch(next(sampler))
 uncond = conditions.uncond({batch}, like=cond)
-opened = time.perf_counter() - start
+drawn, rss_drawn = [clock() for clock in clocks], rss_bytes()
 for _ in range(20):
     conditions.batch(next(sampler))
-print(json.dumps({{"startup_s": opened, "rss_bytes": rss_bytes() - rss,
-                  "batch_s": (time.perf_counter() - start - opened) / 20}}))
+done = [clock() for clock in clocks]
+print(json.dumps({{
+    "open_s": [b - a for a, b in zip(start, opened)],
+    "first_batch_s": [b - a for a, b in zip(opened, drawn)],
+    "batch_s": [(b - a) / 20 for a, b in zip(drawn, done)],
+    "rss_open_bytes": rss_opened - rss, "rss_bytes": rss_drawn - rss,
+}}))
 """
 
 
 def startup(path: Path, batch: int) -> dict:
-    """Start-up time and resident memory of a runner opening `path`, in a fresh process."""
+    """Start-up time ([wall, CPU] seconds) and resident memory of a runner opening `path`, in a
+    fresh process."""
     code = STARTUP.format(bench=str(Path(__file__).parent), path=str(path), batch=batch)
     env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     result = subprocess.run(
@@ -137,16 +146,29 @@ def startup(path: Path, batch: int) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def scale(workdir: Path, small: int, large: int, batch: int) -> dict:
-    out = {}
+def scale(workdir: Path, small: int, large: int, batch: int, rounds: int) -> dict:
+    """Per set: prepare time and disk per prompt, then `rounds` start-ups of each set, the
+    sets interleaved; medians."""
+    out, teachers = {}, {}
     for name, count in (("small", small), ("large", large)):
         teacher, seconds = run_prepare(workdir, "qwen_image", short_prompts(count, 1), name)
+        teachers[name] = teacher
         out[name] = {
             "prompts": count,
             "prepare_s_per_prompt": seconds / count,
             "disk_bytes_per_prompt": disk_bytes(teacher / "conditions") / count,
-            **startup(teacher / "conditions", batch),
         }
+    runs = {name: [] for name in teachers}
+    for _ in range(rounds):
+        for name, teacher in teachers.items():
+            runs[name].append(startup(teacher / "conditions", batch))
+    for name, measured in runs.items():
+        for key in measured[0]:
+            values = [m[key] for m in measured]
+            if isinstance(values[0], list):  # [wall, cpu]
+                out[name][key] = [statistics.median(v[i] for v in values) for i in (0, 1)]
+            else:
+                out[name][key] = statistics.median(values)
     return out
 
 
@@ -180,6 +202,7 @@ def main() -> None:
     parser.add_argument("--large", type=int, default=100_000)
     parser.add_argument("--bytes-prompts", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=8, help="a data-parallel rank's batch")
+    parser.add_argument("--rounds", type=int, default=5, help="start-ups of each set")
     parser.add_argument("--workdir", type=Path, help="keep the sets here (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args()
@@ -199,21 +222,32 @@ def main() -> None:
     ):
         print(f"| {label} | {sizes[key]:,.0f} | {sizes['real_bf16'] / sizes[key]:.4f} |")
 
-    grown = scale(workdir, args.small, args.large, args.batch)
+    grown = scale(workdir, args.small, args.large, args.batch, args.rounds)
     small, large = grown["small"], grown["large"]
     print(
         f"\n## Scale (Qwen-Image tiny, {small['prompts']:,} vs {large['prompts']:,} prompts, "
-        f"rank batch {args.batch})\n\n| measure | {small['prompts']:,} | {large['prompts']:,} | "
+        f"rank batch {args.batch}; start-ups: median of {args.rounds} fresh processes each, "
+        f"interleaved)\n\n| measure | {small['prompts']:,} | {large['prompts']:,} | "
         "ratio |\n|---|---|---|---|"
     )
-    for key, label, unit in (
-        ("prepare_s_per_prompt", "prepare time per prompt", 1e3),
-        ("disk_bytes_per_prompt", "disk per prompt (bytes)", 1),
-        ("startup_s", "runner start-up: open + sampler + first batch (ms)", 1e3),
-        ("rss_bytes", "runner resident memory after start-up (MiB)", 1 / 2**20),
-        ("batch_s", "a later batch (ms)", 1e3),
+    rows = [
+        ("prepare wall time per prompt (ms)", small["prepare_s_per_prompt"] * 1e3,
+         large["prepare_s_per_prompt"] * 1e3),
+        ("disk per prompt (bytes)", small["disk_bytes_per_prompt"], large["disk_bytes_per_prompt"]),
+    ]  # fmt: skip
+    for key, label in (
+        ("open_s", "runner: open the set"),
+        ("first_batch_s", "runner: sampler + first batch and negative"),
+        ("batch_s", "runner: a later batch"),
     ):
-        a, b = small[key] * unit, large[key] * unit
+        for clock, index in (("wall", 0), ("CPU", 1)):
+            rows.append((f"{label}, {clock} (ms)", small[key][index] * 1e3, large[key][index] * 1e3))
+    for key, label in (
+        ("rss_open_bytes", "runner: resident memory after opening (MiB)"),
+        ("rss_bytes", "runner: resident memory after the first batch (MiB)"),
+    ):
+        rows.append((label, small[key] / 2**20, large[key] / 2**20))
+    for label, a, b in rows:
         print(f"| {label} | {a:,.2f} | {b:,.2f} | {b / a:.2f} |")
 
     cost = online_cost(workdir, args.batch)
