@@ -173,7 +173,8 @@ def scale(workdir: Path, small: int, large: int, batch: int, rounds: int) -> dic
 
 
 def online_cost(workdir: Path, batch: int, rounds: int = 20) -> dict:
-    """Seconds per rank batch: online encoding vs a cached read, interleaved, median."""
+    """CPU seconds per rank batch (this process's, one thread: the machine's load does not
+    count): online encoding vs a cached read, interleaved, median."""
     from phased_dmd_mp.data.conditions import ConditionSampler, ConditionSet
     from phased_dmd_mp.data.online import OnlineConditionSet
 
@@ -189,9 +190,9 @@ def online_cost(workdir: Path, batch: int, rounds: int = 20) -> dict:
         for _ in range(rounds):
             indices = next(sampler)
             for name, conditions in (("online", online), ("cached", cached)):
-                start = time.perf_counter()
+                start = time.process_time()
                 conditions.batch(indices)
-                times[name].append(time.perf_counter() - start)
+                times[name].append(time.process_time() - start)
         out[kind] = {name: statistics.median(values) for name, values in times.items()}
     return out
 
@@ -252,7 +253,7 @@ def main() -> None:
 
     cost = online_cost(workdir, args.batch)
     print(
-        f"\n## Online encoding, one rank batch of {args.batch} (CPU, 1 thread)\n\n"
+        f"\n## Online encoding, one rank batch of {args.batch} (CPU time, 1 thread)\n\n"
         "| pipeline | online encode (ms) | cached read (ms) | online / cached |\n|---|---|---|---|"
     )
     for kind, times in cost.items():

@@ -139,8 +139,8 @@ def test_reader_errors_name_the_problem(small_set, tmp_path):
     (small_set / "conditions.json").write_text(json.dumps(manifest))
     ConditionSet(small_set)
 
-    # Opening stats the shards (sizes from the manifest) and reads none: a shard whose contents
-    # disagree with the manifest at the same size fails when a batch first reads it.
+    # Opening reads no shard: a shard whose contents disagree with the manifest fails when a
+    # batch first reads it (validate_run stats them all up front: tests/test_validate.py).
     shard = small_set / manifest["shards"][1]["file"]
     data = shard.read_bytes()
     shard.write_bytes(data.replace(b'"labels"', b'"lebals"'))
@@ -150,7 +150,7 @@ def test_reader_errors_name_the_problem(small_set, tmp_path):
         conditions.batch([5])
     shard.write_bytes(data[:-5])
     with pytest.raises(ConfigError, match=f"is {len(data) - 5} bytes, .* says {len(data)}"):
-        ConditionSet(small_set)
+        ConditionSet(small_set).batch([5])
     save_file({"text": torch.zeros(2, 2, 4), "labels": torch.arange(2)}, shard)
     (small_set / "conditions.json").write_text(
         json.dumps({**manifest, "shards": [{**s, "bytes": shard.stat().st_size} if s["file"] ==
@@ -160,6 +160,9 @@ def test_reader_errors_name_the_problem(small_set, tmp_path):
         ConditionSet(small_set).batch([5])
     shard.unlink()
     with pytest.raises(ConfigError, match="is missing"):
+        ConditionSet(small_set).batch([5])
+    (small_set / "uncond.safetensors").unlink()
+    with pytest.raises(ConfigError, match="uncond.safetensors is missing"):
         ConditionSet(small_set)
 
 

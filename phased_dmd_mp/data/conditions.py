@@ -36,9 +36,10 @@ read the items again; a set without it is scanned (data/readers.py `check_finite
 (every item padded, shards named items-00000.safetensors) still loads.
 
 `open_conditions(path)` opens any set; `ConditionSet(path)` reads a stored one lazily: opening
-reads the manifest and the unconditional entry and stats each shard (no shard is read), a batch
-reads only its items (safetensors memory maps), so start-up time and memory do not grow with the
-number of prompts. `ConditionSampler` draws the training batches of each data-parallel rank,
+reads the manifest (one entry per shard) and the unconditional entry, a batch reads only its
+items (safetensors memory maps; a shard's size and header are checked when first read), so
+start-up time and memory do not grow with the number of prompts; `check_files` stats every
+shard (validate_run, before a run loads its models). `ConditionSampler` draws the training batches of each data-parallel rank,
 deterministically and resumably. Writing: data/condition_writer.py.
 """
 
@@ -197,18 +198,23 @@ def check_specs(specs: Specs, where: object) -> None:
         )
 
 
+def check_size(path: Path, shard: Shard) -> None:
+    """The shard file exists with the size the manifest records (a stat)."""
+    file = path / shard.file
+    if not file.is_file():
+        raise ConfigError(f"condition set file {file} is missing")
+    if shard.bytes is not None and file.stat().st_size != shard.bytes:
+        raise ConfigError(
+            f"{file} is {file.stat().st_size} bytes, {path / MANIFEST} says {shard.bytes} "
+            "(truncated or replaced)"
+        )
+
+
 def check_files(path: Path, manifest: dict) -> None:
-    """The shards and unconditional entry the manifest names exist, with the sizes it records
-    (stat only: a shard is read, and its header checked, when a batch first needs it)."""
+    """Every file the manifest names exists, shards with the sizes it records (one stat per
+    shard, none read; validate_run calls it before any model loads)."""
     for shard in manifest["shards"]:
-        file = path / shard.file
-        if not file.is_file():
-            raise ConfigError(f"condition set file {file} is missing")
-        if shard.bytes is not None and file.stat().st_size != shard.bytes:
-            raise ConfigError(
-                f"{file} is {file.stat().st_size} bytes, {path / MANIFEST} says {shard.bytes} "
-                "(truncated or replaced)"
-            )
+        check_size(path, shard)
     if manifest["uncond"] is not None and not (path / manifest["uncond"]).is_file():
         raise ConfigError(f"condition set file {path / manifest['uncond']} is missing")
     online = manifest["online"]
@@ -298,8 +304,9 @@ def open_conditions(path: str | Path):
 
 
 class ConditionSet:
-    """A stored condition set (format in the module docstring); files checked when opened
-    (sizes) and when first read (headers)."""
+    """A stored condition set (format in the module docstring). Opening reads the manifest and
+    the unconditional entry only; each shard's size and header are checked when a batch first
+    reads it (validate_run stats them all before a run loads its models)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -309,7 +316,6 @@ class ConditionSet:
                 f"{self.path} is an online condition set (prepare --online): open it with "
                 "open_conditions"
             )
-        check_files(self.path, manifest)
         self.specs: Specs = manifest["specs"]
         self.text_tokens: str = manifest["text_tokens"]
         self._count = manifest["count"]
@@ -318,6 +324,8 @@ class ConditionSet:
         self._checked: set[int] = set()
         uncond_specs = {k: v for k, v in self.specs.items() if k in UNCOND_FIELDS}
         uncond_file = self.path / manifest["uncond"]
+        if not uncond_file.is_file():
+            raise ConfigError(f"condition set file {uncond_file} is missing")
         _check_file(uncond_file, file_tensors(uncond_specs, self.text_tokens, 1))
         with safe_open(uncond_file, framework="pt") as handle:
             self._uncond = self._conditions(
@@ -381,6 +389,7 @@ class ConditionSet:
             positions = np.flatnonzero(shards == shard)
             file = self.path / self._shards[shard].file
             if shard not in self._checked:
+                check_size(self.path, self._shards[shard])
                 expected = file_tensors(self.specs, self.text_tokens, self._shards[shard].count)
                 _check_file(file, expected)
                 self._checked.add(shard)
