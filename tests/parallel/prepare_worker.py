@@ -6,15 +6,15 @@ its first shard, so torchrun stops the others: an interrupted multi-rank prepare
 import os
 import sys
 
-from phased_dmd_mp import prepare
+from phased_dmd_mp import atomic, prepare
 
 if os.environ.get("KILL_RANK") == os.environ["RANK"]:
-    real_save = prepare.save_shard
+    real_save = atomic.save_safetensors
 
-    def save_then_die(tensors, path):
-        real_save(tensors, path)
+    def save_then_die(tensors, path, metadata=None):
+        real_save(tensors, path, metadata)
         os._exit(9)
 
-    prepare.save_shard = save_then_die
+    atomic.save_safetensors = save_then_die
 
 sys.exit(prepare.main(sys.argv[1:]))
