@@ -242,7 +242,8 @@ def main() -> None:
         ("batch_s", "runner: a later batch"),
     ):
         for clock, index in (("wall", 0), ("CPU", 1)):
-            rows.append((f"{label}, {clock} (ms)", small[key][index] * 1e3, large[key][index] * 1e3))
+            values = small[key][index] * 1e3, large[key][index] * 1e3
+            rows.append((f"{label}, {clock} (ms)", *values))
     for key, label in (
         ("rss_open_bytes", "runner: resident memory after opening (MiB)"),
         ("rss_bytes", "runner: resident memory after the first batch (MiB)"),

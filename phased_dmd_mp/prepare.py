@@ -287,7 +287,9 @@ def prepare(args) -> Path | None:
 
     (uncond,) = encoder.text([negative])
     if not torch.isfinite(uncond).all():
-        raise ConfigError(f"the text encoder gave NaN/Inf (text) for the negative prompt {negative!r}")
+        raise ConfigError(
+            f"the text encoder gave NaN/Inf (text) for the negative prompt {negative!r}"
+        )
     files = [cs.shard_name(start, stop) for start, stop in ranges]
     specs = _text_specs(pipe, partial, files, uncond, args.dtype)
     if images is not None:

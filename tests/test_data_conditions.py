@@ -212,7 +212,8 @@ def write_real_set(path, texts, uncond_text, masked, tokens, per_shard, **fixed)
     specs = {"text": ((tokens, width), dtype)}
     if masked:
         specs["text_mask"] = ((tokens,), "int64")
-    specs |= {k: (tuple(v.shape[1:]), str(v.dtype).removeprefix("torch.")) for k, v in fixed.items()}
+    for name, tensor in fixed.items():
+        specs[name] = (tuple(tensor.shape[1:]), str(tensor.dtype).removeprefix("torch."))
     return publish(staging, specs, shards, real_text_tensors([uncond_text]), path, "real")
 
 

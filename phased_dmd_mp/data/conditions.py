@@ -39,8 +39,9 @@ read the items again; a set without it is scanned (data/readers.py `check_finite
 reads the manifest (one entry per shard) and the unconditional entry, a batch reads only its
 items (safetensors memory maps; a shard's size and header are checked when first read), so
 start-up time and memory do not grow with the number of prompts; `check_files` stats every
-shard (validate_run, before a run loads its models). `ConditionSampler` draws the training batches of each data-parallel rank,
-deterministically and resumably. Writing: data/condition_writer.py.
+shard (validate_run, before a run loads its models). `ConditionSampler` draws the training
+batches of each data-parallel rank, deterministically and resumably. Writing:
+data/condition_writer.py.
 """
 
 from __future__ import annotations
@@ -428,7 +429,9 @@ def repeat_uncond(
     fields (ConditionSet.uncond)."""
     image_fields = [name for name in fields if name not in UNCOND_FIELDS]
     if image_fields and like is None:
-        raise ValueError(f"this condition set has {image_fields}: pass like=<the conditional batch>")
+        raise ValueError(
+            f"this condition set has {image_fields}: pass like=<the conditional batch>"
+        )
     if like is not None and like.batch_size != batch_size:
         raise ValueError(f"like has batch size {like.batch_size}, not {batch_size}")
     # Views of one stored row: a batch of T5 embeddings would otherwise cost B x 4 MB.

@@ -133,8 +133,10 @@ class Distiller:
         self.trained: dict[tuple[str, int], TrainedModel] = {}
         self.finished_ema: dict[int, list[Tensor]] = {}  # retired expert -> its fp32 EMA
 
-        self.conditions = (
-            open_conditions(config.conditions) if config.conditions else read_conditions(teacher_dir)
+        self.conditions = (  # an online set loads its text encoder here
+            open_conditions(config.conditions)
+            if config.conditions
+            else read_conditions(teacher_dir)
         )
         self.sampler = ConditionSampler(
             len(self.conditions), self.rank_batch, config.seed, self.dp_rank, self.dp_size
