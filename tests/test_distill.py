@@ -193,7 +193,7 @@ def test_exported_experts_reproduce_the_trained_velocity(
     for k, expert in enumerate(distiller.generator, start=1):
         exported, arch = load_export(run_dir / "export" / f"expert_{k}")
         cond = Conditions(text=torch.randn(3, 1, arch.text_dim))
-        with distiller.ema_weights(k):
+        with distiller.exported_parameters(k):
             trained = expert.predict(x, t, cond)
         torch.testing.assert_close(dit_velocity(exported, arch)(x, t, cond), trained)
         if config.generator_adapter == "lora":

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 from megatron.core import parallel_state
+from torch import Tensor
 
 from phased_dmd_mp import atomic
 from phased_dmd_mp.data.teacher import CONDITIONS_DIR, pipeline_dir, read_spec
@@ -19,7 +20,8 @@ from phased_dmd_mp.distill.diffusers_pipeline import (
 )
 from phased_dmd_mp.distill.models import RoutedVelocity
 from phased_dmd_mp.models import convert
-from phased_dmd_mp.models.lora import save_lora
+from phased_dmd_mp.models.loading import read_stored_shard
+from phased_dmd_mp.models.lora import adapter_deltas, save_lora
 
 
 def export_generator(d) -> Path:
@@ -28,6 +30,12 @@ def export_generator(d) -> Path:
     generator.json (timesteps, which expert runs each step) and, when the teacher names its
     diffusers pipeline folder, export/pipeline/ (distill/diffusers_pipeline.py), or in
     generator.json's `pipeline_unsupported` why stock diffusers cannot run this generator.
+
+    Each expert keeps what training learned: it is written from the fp32 values training holds
+    (`Distiller.exported_values`: the EMA, else the main parameters; not their bf16 rounding),
+    in the dtypes its source checkpoint stores (an fp32 teacher's student is fp32); a LoRA
+    expert is the source's stored weights plus the adapter's product computed in fp32, and its
+    adapter files hold the fp32 adapter.
 
     Collective. The export is assembled in RUN/.export.partial/ and renamed to RUN/export/ when
     complete (atomic.py): a full disk on any rank raises DiskFullError on every rank and leaves
@@ -57,13 +65,13 @@ def _export_expert(d, k: int, expert, folder: Path) -> None:
     pp = parallel_state.get_pipeline_model_parallel_rank()
     writer = dist.get_rank() == 0
     sharded = folder / f"expert_{k}.sharded"
-    with d.ema_weights(k):
-        weights = expert.weights()
+    with d.exported_parameters(k):
         if expert.adapter is not None:
             lora = folder / f"expert_{k}_lora"
             save_lora(expert.module, expert.adapter, lora)
             kind = convert.model_kind(expert.arch)
             atomic.collective_write(lambda: write_comfy_lora(lora, kind) if writer else None)
+        weights = _stored_dtype_weights(expert) if d.dp_rank == 0 else None
 
     def layout():
         if writer:
@@ -126,6 +134,24 @@ def _write_summary(d, folder: Path) -> None:
             summary["pipeline_unsupported"] = str(reason)
             print(f"no export/{PIPELINE_DIR}: {reason}")
         atomic.write_json(folder / "generator.json", summary)
+
+
+def _stored_dtype_weights(expert) -> dict[str, Tensor]:
+    """This rank's shard of the expert as exported (its trained parameters holding their fp32
+    values: `Distiller.exported_parameters`), each tensor in the dtype its source stores: a full
+    copy's values cast; a LoRA expert's source weights, as stored, plus the adapter's fp32
+    product."""
+    stored = read_stored_shard(expert.module, expert.source)
+    if expert.adapter is not None:
+        deltas = adapter_deltas(expert.module, expert.adapter)
+        return {
+            name: (value.float() + deltas[name].to(value.device)).to(value.dtype)
+            if name in deltas
+            else value
+            for name, value in stored.items()
+        }
+    current = expert.module.state_dict()
+    return {name: current[name].detach().to(value.dtype) for name, value in stored.items()}
 
 
 def _base_component(d, expert) -> str:

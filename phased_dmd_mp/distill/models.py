@@ -14,6 +14,7 @@ schedules reduce to plain calls and the same code runs.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -49,10 +50,12 @@ def _from_last_stage(tensor: Tensor | None, shape, dtype, device) -> Tensor:
 
 class VelocityModel:
     """One DiT (this rank's stage) as v(x [B, C, F, H, W], t [B], conditions); with `adapter`,
-    that LoRA adapter of a shared base (None: the base itself, e.g. the teacher)."""
+    that LoRA adapter of a shared base (None: the base itself, e.g. the teacher). `source`: the
+    folder its (base) weights were loaded from, whose stored dtypes and, for LoRA, stored values
+    the export starts from (distill/export.py)."""
 
-    def __init__(self, module: DiTStage, adapter: int | None = None):
-        self.module, self.adapter = module, adapter
+    def __init__(self, module: DiTStage, adapter: int | None = None, source: Path | None = None):
+        self.module, self.adapter, self.source = module, adapter, source
         self.arch = module.arch
         self.has_lora = getattr(module, "lora_config", None) is not None
 

@@ -302,6 +302,27 @@ class TrainedModel:
             return self.host.state(main)
         return self.optimizer.optimizer.state[main]
 
+    def full_main_params(self) -> list[Tensor]:
+        """The main parameters as whole fp32 tensors (collective when sharded): in bf16 mixed
+        precision what training learned, of which the bf16 weights are the rounding."""
+        return self._full([None if m is None else m[0] for m in self.main])
+
+    @torch.no_grad()
+    def set_main_params(self, values: list[Tensor]) -> None:
+        """Start from `values` (whole tensors, one per trained parameter, e.g. the fp32 weights
+        a bf16 copy was rounded from): this rank's main-parameter pieces take them and the
+        weights their cast. Call before the first step (the Adam moments are left alone)."""
+        for i, (p, main) in enumerate(zip(self.parameters, self.main, strict=True)):
+            p.copy_(values[i].view_as(p))
+            if main is not None:
+                main[0].copy_(self._piece(values, i, main))
+
+    @staticmethod
+    def _piece(values: list[Tensor], i: int, main) -> Tensor:
+        """Parameter i's part held on this rank, shaped and typed as its main tensor."""
+        tensor, start, end = main
+        return values[i].reshape(-1)[start:end].to(tensor.dtype).view_as(tensor).clone()
+
     def _moments(self, key: str) -> list[Tensor | None]:
         return [None if m is None else self._state(m[0])[key] for m in self.main]
 
@@ -311,7 +332,7 @@ class TrainedModel:
         stepped = self.steps > 0
         return {
             "steps": self.steps,
-            "main_params": self._full([None if m is None else m[0] for m in self.main]),
+            "main_params": self.full_main_params(),
             "exp_avg": self._full(self._moments("exp_avg")) if stepped else None,
             "exp_avg_sq": self._full(self._moments("exp_avg_sq")) if stepped else None,
             "ema": self.full_ema(),
@@ -327,20 +348,18 @@ class TrainedModel:
             p.copy_(state["main_params"][i].view_as(p))
             if main is None:
                 continue
-            tensor, start, end = main
-
-            def piece(values: list[Tensor], dtype=tensor.dtype, i=i, start=start, end=end):
-                return values[i].reshape(-1)[start:end].to(dtype).view_as(tensor).clone()
-
-            tensor.copy_(piece(state["main_params"]))
-            if self.steps and self.host is not None:
-                moments = piece(state["exp_avg"]), piece(state["exp_avg_sq"])
-                self.host.load_state(tensor, self.steps, *moments)
-            elif self.steps:
-                inner.state[tensor] = {
+            main[0].copy_(self._piece(state["main_params"], i, main))
+            moments = None
+            if self.steps:
+                moments = (self._piece(state[key], i, main) for key in ("exp_avg", "exp_avg_sq"))
+            if moments is not None and self.host is not None:
+                self.host.load_state(main[0], self.steps, *moments)
+            elif moments is not None:
+                exp_avg, exp_avg_sq = moments
+                inner.state[main[0]] = {
                     "step": torch.tensor(float(self.steps), dtype=torch.float32),
-                    "exp_avg": piece(state["exp_avg"]),
-                    "exp_avg_sq": piece(state["exp_avg_sq"]),
+                    "exp_avg": exp_avg,
+                    "exp_avg_sq": exp_avg_sq,
                 }
         self.ema = None
         if state["ema"] is not None:
@@ -370,15 +389,16 @@ def storage_bytes(tensors) -> int:
 
 
 @contextlib.contextmanager
-def weights_swapped(parameters: list[Tensor], values: list[Tensor]):
-    """The parameters hold `values` (cast to their dtype) for the duration of the block."""
-    trained = [p.detach().clone() for p in parameters]
-    with torch.no_grad():
-        for p, value in zip(parameters, values):
-            p.copy_(value)
+def parameters_holding(parameters: list[Tensor], values: list[Tensor]):
+    """The parameters' data are `values` (their own dtype, e.g. the fp32 main parameters of
+    bf16 weights; moved to the parameter's device, as host-offloaded ones are not) for the
+    duration of the block; nothing runs a forward or steps then. The original storage
+    (megatron's buffers included) is back afterwards."""
+    kept = [p.data for p in parameters]
+    for p, value in zip(parameters, values, strict=True):
+        p.data = value.to(p.device).view(p.shape)
     try:
         yield
     finally:
-        with torch.no_grad():
-            for p, value in zip(parameters, trained):
-                p.copy_(value)
+        for p, data in zip(parameters, kept):
+            p.data = data

@@ -4,7 +4,8 @@ the files, manifest and atomicity are checkpoint.py's).
 The model state (written once per model-parallel rank): each generator expert's trained tensors
 (none for a full-copy expert still standing in as its teacher), each live fake model's weights,
 per trained role (`"fake/k"`, `"generator/k"`) optim.py's layout-free state (whole fp32 main
-params, Adam moments, EMA, step count), the fp32 EMA of finished experts, progress and config.
+params, Adam moments, EMA, step count), the fp32 EMA (or, without one, the fp32 main params) of
+finished experts, progress and config.
 The rank state: this data-parallel rank's random generator and condition sampler.
 """
 
@@ -32,6 +33,7 @@ def model_state(d) -> dict:
         "fakes": {k: _module_state(fake) for k, fake in d.fakes.items()},
         "optimizers": {f"{role}/{k}": t.state_dict() for (role, k), t in d.trained.items()},
         "ema": d.finished_ema,
+        "finished_main": d.finished_main,
         "progress": asdict(d.state),
         "config": asdict(d.config),
     }
@@ -73,6 +75,7 @@ def restore(d, path: Path) -> None:
         role, k = key.split("/")
         d._trained(role, int(k)).load_state_dict(trained_state)
     d.finished_ema = state["ema"]
+    d.finished_main = state.get("finished_main", {})  # absent before the export kept them
     d.state = type(d.state)(**state["progress"])
     d.rng.set_state(rank_state["rng"])
     d.sampler.load_state_dict(rank_state["sampler"])

@@ -44,13 +44,17 @@ from phased_dmd_mp.distill import resume
 from phased_dmd_mp.distill.config import DistillConfig
 from phased_dmd_mp.distill.export import export_generator
 from phased_dmd_mp.distill.models import RoutedVelocity, VelocityModel, experts_reached
-from phased_dmd_mp.distill.optim import TrainedModel, weights_swapped
+from phased_dmd_mp.distill.optim import TrainedModel, parameters_holding
 from phased_dmd_mp.distill.previews import log_samples
 from phased_dmd_mp.distill.signals import agree, stop_on_signals
 from phased_dmd_mp.losses import dmd_generator_loss, flow_matching_loss, subinterval_flow_loss
 from phased_dmd_mp.models import ExecutionConfig, build, convert
 from phased_dmd_mp.models.convert import diffusers_to_ours, read_diffusers_dir
-from phased_dmd_mp.models.loading import load_checkpoint, load_whole_state_dict
+from phased_dmd_mp.models.loading import (
+    load_checkpoint,
+    load_whole_state_dict,
+    read_stored_shard,
+)
 from phased_dmd_mp.models.lora import add_lora
 from phased_dmd_mp.parallel import pipeline
 from phased_dmd_mp.parallel.layout import rank_batch_size
@@ -132,6 +136,8 @@ class Distiller:
         # (role, phase) -> DDP gradient buffers, optimizer, main params and EMA (optim.py)
         self.trained: dict[tuple[str, int], TrainedModel] = {}
         self.finished_ema: dict[int, list[Tensor]] = {}  # retired expert -> its fp32 EMA
+        # retired expert -> its fp32 main params (on the CPU; without EMA, in bf16 compute)
+        self.finished_main: dict[int, list[Tensor]] = {}
 
         self.conditions = (  # an online set loads its text encoder here
             open_conditions(config.conditions)
@@ -149,12 +155,12 @@ class Distiller:
 
     # --- models -------------------------------------------------------------------------------
 
-    def _build(self, arch, whole_state: dict[str, Tensor]) -> VelocityModel:
+    def _build(self, arch, whole_state: dict[str, Tensor], source: Path) -> VelocityModel:
         module = build(arch, self.execution, init_weights=False).to(self.device)
         with torch.no_grad():
             load_whole_state_dict(module, whole_state)
         module.requires_grad_(False)
-        return VelocityModel(module)
+        return VelocityModel(module, source=Path(source))
 
     def _load_teacher(self, path: Path, low_noise: Path | None, boundary: float | None):
         def load(directory):
@@ -163,12 +169,12 @@ class Distiller:
             config = json.loads((Path(directory) / "config.json").read_text())
             if "_class_name" in config:
                 _, arch, state = read_diffusers_dir(directory)
-                return self._build(arch, diffusers_to_ours(state, arch))
+                return self._build(arch, diffusers_to_ours(state, arch), directory)
             arch, _, _ = convert.read_layout(directory)
             module = build(arch, self.execution, init_weights=False).to(self.device)
             load_checkpoint(module, directory)
             module.requires_grad_(False)
-            return VelocityModel(module)
+            return VelocityModel(module, source=Path(directory))
 
         high = load(path)
         if low_noise is None:
@@ -188,7 +194,7 @@ class Distiller:
         with torch.no_grad():
             module.load_state_dict(model.base_state(), strict=False)
         module.requires_grad_(trainable)
-        return VelocityModel(module)
+        return VelocityModel(module, source=model.source)
 
     def _generator_experts(self) -> list[VelocityModel]:
         """Expert k starts from the teacher (expert) owning the first step of phase k: a full
@@ -210,7 +216,10 @@ class Distiller:
                 seed=config.seed,
             )
             base.has_lora = True
-        return [VelocityModel(owner.module, adapter=k) for k, owner in enumerate(owners)]
+        return [
+            VelocityModel(owner.module, adapter=k, source=owner.source)
+            for k, owner in enumerate(owners)
+        ]
 
     def _expert(self, k: int) -> VelocityModel:
         """Generator expert k, its full copy made now if it is still its teacher."""
@@ -253,6 +262,14 @@ class Distiller:
                 shard=config.distributed_optimizer,
                 offload=config.optimizer_offload,
             )
+            if role == "generator" and model.adapter is None and model.dtype != torch.float32:
+                # a full copy trains from the weights as stored (fp32 main params of an fp32
+                # checkpoint), not from their bf16 rounding
+                stored = read_stored_shard(model.module, model.source)
+                names = {id(p): name for name, p in model.module.named_parameters()}
+                self.trained[key].set_main_params(
+                    [stored[names[id(p)]].float() for p in model.parameters()]
+                )
         return self.trained[key]
 
     def _retire_phase(self, k: int) -> None:
@@ -261,8 +278,12 @@ class Distiller:
         self.fakes.pop(k, None)
         self.trained.pop(("fake", k), None)
         generator = self.trained.pop(("generator", k), None)
-        if generator is not None and (ema := generator.full_ema()) is not None:
+        if generator is None:
+            return
+        if (ema := generator.full_ema()) is not None:
             self.finished_ema[k] = ema
+        elif self.generator[k - 1].dtype != torch.float32:  # the weights are their rounding
+            self.finished_main[k] = [t.cpu() for t in generator.full_main_params()]
 
     # --- rollouts ------------------------------------------------------------------------------
 
@@ -445,16 +466,26 @@ class Distiller:
             found = {k: v for rank in gathered for k, v in rank.items()}
         return found
 
-    @contextlib.contextmanager
-    def ema_weights(self, k: int):
-        """Expert k with its EMA weights (when kept) for the duration of the block (collective
-        over data-parallel ranks when the optimizer is sharded)."""
+    def exported_values(self, k: int) -> list[Tensor]:
+        """What the export writes of expert k's trained tensors (aligned with its
+        `parameters()`), as training keeps them: the fp32 EMA when kept, else the fp32 main
+        parameters, of which bf16 weights are the rounding (the weights themselves in fp32 and
+        pure bf16). Collective over data-parallel ranks when the optimizer is sharded."""
         trained = self.trained.get(("generator", k))
-        ema = trained.full_ema() if trained is not None else self.finished_ema.get(k)
-        if ema is None:
-            yield
-            return
-        with weights_swapped(self.generator[k - 1].parameters(), ema):
+        if trained is not None:
+            ema = trained.full_ema()
+            return ema if ema is not None else trained.full_main_params()
+        if k in self.finished_ema:
+            return self.finished_ema[k]
+        if k in self.finished_main:
+            return [t.to(self.device) for t in self.finished_main[k]]
+        return [p.detach().float() for p in self.generator[k - 1].parameters()]
+
+    @contextlib.contextmanager
+    def exported_parameters(self, k: int):
+        """Expert k's trained parameters hold `exported_values(k)` (fp32) for the block: what
+        the export reads; in an fp32 run the model also runs forward so."""
+        with parameters_holding(self.generator[k - 1].parameters(), self.exported_values(k)):
             yield
 
     # --- the run ------------------------------------------------------------------------------

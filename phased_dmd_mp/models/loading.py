@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -69,16 +70,28 @@ def save_checkpoint(model: DiTStage, path: str | Path) -> None:
 def load_checkpoint(model: DiTStage, path: str | Path) -> None:
     """Load this rank's shard of a checkpoint written by `save_checkpoint` or `convert`. A
     checkpoint of another TP x PP layout is resharded on load (each rank then reads it whole)."""
-    arch, tp, pp = convert.read_layout(path)
+    model.load_state_dict(read_stored_shard(model, path), strict=True)
+
+
+def read_stored_shard(model: DiTStage, path: str | Path) -> dict[str, Tensor]:
+    """This rank's shard of the weights stored in `path`, a diffusers transformer folder or our
+    sharded checkpoint (of any TP x PP layout), keyed as `model.state_dict()` and in the dtypes
+    stored there (an fp32 checkpoint stays fp32 whatever the model computes in). Raises
+    ConfigError for a folder that holds another architecture."""
+    layout, rank = _own_rank(model)
+    config = json.loads((Path(path) / "config.json").read_text())
+    if "_class_name" in config:  # diffusers
+        _, arch, state = convert.read_diffusers_dir(path)
+        whole, tp, pp = convert.diffusers_to_ours(state, arch), None, None
+    else:
+        arch, tp, pp = convert.read_layout(path)
     if arch != model.arch:
         raise ConfigError(f"{path} holds {arch}, not this model's {model.arch}")
-    layout, rank = _own_rank(model)
     if layout == (tp, pp):
-        own = convert.read_shard(path, *rank)
-    else:
+        return convert.read_shard(path, *rank)
+    if tp is not None:
         whole = convert.unshard(convert.read_sharded_dir(path)[1], arch)
-        own = convert.shard(whole, arch, *layout)[rank]
-    model.load_state_dict(own, strict=True)
+    return convert.shard(whole, arch, *layout)[rank]
 
 
 def from_diffusers(

@@ -350,6 +350,19 @@ def merged_state_dict(model: nn.Module, adapter: int | None) -> dict[str, Tensor
     return merged
 
 
+def adapter_deltas(model: nn.Module, adapter: int) -> dict[str, Tensor]:
+    """scale * B A of adapter `adapter` for every adapted weight of this rank's stage, in
+    float32 and our naming (`decoder.layers.N.TARGET.weight`): what merging adds to the base.
+    Computed from the adapter parameters' current values, in whatever dtype they hold."""
+    stage = _stage(model)
+    _check_index(_config(stage), adapter, allow_none=False)
+    deltas = {}
+    for local, target, linear in _adapted(stage):
+        A, B = linear.lora.A[adapter].detach().float(), linear.lora.B[adapter].detach().float()
+        deltas[f"{LAYER_PREFIX}{local}.{target}.weight"] = linear.lora.scale * (B @ A)
+    return deltas
+
+
 # --- adapter state dicts: this rank's, whole, sharded ----------------------------------------
 # Keyed `decoder.layers.{layer}.{target}.lora_A` / `.lora_B` (layer: within the stage for a
 # rank's state dict, within the whole model for a whole one), without the adapter index, so
