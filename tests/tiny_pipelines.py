@@ -8,6 +8,10 @@ CLIP image encoder and its processor), with the classes the released pipelines u
                 umT5 text encoder + T5 tokenizer, AutoencoderKLWan, UniPC (flow_shift 3)
     wan21_i2v   WanImageToVideoPipeline, one expert with 36 input channels and CLIP image
                 attention, CLIPVisionModel + CLIPImageProcessor, UniPC (flow_shift 5)
+    wan22_i2v   WanImageToVideoPipeline as Wan2.2-I2V-A14B: two experts with 36 input channels
+                (boundary_ratio 0.9) and no CLIP image encoder, UniPC (flow_shift 5)
+    wan_student a transformer folder only: a smaller WanTransformer3DModel in the Wan
+                pipelines' latent space and text width (a `student`)
     qwen_image  QwenImagePipeline, Qwen2.5-VL text encoder + Qwen2 tokenizer,
                 AutoencoderKLQwenImage, FlowMatchEuler with dynamic shifting
 
@@ -134,6 +138,30 @@ def wan_transformer(in_channels=16, image_dim=None, seed=0):
     ).eval()
 
 
+def build_wan_student(folder: str | Path) -> Path:
+    """A smaller Wan transformer folder (1 layer, 1 head of 12, FFN 16, against the pipelines'
+    2 layers, 2 heads of 12, FFN 32) in the tiny Wan pipelines' latent space and text width:
+    a `student` for their teachers."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(7)
+    WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=1,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=16,
+        freq_dim=64,
+        ffn_dim=16,
+        num_layers=1,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    ).eval().save_pretrained(folder)
+    return Path(folder)
+
+
 def unipc(flow_shift: float):
     from diffusers import UniPCMultistepScheduler
 
@@ -191,6 +219,25 @@ def build_wan21_i2v(folder: str | Path) -> Path:
         transformer=wan_transformer(in_channels=36, image_dim=4, seed=3),
         image_encoder=image_encoder,
         image_processor=CLIPImageProcessor(crop_size=32, size=32),
+    )
+    pipe.save_pretrained(folder)
+    return Path(folder)
+
+
+def build_wan22_i2v(folder: str | Path) -> Path:
+    """Wan2.2 I2V pipeline folder as the A14B one: two experts (boundary_ratio 0.9) with 36
+    input channels and no CLIP image encoder (image conditioning through the latents alone)."""
+    from diffusers import WanImageToVideoPipeline
+
+    tokenizer = t5_tokenizer()
+    pipe = WanImageToVideoPipeline(
+        tokenizer=tokenizer,
+        text_encoder=umt5_encoder(len(tokenizer)),
+        vae=wan_vae(),
+        scheduler=unipc(5.0),
+        transformer=wan_transformer(in_channels=36, seed=4),
+        transformer_2=wan_transformer(in_channels=36, seed=5),
+        boundary_ratio=0.9,
     )
     pipe.save_pretrained(folder)
     return Path(folder)
@@ -282,5 +329,7 @@ def build_qwen_image(folder: str | Path) -> Path:
 BUILDERS = {
     "wan22_t2v": build_wan22_t2v,
     "wan21_i2v": build_wan21_i2v,
+    "wan22_i2v": build_wan22_i2v,
+    "wan_student": build_wan_student,
     "qwen_image": build_qwen_image,
 }
