@@ -219,3 +219,43 @@ def test_a_nonfinite_condition_is_named_before_any_model_loads(
     code, err = run_cli(pretrain_distill.main, args, capsys)
     assert code == 2 and "Traceback" not in err, err
     assert f"conditions: condition set {conditions}: condition {index}: NaN/Inf in text" in err
+
+
+def test_a_student_of_another_size_validates_and_one_of_other_latents_is_one_line(
+    tmp_path, capsys
+):
+    """A student may have other widths, layers and heads (also as a pipeline folder's
+    transformer); another latent channel count or text width is named with both values and
+    files, and fake_init student without a student is a config error naming the key."""
+    teacher = teacher_dir(tmp_path / "t", WAN, (4, 3, 8, 8), WAN_TEXT)
+    small = dict(WAN.to_diffusers(), patch_size=(1, 2, 2), num_attention_heads=1,
+                 attention_head_dim=6, ffn_dim=8, num_layers=1)  # fmt: skip
+    student = write_transformer(tmp_path / "small", WanConfig(**small))
+    validate_run(config(teacher, f"student={student}", "fake_init=student"), 1)
+    pipeline = tmp_path / "pipeline"
+    write_transformer(pipeline / "transformer", WanConfig(**small))
+    (pipeline / "model_index.json").write_text("{}")
+    validate_run(config(teacher, f"student={pipeline}"), 1)
+    for name, value in (("out_channels", 8), ("in_channels", 8), ("text_dim", 16)):
+        other = write_transformer(tmp_path / name, WanConfig(**{**small, name: value}))
+        with pytest.raises(ConfigError) as info:
+            validate_run(config(teacher, f"student={other}"), 1)
+        message = str(info.value)
+        expected = (f"student: {name} = {value} in {other}/config.json, but {getattr(WAN, name)} "
+                    f"in the teacher's {teacher}/transformer/config.json")  # fmt: skip
+        assert message.startswith(expected) and "\n" not in message, message
+    qwen = write_transformer(tmp_path / "qwen", QWEN)
+    with pytest.raises(ConfigError, match="is a QwenImageConfig, the teacher's .* a WanConfig"):
+        validate_run(config(teacher, f"student={qwen}"), 1)
+    with pytest.raises(ConfigError, match="student: /nowhere does not exist"):
+        validate_run(config(teacher, "student=/nowhere"), 1)
+    # the student's own layout: 1 head does not split over 2 ranks
+    with pytest.raises(ConfigError, match="num_attention_heads = 1"):
+        validate_run(config(teacher, f"student={student}", "tensor_parallel=2"), 2)
+    code, err = run_cli(
+        pretrain_distill.main,
+        distill_args(tmp_path / "run", teacher, "fake_init=student"),
+        capsys,
+    )
+    assert code == 2 and "fake_init: student needs `student`" in err
+    assert len(err.strip().splitlines()) == 1

@@ -167,6 +167,15 @@ def transformer_dirs(teacher_dir: str | Path, spec: TeacherSpec) -> tuple[Path, 
     return high, low
 
 
+def student_transformer(path: str | Path) -> Path:
+    """The transformer folder of the runner's `student`: the folder itself, or a diffusers
+    pipeline folder's transformer/ (validate.py checks what it holds)."""
+    path = Path(path)
+    if (path / "model_index.json").is_file():
+        return path / TRANSFORMER_DIR
+    return path
+
+
 def teacher_experts(
     teacher_dir: str | Path,
     spec: TeacherSpec,

@@ -62,6 +62,15 @@ class DistillConfig:
     # The teacher's latents [C, F, H, W] at the recipe's resolution (Wan 480 x 832 x 81:
     # [16, 21, 60, 104]); with architecture, what preflight plans with.
     latent_shape: tuple[int, int, int, int] | None = None
+    # The generator experts' starting weights when not the teacher's: a diffusers transformer
+    # folder, or a pipeline folder (its transformer/), e.g. Wan2.1-T2V-1.3B under a 14B
+    # teacher. Any size (widths, layers, heads), but the teacher's latent space and
+    # conditioning (latent channels, patch size, text width, image conditioning); the export
+    # writes its architecture. Default: the teacher.
+    student: str | None = None
+    # What each phase's fake model starts from: the teacher (the paper's) or the student (a
+    # fake of the student's size, as the official trainer's 1.3B-from-14B recipe).
+    fake_init: Literal["teacher", "student"] = "teacher"
     # --- algorithm ---
     # phased_dmd (the paper's), or a baseline: dmd (one step), few_step_dmd (N steps,
     # backpropagation through all of them), dmd_sgts (N steps, stochastic gradient truncation).
@@ -167,6 +176,11 @@ class DistillConfig:
             raise ValueError(
                 f"algorithm {self.algorithm} trains one expert: num_phases must be 1, "
                 f"got {self.num_phases}"
+            )
+        if self.fake_init == "student" and self.student is None:
+            raise ValueError(
+                "fake_init: student needs `student` (the transformer folder the generator "
+                "starts from); without one the fake starts from the teacher"
             )
         try:
             phase_step_boundaries(self.num_steps, self.num_phases)

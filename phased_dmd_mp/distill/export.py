@@ -111,17 +111,23 @@ def _write_summary(d, folder: Path) -> None:
         "conditions": str(
             Path(d.config.conditions or Path(d.config.teacher) / CONDITIONS_DIR).resolve()
         ),
+        # the transformer folder the experts started from when not the teacher's (their
+        # architecture is its own) and what the fake models started from
+        "student": None if d.student is None else str(d.student.source.resolve()),
+        "fake_init": d.config.fake_init,
         "algorithm": d.config.algorithm,
         "iterations": d.state.iteration,
         # With LoRA, expert_k is the merged model and expert_k_lora the adapter alone
-        # (diffusers' load_lora_weights reads it) on the teacher expert it started from:
-        # `base` names that expert as the teacher pipeline's component.
+        # (diffusers' load_lora_weights reads it) on the model it started from: `base` names
+        # it as the teacher pipeline's component (or "student"), `base_folder` is that
+        # transformer folder.
         "lora": None
         if d.config.generator_adapter == "full"
         else {
             "rank": d.config.lora_rank,
             "alpha": d.config.lora_alpha,
             "base": [_base_component(d, expert) for expert in d.generator],
+            "base_folder": [str(expert.source.resolve()) for expert in d.generator],
         },
     }
     atomic.write_json(folder / "generator.json", summary)
@@ -155,9 +161,11 @@ def _stored_dtype_weights(expert) -> dict[str, Tensor]:
 
 
 def _base_component(d, expert) -> str:
-    """The teacher pipeline's component a LoRA expert's base weights are: `transformer_2` for
-    Wan2.2's low-noise expert, else `transformer`."""
+    """What a LoRA expert's base weights are: `student`, or the teacher pipeline's component,
+    `transformer_2` for Wan2.2's low-noise expert, else `transformer`."""
     teacher = d.teacher
+    if d.student is not None and expert.module is d.student.module:
+        return "student"
     if isinstance(teacher, RoutedVelocity) and expert.module is teacher.low.module:
         return "transformer_2"
     return "transformer"

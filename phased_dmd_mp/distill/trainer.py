@@ -38,6 +38,7 @@ from phased_dmd_mp.data.teacher import (
     pipeline_dir,
     read_conditions,
     read_spec,
+    student_transformer,
     teacher_experts,
 )
 from phased_dmd_mp.distill import resume
@@ -130,6 +131,11 @@ class Distiller:
         self.teacher = self._load_teacher(
             *teacher_experts(teacher_dir, spec, config.teacher_low_noise, config.moe_boundary)
         )
+        # the generator's starting weights when not the teacher's (frozen: the LoRA base or
+        # what full experts and, with fake_init student, the fake models copy)
+        self.student = (
+            self._load(student_transformer(config.student)) if config.student else None
+        )
         self.copied_experts: set[int] = set()  # full experts no longer their teacher
         self.generator = self._generator_experts()
         self.fakes: dict[int, VelocityModel | RoutedVelocity] = {}
@@ -162,24 +168,25 @@ class Distiller:
         module.requires_grad_(False)
         return VelocityModel(module, source=Path(source))
 
-    def _load_teacher(self, path: Path, low_noise: Path | None, boundary: float | None):
-        def load(directory):
-            """A diffusers-format transformer, or our sharded checkpoint (`python -m
-            phased_dmd_mp.models.convert to-ours`), which each rank reads only its shard of."""
-            config = json.loads((Path(directory) / "config.json").read_text())
-            if "_class_name" in config:
-                _, arch, state = read_diffusers_dir(directory)
-                return self._build(arch, diffusers_to_ours(state, arch), directory)
-            arch, _, _ = convert.read_layout(directory)
-            module = build(arch, self.execution, init_weights=False).to(self.device)
-            load_checkpoint(module, directory)
-            module.requires_grad_(False)
-            return VelocityModel(module, source=Path(directory))
+    def _load(self, directory: Path) -> VelocityModel:
+        """A frozen model from a diffusers-format transformer, or from our sharded checkpoint
+        (`python -m phased_dmd_mp.models.convert to-ours`), which each rank reads only its
+        shard of."""
+        config = json.loads((Path(directory) / "config.json").read_text())
+        if "_class_name" in config:
+            _, arch, state = read_diffusers_dir(directory)
+            return self._build(arch, diffusers_to_ours(state, arch), directory)
+        arch, _, _ = convert.read_layout(directory)
+        module = build(arch, self.execution, init_weights=False).to(self.device)
+        load_checkpoint(module, directory)
+        module.requires_grad_(False)
+        return VelocityModel(module, source=Path(directory))
 
-        high = load(path)
+    def _load_teacher(self, path: Path, low_noise: Path | None, boundary: float | None):
+        high = self._load(path)
         if low_noise is None:
             return high
-        return RoutedVelocity(high, load(low_noise), boundary)
+        return RoutedVelocity(high, self._load(low_noise), boundary)
 
     def _teacher_at(self, t: float) -> VelocityModel:
         """The teacher (expert) that scores timestep t: a generator expert starts from the one
@@ -197,13 +204,15 @@ class Distiller:
         return VelocityModel(module, source=model.source)
 
     def _generator_experts(self) -> list[VelocityModel]:
-        """Expert k starts from the teacher (expert) owning the first step of phase k: a full
-        copy, or with LoRA, adapter k - 1 on that teacher's own (frozen, shared) weights. A full
-        copy is made when its phase first trains (`_expert`); until then that teacher, whose
-        weights it would have, stands in, so phase 1 holds one copy rather than K."""
+        """Expert k starts from the student when there is one, else from the teacher (expert)
+        owning the first step of phase k: a full copy, or with LoRA, adapter k - 1 on that
+        model's own (frozen, shared) weights. A full copy is made when its phase first trains
+        (`_expert`); until then the model it copies stands in, so phase 1 holds one copy
+        rather than K."""
         config = self.config
         owners = [
-            self._teacher_at(self.timesteps[self.bounds[k]]) for k in range(config.num_phases)
+            self.student or self._teacher_at(self.timesteps[self.bounds[k]])
+            for k in range(config.num_phases)
         ]
         if config.generator_adapter == "full":
             return owners
@@ -229,12 +238,15 @@ class Distiller:
         return self.generator[k - 1]
 
     def _fake(self, k: int):
-        """Phase k's fake model, re-initialised from the teacher when the phase starts. Of a
-        two-expert teacher it copies only the experts the phase's noise injection reaches
-        (Wan2.2's phase 1 in (0.875, 1): the high-noise expert alone)."""
+        """Phase k's fake model, re-initialised when the phase starts from the teacher (or with
+        fake_init student, from the student). Of a two-expert teacher it copies only the experts
+        the phase's noise injection reaches (Wan2.2's phase 1 in (0.875, 1): the high-noise
+        expert alone)."""
         if k not in self.fakes:
             teacher = self.teacher
-            if isinstance(teacher, RoutedVelocity):
+            if self.config.fake_init == "student":
+                fake = self._copy(self.student, True)
+            elif isinstance(teacher, RoutedVelocity):
                 low, high = self.config.injection_range(k, self.shift)
                 needed = experts_reached(low, high, teacher.boundary)
                 reached = [e for e, n in zip((teacher.high, teacher.low), needed) if n]

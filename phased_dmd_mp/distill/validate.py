@@ -22,6 +22,8 @@ both values, for what would otherwise fail after every rank loaded a 14B teacher
 - a two-expert teacher's experts have the same architecture;
 - the config's `architecture` and `latent_shape` (preflight's facts before the teacher is on
   disk), where set, are the teacher's;
+- a `student` (its transformer folder) shares the teacher's latent space and conditioning
+  (latent channels, patch size, text width, image conditioning), whatever its size;
 - the parallel layout (phased_dmd_mp/parallel/layout.py) on `world_size` ranks.
 """
 
@@ -39,6 +41,7 @@ from phased_dmd_mp.data.teacher import (
     SPEC_FILE,
     TRANSFORMER_DIR,
     read_spec,
+    student_transformer,
     teacher_experts,
 )
 from phased_dmd_mp.distill.config import DistillConfig
@@ -81,6 +84,31 @@ def _check_experts_agree(high, low, high_file: Path, low_file: Path) -> None:
             raise ConfigError(
                 f"teacher_low_noise: {field.name} = {b} in {low_file}, but {a} in the "
                 f"high-noise expert's {high_file}; the two experts must share an architecture"
+            )
+
+
+# What a student shares with its teacher: the latent space and the conditioning it reads.
+SHARED_WITH_STUDENT = {
+    WanConfig: ("in_channels", "out_channels", "patch_size", "text_dim", "image_dim",
+                "pos_embed_seq_len"),
+    QwenImageConfig: ("in_channels", "out_channels", "patch_size", "joint_attention_dim"),
+}  # fmt: skip
+
+
+def check_student(teacher, student, teacher_file: Path, student_file: Path) -> None:
+    """A student may differ from the teacher in size (widths, layers, heads), not in what its
+    inputs and outputs mean. Raises ConfigError naming both values and files."""
+    if type(teacher) is not type(student):
+        raise ConfigError(
+            f"student: {student_file} is a {type(student).__name__}, the teacher's "
+            f"{teacher_file} a {type(teacher).__name__}; a student must be of the teacher's family"
+        )
+    for name in SHARED_WITH_STUDENT[type(teacher)]:
+        ours, theirs = getattr(student, name), getattr(teacher, name)
+        if ours != theirs:
+            raise ConfigError(
+                f"student: {name} = {ours} in {student_file}, but {theirs} in the teacher's "
+                f"{teacher_file}; a student shares the teacher's latent space and conditioning"
             )
 
 
@@ -194,6 +222,11 @@ def validate_run(config: DistillConfig, world_size: int) -> None:
     check_latents(arch, spec.latent_shape, image_channels, spec_file, arch_file)
     _check_conditions(arch, specs, spec.latent_shape, conditions / MANIFEST, arch_file)
     check_run_layout(arch, config, world_size)
+    if config.student is not None:
+        student = student_transformer(config.student)
+        student_arch = read_transformer_arch(student, "student")
+        check_student(arch, student_arch, arch_file, student / "config.json")
+        check_run_layout(student_arch, config, world_size)
     stored = manifest["text_tokens"] != "online"  # an online set is encoded (and checked) live
     if stored and not manifest["finite"]:  # last: the only check that reads more than small files
         try:
