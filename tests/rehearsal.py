@@ -4,6 +4,8 @@ The shrinking rule, in this one place (`rehearsal_overrides`): a rehearsal loads
 YAML as it is and overrides only size keys:
 
     teacher, teacher_low_noise, conditions   a tiny random teacher of the recipe's model family
+    student                     a tiny random student smaller than that teacher (narrower heads
+                                and FFN), of the recipe's student architecture
     batch_size                  2 per data-parallel rank (micro_batch_size: at most that)
     iterations_per_phase        2 generator updates in all, at least one per phase
     log_every, sample_every, checkpoint_every   1 (every iteration logs, samples, checkpoints)
@@ -70,6 +72,7 @@ class Teacher:
 
     model: str
     boundary_ratio: float | None = None
+    student: str | None = None  # a configs/models/ file: the recipe's smaller student
 
 
 # Each distillation recipe in configs/ and its teacher.
@@ -80,6 +83,9 @@ RECIPES = {
     "wan2.2_t2v_a14b_phased_dmd.yaml": Teacher("models/wan2.1_t2v_14b.yaml", 0.875),
     "wan2.2_i2v_a14b_phased_dmd.yaml": Teacher("models/wan2.2_i2v_a14b.yaml", 0.9),
     "qwen_image_phased_dmd.yaml": Teacher("models/qwen_image.yaml"),
+    "wan2.1_t2v_1.3b_from_14b_phased_dmd.yaml": Teacher(
+        "models/wan2.1_t2v_14b.yaml", student="models/wan2.1_t2v_1.3b.yaml"
+    ),
 }
 RANK_BATCH = 2
 ITERATIONS = 2
@@ -91,6 +97,7 @@ TINY_TEACHER_TRAINING = [  # a pretrain_teacher config's size keys, for its rehe
     "sampling_steps=2", "eval_seeds=4",
 ]  # fmt: skip
 TEXT_TOKENS, IMAGE_TOKENS, ITEMS = 4, 3, 4
+STUDENT_DIR = "student"  # in a recipe's tiny teacher directory: its tiny student
 WEIGHT_STD = 0.3  # of the tiny teachers' weight matrices: conditions change v by ~20%
 
 
@@ -143,6 +150,8 @@ def shrink(recipe: dict, teacher: Path, world_size: int = 1) -> list[str]:
         overrides.append(f"teacher_low_noise={teacher / 'transformer_2'}")
     if recipe.get("conditions") is not None:
         overrides.append(f"conditions={teacher / 'conditions'}")
+    if recipe.get("student") is not None:
+        overrides.append(f"student={teacher / STUDENT_DIR}")
     if recipe.get("micro_batch_size") is not None:
         overrides.append(f"micro_batch_size={min(recipe['micro_batch_size'], RANK_BATCH)}")
     if recipe.get("architecture") is not None:  # the named architecture, shrunk (write_teacher)
@@ -155,7 +164,7 @@ def shrink(recipe: dict, teacher: Path, world_size: int = 1) -> list[str]:
 # The keys `shrink` may change; test_recipes checks that a rehearsal differs from its recipe in
 # these only.
 SIZE_KEYS = {
-    "teacher", "teacher_low_noise", "conditions", "batch_size", "micro_batch_size",
+    "teacher", "teacher_low_noise", "conditions", "student", "batch_size", "micro_batch_size",
     "iterations_per_phase", "log_every", "sample_every", "checkpoint_every",
     "tensor_parallel", "pipeline_parallel", "context_parallel", "architecture", "latent_shape",
 }  # fmt: skip
@@ -187,6 +196,14 @@ def tiny_arch(arch: WanConfig | QwenImageConfig, heads: int = 2) -> WanConfig | 
         image = {} if arch.image_dim is None else {"image_dim": 8, "added_kv_proj_dim": hidden}
         return dataclasses.replace(arch, **widths, ffn_dim=32, text_dim=8, freq_dim=16, **image)
     return dataclasses.replace(arch, **widths, joint_attention_dim=8, axes_dims_rope=(2, 2, 4))
+
+
+def tiny_student_arch(
+    arch: WanConfig | QwenImageConfig, heads: int = 2
+) -> WanConfig | QwenImageConfig:
+    """A student smaller than `tiny_arch`'s teachers (heads of 6 against 8, FFN 16 against
+    32), with the same data path: the rehearsal's small-student / larger-teacher pair."""
+    return dataclasses.replace(tiny_arch(arch, heads), attention_head_dim=6, ffn_dim=16)
 
 
 def tiny_latent_shape(arch: WanConfig | QwenImageConfig) -> tuple[int, int, int, int]:
@@ -262,12 +279,23 @@ def rehearse_teacher_training(name: str, out: Path) -> Path:
 
 
 def write_recipe_teacher(name: str, out: Path) -> Path:
-    """The tiny teacher of the distillation recipe configs/<name> (RECIPES)."""
+    """The tiny teacher of the distillation recipe configs/<name> (RECIPES), with its tiny
+    student in STUDENT_DIR when the recipe has one."""
     teacher = RECIPES[name]
     if not teacher.model.startswith("models/"):
         return rehearse_teacher_training(teacher.model, out)
-    arch = tiny_arch(model_config(teacher.model), tiny_heads(load_recipe(name)))
-    return write_teacher(out, arch, teacher.boundary_ratio)
+    heads = tiny_heads(load_recipe(name))
+    write_teacher(out, tiny_arch(model_config(teacher.model), heads), teacher.boundary_ratio)
+    if teacher.student is not None:
+        arch = tiny_student_arch(model_config(teacher.student), heads)
+        torch.manual_seed(3)
+        model = build(arch)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() >= 2:
+                    p.normal_(0.0, WEIGHT_STD)
+        write_diffusers_dir(out / STUDENT_DIR, arch, ours_to_diffusers(model.state_dict(), arch))
+    return out
 
 
 # --- what a rehearsal checks ----------------------------------------------------------------
@@ -281,8 +309,9 @@ def shifted_timesteps(num_steps: int, shift: float) -> list[float]:
 
 def check_export(run: Path, config: DistillConfig) -> dict:
     """The exported generator matches the config: its timesteps, which expert takes each step
-    (phase k takes steps (k-1) N/K .. k N/K - 1), and every expert folder loads as the teacher's
-    architecture (with LoRA, next to its adapter folder). Returns generator.json."""
+    (phase k takes steps (k-1) N/K .. k N/K - 1), and every expert folder loads as the
+    student's architecture, the teacher's without one (with LoRA, next to its adapter folder).
+    Returns generator.json."""
     summary = json.loads((run / "export" / "generator.json").read_text())
     shift = config.shift or read_spec(config.teacher).shift
     expected = shifted_timesteps(config.num_steps, shift)
@@ -291,10 +320,11 @@ def check_export(run: Path, config: DistillConfig) -> dict:
     assert summary["expert_of_step"] == [i // per_phase + 1 for i in range(config.num_steps)]
     assert summary["experts"] == [f"expert_{k}" for k in range(1, config.num_phases + 1)]
     assert summary["iterations"] == config.num_phases * config.iterations_per_phase
-    _, teacher_arch, _ = read_diffusers_dir(Path(config.teacher) / "transformer")
+    origin = Path(config.student or Path(config.teacher) / "transformer")
+    _, origin_arch, _ = read_diffusers_dir(origin)
     for name in summary["experts"]:
         _, arch, state = read_diffusers_dir(run / "export" / name)
-        assert arch == teacher_arch, name
+        assert arch == origin_arch, name
         assert all(bool(torch.isfinite(v).all()) for v in state.values()), name
         load_whole_state_dict(build(arch, init_weights=False), diffusers_to_ours(state, arch))
         has_lora = (run / "export" / f"{name}_lora").is_dir()
