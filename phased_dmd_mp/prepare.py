@@ -9,7 +9,9 @@ Qwen-Image (`QwenImagePipeline`) folder (data/pipeline_folder.py), checks from t
 that its parts and the requested size agree, then encodes every prompt with the pipeline's own
 `encode_prompt` (data/encoders.py; Wan: umT5; Qwen-Image: Qwen2.5-VL with the template prefix
 dropped) and, for image-to-video, each first frame with the pipeline's own `prepare_latents` (VAE)
-and `encode_image` (Wan2.1's CLIP). Each prompt's real tokens are stored, in the text encoder's
+and `encode_image` (Wan2.1's CLIP). A Wan2.2 TI2V folder (`expand_timesteps`) prepares
+text-to-video without --images, image-to-video with them (each first frame's latents, as
+WanImageToVideoPipeline with expand_timesteps makes them). Each prompt's real tokens are stored, in the text encoder's
 `--dtype` (default bfloat16, the recipes' compute dtype; float32 as before); the reader pads them
 as the pipeline does (Wan: zeros to 512 tokens; Qwen-Image: the batch's longest, with the mask).
 The negative prompt (default: empty, as the Wan pipelines use when given none) is the
@@ -75,8 +77,9 @@ RUN_FILE = "prepare.json"  # in PARTIAL: the arguments the shards were made with
 
 
 def takes_images(pipe: PipelineFolder) -> bool:
-    """Whether the pipeline conditions on a first frame (--images, IMAGE<TAB>prompt lines)."""
-    return pipe.kind == "wan_i2v"
+    """Whether the pipeline conditions on a first frame (--images, IMAGE<TAB>prompt lines):
+    image-to-video always, Wan2.2 TI2V when given images (text-to-video without)."""
+    return pipe.kind in ("wan_i2v", "wan_ti2v")
 
 
 def first_frames(
@@ -87,6 +90,8 @@ def first_frames(
         if images is not None:
             raise ConfigError(f"--images is for image-to-video pipelines, not {pipe.cls}")
         return None
+    if images is None and pipe.kind == "wan_ti2v":
+        return None  # text-to-video
     if images is None or not images.is_dir():
         raise ConfigError(f"{pipe.cls} needs --images DIR (the first frames), got {images}")
     return readers.match_images(prompts, images, prompt_file)
@@ -294,7 +299,7 @@ def prepare(args) -> Path | None:
     specs = _text_specs(pipe, partial, files, uncond, args.dtype)
     if images is not None:
         with safe_open(partial / files[0], framework="pt") as handle:
-            for name in ("image_latents", "image_embeds"):
+            for name in ("image_latents", "image_embeds", "first_frame_latents"):
                 if name in handle.keys():
                     view = handle.get_slice(name)
                     dtype = cs.SAFETENSORS_DTYPE_NAMES[view.get_dtype()]

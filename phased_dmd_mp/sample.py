@@ -50,7 +50,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from phased_dmd_mp import media
-from phased_dmd_mp.conditioning import Conditions
+from phased_dmd_mp.conditioning import Conditions, with_first_frame
 from phased_dmd_mp.config import ConfigError
 from phased_dmd_mp.data.conditions import ConditionSet, open_conditions
 from phased_dmd_mp.data.teacher import (
@@ -279,7 +279,7 @@ def generate(
             renoise=renoise,
             progress=progress,
         )
-        out[index] = x.float().cpu()
+        out[index] = with_first_frame(x, cond).float().cpu()
     if dp_size > 1:
         gathered = [None] * dp_size
         dist.all_gather_object(gathered, out, group=parallel_state.get_data_parallel_group())

@@ -73,6 +73,7 @@ class Teacher:
     model: str
     boundary_ratio: float | None = None
     student: str | None = None  # a configs/models/ file: the recipe's smaller student
+    first_frame: bool = False  # Wan2.2 TI2V: image-to-video conditions (first-frame latents)
 
 
 # Each distillation recipe in configs/ and its teacher.
@@ -212,9 +213,10 @@ def tiny_latent_shape(arch: WanConfig | QwenImageConfig) -> tuple[int, int, int,
 
 
 def tiny_conditions(
-    arch: WanConfig | QwenImageConfig, latent_shape, seed: int
+    arch: WanConfig | QwenImageConfig, latent_shape, seed: int, first_frame: bool = False
 ) -> tuple[dict, dict]:
-    """(items, uncond) of a condition set with the fields `arch` takes."""
+    """(items, uncond) of a condition set with the fields `arch` takes; `first_frame`: Wan2.2
+    TI2V image-to-video's first-frame latents (one latent frame)."""
     generator = torch.Generator().manual_seed(seed)
     width = arch.text_dim if isinstance(arch, WanConfig) else arch.joint_attention_dim
     items = {"text": torch.randn(ITEMS, TEXT_TOKENS, width, generator=generator)}
@@ -231,6 +233,9 @@ def tiny_conditions(
         if arch.image_dim is not None:  # Wan2.1 I2V: CLIP image tokens
             shape = (ITEMS, IMAGE_TOKENS, arch.image_dim)
             items["image_embeds"] = torch.randn(shape, generator=generator)
+        if first_frame:
+            shape = (ITEMS, latent_shape[0], 1, *latent_shape[2:])
+            items["first_frame_latents"] = torch.randn(shape, generator=generator)
     return items, uncond
 
 
@@ -239,11 +244,13 @@ def write_teacher(
     arch: WanConfig | QwenImageConfig,
     boundary_ratio: float | None = None,
     seed: int = 0,
+    first_frame: bool = False,
 ) -> Path:
     """A random-weight teacher directory of `arch` (already tiny): transformer/, conditions/,
     teacher.yaml and architecture.yaml (`arch` as a configs/models/ file, for the recipes'
     `architecture` key); with a boundary_ratio also transformer_2/, the low-noise expert, named
-    in teacher.yaml as `python -m phased_dmd_mp.prepare` names Wan2.2's."""
+    in teacher.yaml as `python -m phased_dmd_mp.prepare` names Wan2.2's; with `first_frame`,
+    TI2V image-to-video conditions."""
     folders = ["transformer"] if boundary_ratio is None else ["transformer", "transformer_2"]
     for k, folder in enumerate(folders):
         torch.manual_seed(seed + k)
@@ -256,7 +263,7 @@ def write_teacher(
     architecture = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(arch).items()}
     (path / ARCHITECTURE_FILE).write_text(yaml.safe_dump(architecture))
     latent_shape = tiny_latent_shape(arch)
-    items, uncond = tiny_conditions(arch, latent_shape, seed)
+    items, uncond = tiny_conditions(arch, latent_shape, seed, first_frame)
     write_condition_set(path / "conditions", items, uncond)
     shift = 5.0 if isinstance(arch, WanConfig) else 3.0  # Wan's and Qwen-Image's usual shifts
     experts = {} if boundary_ratio is None else {"transformer_2": "transformer_2"}
@@ -285,7 +292,8 @@ def write_recipe_teacher(name: str, out: Path) -> Path:
     if not teacher.model.startswith("models/"):
         return rehearse_teacher_training(teacher.model, out)
     heads = tiny_heads(load_recipe(name))
-    write_teacher(out, tiny_arch(model_config(teacher.model), heads), teacher.boundary_ratio)
+    arch = tiny_arch(model_config(teacher.model), heads)
+    write_teacher(out, arch, teacher.boundary_ratio, first_frame=teacher.first_frame)
     if teacher.student is not None:
         arch = tiny_student_arch(model_config(teacher.student), heads)
         torch.manual_seed(3)

@@ -1,6 +1,7 @@
 """The runner with the teachers it ships recipes for, beyond a single text-to-X model: an I2V
-teacher (image conditioning in the condition set), with and without guidance, and a two-expert
-teacher whose expert gets no sample in an update (phase 1 of Wan2.2) on one data-parallel rank."""
+teacher (image conditioning in the condition set), with and without guidance, a two-expert
+teacher whose expert gets no sample in an update (phase 1 of Wan2.2) on one data-parallel rank,
+and a Wan2.2 TI2V teacher conditioned on first frames, which no loss sees."""
 
 import pytest
 import torch
@@ -65,3 +66,30 @@ def test_expert_without_samples_at_one_data_parallel_rank(tmp_path, two_expert_t
     assert all(not p.main_grad.any() for p in fake.low.parameters())
     assert all(torch.equal(a, p) for a, p in zip(low, fake.low.parameters(), strict=True))
     assert any(not torch.equal(a, p) for a, p in zip(high, fake.high.parameters(), strict=True))
+
+
+def test_ti2v_first_frame_is_given_and_no_loss_sees_it(tmp_path, monkeypatch):
+    """Wan2.2 TI2V image-to-video: the fake's flow loss and the generator's DMD loss take the
+    frames after the first (the given frame's velocity means nothing); samples start with it."""
+    from phased_dmd_mp.distill import trainer
+
+    arch = tiny_arch(model_config("models/wan2.2_ti2v_5b.yaml"))
+    teacher = write_teacher(tmp_path / "teacher", arch, first_frame=True)
+    frames = []
+    for name in ("flow_matching_loss", "subinterval_flow_loss", "dmd_generator_loss"):
+        original = getattr(trainer, name)
+
+        def recording(x, *args, original=original, **kwargs):
+            frames.append(x.shape[2])
+            return original(x, *args, **kwargs)
+
+        monkeypatch.setattr(trainer, name, recording)
+    config = DistillConfig(teacher=str(teacher), num_phases=2, **QUICK)
+    distiller = Distiller(config, tmp_path / "run", progress=False)
+    for phase in (1, 2):
+        distiller.fake_update(phase)
+        distiller.generator_update(phase)
+    assert frames and set(frames) == {1}  # 2 latent frames, the first given
+    cond = distiller.conditions.batch([0, 1])
+    samples = distiller.sample(torch.randn(2, 48, 2, 4, 4), cond)
+    assert torch.equal(samples[:, :, :1], cond.first_frame_latents)

@@ -10,14 +10,16 @@ CLIP image encoder and its processor), with the classes the released pipelines u
                 attention, CLIPVisionModel + CLIPImageProcessor, UniPC (flow_shift 5)
     wan22_i2v   WanImageToVideoPipeline as Wan2.2-I2V-A14B: two experts with 36 input channels
                 (boundary_ratio 0.9) and no CLIP image encoder, UniPC (flow_shift 5)
+    wan22_ti2v  WanPipeline with expand_timesteps as Wan2.2-TI2V-5B: one expert on 48 latent
+                channels of a Wan2.2-style VAE (2x2 patches, spatial factor 16), UniPC (shift 5)
     wan_student a transformer folder only: a smaller WanTransformer3DModel in the Wan
                 pipelines' latent space and text width (a `student`)
     qwen_image  QwenImagePipeline, Qwen2.5-VL text encoder + Qwen2 tokenizer,
                 AutoencoderKLQwenImage, FlowMatchEuler with dynamic shifting
 
-Sizes: text width 16, latent channels 16 (Wan) / 4 (Qwen-Image), spatial VAE factor 8 (Wan) /
-4 (Qwen-Image), temporal factor 4. Generating 16x16 pixels (x 5 frames for Wan) takes well under
-a second on one CPU core. The tokenizers are real `transformers` tokenizer classes whose
+Sizes: text width 16, latent channels 16 (Wan) / 48 (Wan2.2 TI2V) / 4 (Qwen-Image), spatial VAE
+factor 8 (Wan) / 16 (TI2V) / 4 (Qwen-Image), temporal factor 4. Generating 16x16 pixels (32x64
+for TI2V; x 5 frames for Wan) takes well under a second on one CPU core. The tokenizers are real `transformers` tokenizer classes whose
 vocabularies are built here with the `tokenizers` package; the Qwen2 tokenizer splits Qwen-Image's
 prompt template into the same 34 prefix tokens the pipeline drops (`prompt_template_encode_start_idx`).
 """
@@ -115,7 +117,30 @@ def wan_vae():
     ).eval()
 
 
-def wan_transformer(in_channels=16, image_dim=None, seed=0):
+def wan22_vae():
+    """Wan2.2's VAE layout (TI2V-5B): 48 latent channels, 2x2 pixel patches (12 channels in),
+    residual blocks, spatial factor 16."""
+    from diffusers import AutoencoderKLWan
+
+    _seeded()
+    stats = torch.Generator().manual_seed(1)
+    return AutoencoderKLWan(
+        base_dim=8,
+        z_dim=48,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        is_residual=True,
+        in_channels=12,
+        out_channels=12,
+        patch_size=2,
+        scale_factor_spatial=16,
+        latents_mean=(0.2 * torch.randn(48, generator=stats)).tolist(),
+        latents_std=(1 + torch.rand(48, generator=stats)).tolist(),
+    ).eval()
+
+
+def wan_transformer(in_channels=16, image_dim=None, seed=0, out_channels=16):
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
@@ -125,7 +150,7 @@ def wan_transformer(in_channels=16, image_dim=None, seed=0):
         num_attention_heads=heads,
         attention_head_dim=head_dim,
         in_channels=in_channels,
-        out_channels=16,
+        out_channels=out_channels,
         text_dim=16,
         freq_dim=256,
         ffn_dim=32,
@@ -243,6 +268,25 @@ def build_wan22_i2v(folder: str | Path) -> Path:
     return Path(folder)
 
 
+def build_wan22_ti2v(folder: str | Path) -> Path:
+    """Wan2.2 TI2V pipeline folder as the 5B one: WanPipeline with expand_timesteps (per-token
+    timesteps; image-to-video through WanImageToVideoPipeline on the same folder), one expert
+    on 48-channel latents of a Wan2.2 VAE, UniPC (flow_shift 5)."""
+    from diffusers import WanPipeline
+
+    tokenizer = t5_tokenizer()
+    pipe = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=umt5_encoder(len(tokenizer)),
+        vae=wan22_vae(),
+        scheduler=unipc(5.0),
+        transformer=wan_transformer(in_channels=48, out_channels=48, seed=6),
+        expand_timesteps=True,
+    )
+    pipe.save_pretrained(folder)
+    return Path(folder)
+
+
 def build_qwen_image(folder: str | Path) -> Path:
     """Qwen-Image pipeline folder (Qwen2.5-VL text encoder, 4 latent channels)."""
     from diffusers import (
@@ -330,6 +374,7 @@ BUILDERS = {
     "wan22_t2v": build_wan22_t2v,
     "wan21_i2v": build_wan21_i2v,
     "wan22_i2v": build_wan22_i2v,
+    "wan22_ti2v": build_wan22_ti2v,
     "wan_student": build_wan_student,
     "qwen_image": build_qwen_image,
 }

@@ -43,7 +43,7 @@ class ConditionEncoder:
         import diffusers
 
         self.pipe_info, self.device, self.size = pipe, device, size
-        images = size is not None and pipe.kind == "wan_i2v"
+        images = size is not None and pipe.kind in ("wan_i2v", "wan_ti2v")
         # the transformers are not needed to encode; a pipeline without transformer_2
         # (Qwen-Image) warns about the keyword, so name only the ones it has
         skip = {"transformer": None}
@@ -59,6 +59,15 @@ class ConditionEncoder:
             **skip,
         ).to(device)
         self.pipe.set_progress_bar_config(disable=True)
+        self.first_frame_pipe = None  # Wan2.2 TI2V: its image-to-video pipeline makes them
+        if images and pipe.kind == "wan_ti2v":
+            self.first_frame_pipe = diffusers.WanImageToVideoPipeline(
+                tokenizer=None,
+                text_encoder=None,
+                vae=self.pipe.vae,
+                scheduler=self.pipe.scheduler,
+                expand_timesteps=True,
+            )
 
     @torch.no_grad()
     def text(self, prompts: list[str]) -> list[Tensor]:
@@ -91,7 +100,11 @@ class ConditionEncoder:
     @torch.no_grad()
     def image(self, files: list[Path]) -> dict[str, Tensor]:
         """{"image_latents": [n, 4 + C, F, H, W]} (+ "image_embeds" [n, T, D'] for Wan2.1),
-        each image through WanImageToVideoPipeline.prepare_latents / encode_image."""
+        each image through WanImageToVideoPipeline.prepare_latents / encode_image; for Wan2.2
+        TI2V {"first_frame_latents": [n, C, 1, H, W]}, its prepare_latents with
+        expand_timesteps (the normalised latents of the frame alone)."""
+        if self.first_frame_pipe is not None:
+            return {"first_frame_latents": torch.cat([self._first_frame(f) for f in files])}
         height, width, frames = self.size
         pipe, out = self.pipe, {"image_latents": []}
         clip = pipe.image_encoder is not None
@@ -114,6 +127,23 @@ class ConditionEncoder:
             if clip:
                 out["image_embeds"].append(pipe.encode_image(image, self.device).cpu())
         return {name: torch.cat(parts) for name, parts in out.items()}
+
+
+    def _first_frame(self, file: Path) -> torch.Tensor:
+        pipe = self.first_frame_pipe
+        height, width, frames = self.size
+        pixels = pipe.video_processor.preprocess(read_image(file), height, width)
+        _, condition, _ = pipe.prepare_latents(
+            pixels.to(self.device, dtype=torch.float32),
+            1,
+            pipe.vae.config.z_dim,
+            height,
+            width,
+            frames,
+            torch.float32,
+            self.device,
+        )
+        return condition.cpu()
 
 
 def qwen_text_len(pipe: PipelineFolder, texts: list[str]) -> int:

@@ -2,8 +2,9 @@
 holds, whether its parts agree with each other and with a requested size, and the teacher.yaml
 that follows from them (data/teacher.py). `python -m phased_dmd_mp.prepare` starts here.
 
-Supported: Wan2.1/2.2 text-to-video (`WanPipeline`), image-to-video (`WanImageToVideoPipeline`)
-and Qwen-Image (`QwenImagePipeline`). Raises phased_dmd_mp.config.ConfigError naming the file or
+Supported: Wan2.1/2.2 text-to-video (`WanPipeline`), image-to-video (`WanImageToVideoPipeline`),
+Wan2.2 TI2V (either class with `expand_timesteps`: one model for text- and image-to-video, the
+first frame's latents standing in for frame 0) and Qwen-Image (`QwenImagePipeline`). Raises phased_dmd_mp.config.ConfigError naming the file or
 both values of a mismatch.
 """
 
@@ -33,7 +34,7 @@ class PipelineFolder:
     """A diffusers pipeline folder described by its configs (no weights read)."""
 
     path: Path
-    kind: str  # wan_t2v | wan_i2v | qwen_image
+    kind: str  # wan_t2v | wan_i2v | wan_ti2v (expand_timesteps) | qwen_image
     cls: str  # the pipeline class name
     index: dict  # model_index.json
     transformer: dict
@@ -74,8 +75,6 @@ def read_pipeline(folder: str | Path) -> PipelineFolder:
     cls = index.get("_class_name")
     if cls not in PIPELINES:
         raise ConfigError(f"{index_path}: pipeline {cls!r} is not one of {sorted(PIPELINES)}")
-    if index.get("expand_timesteps"):
-        raise ConfigError(f"{index_path}: expand_timesteps (Wan2.2 TI2V-5B) is not supported")
 
     def present(name):
         return isinstance(index.get(name), list) and index[name][0] is not None
@@ -88,7 +87,7 @@ def read_pipeline(folder: str | Path) -> PipelineFolder:
     scheduler_file = "scheduler_config.json"
     return PipelineFolder(
         path=folder,
-        kind=PIPELINES[cls],
+        kind="wan_ti2v" if index.get("expand_timesteps") else PIPELINES[cls],
         cls=cls,
         index=index,
         transformer=_config(folder, "transformer"),
@@ -141,8 +140,9 @@ def check(pipe: PipelineFolder, height: int, width: int, frames: int) -> tuple[i
         raise _mismatch("transformer out_channels", t["out_channels"], "vae z_dim", z)
     if pipe.is_wan:
         patch_f, patch_h, patch_w = t["patch_size"]
-        expected_in = z if pipe.kind == "wan_t2v" else 2 * z + temporal  # + mask + image latent
-        in_name = "vae z_dim" if pipe.kind == "wan_t2v" else "2 x vae z_dim + mask channels"
+        concat = pipe.kind == "wan_i2v"  # + mask + image latent on channels
+        expected_in = 2 * z + temporal if concat else z
+        in_name = "2 x vae z_dim + mask channels" if concat else "vae z_dim"
         text_name = "transformer text_dim"
         text_dim = t["text_dim"]
     else:

@@ -30,7 +30,13 @@ from torch import Tensor
 from tqdm import tqdm
 
 from phased_dmd_mp import ops
-from phased_dmd_mp.conditioning import Conditions, model_inputs, velocity_from_output
+from phased_dmd_mp.conditioning import (
+    Conditions,
+    generated_frames,
+    model_inputs,
+    velocity_from_output,
+    with_first_frame,
+)
 from phased_dmd_mp.config import ConfigError
 from phased_dmd_mp.data.conditions import ConditionSampler, open_conditions
 from phased_dmd_mp.data.readers import condition_tensors, describe_nonfinite, nonfinite_items
@@ -361,9 +367,10 @@ class Distiller:
         x_t = ops.add_noise_from(x_s, eps, t, s)
 
         def loss_fn(v: Tensor, i: Tensor) -> Tensor:
+            v, x, e = (generated_frames(a, r.cond) for a in (v, x_s[i], eps[i]))
             if s == 0.0:  # the last phase sees clean samples: plain flow matching (Eq. 4)
-                return flow_matching_loss(v, x_s[i], eps[i])
-            return subinterval_flow_loss(v, x_s[i], eps[i], t[i], s, max_weight=config.max_weight)
+                return flow_matching_loss(v, x, e)
+            return subinterval_flow_loss(v, x, e, t[i], s, max_weight=config.max_weight)
 
         trained = self._trained("fake", k)
         trained.zero_grad()
@@ -398,14 +405,16 @@ class Distiller:
         v_fake = self._fake(k).predict(x_t, t, r.cond, self.micro)
         return x_t, t, s, v_cond, v_uncond, v_fake
 
-    def _dmd_loss(self, x_s, x_t, t, s, v_cond, v_uncond, v_fake) -> Tensor:
+    def _dmd_loss(self, cond, x_s, x_t, t, s, v_cond, v_uncond, v_fake) -> Tensor:
+        """Eq. 11's loss over the frames the generator makes (a given first frame is left out)."""
+        x_s, x_t, v_cond, v_fake = (generated_frames(a, cond) for a in (x_s, x_t, v_cond, v_fake))
         return dmd_generator_loss(
             x_s,
             v_cond,
             v_fake,
             t,
             s,
-            v_teacher_uncond=v_uncond,
+            v_teacher_uncond=None if v_uncond is None else generated_frames(v_uncond, cond),
             guidance_scale=self.guidance,
             normalize=self.config.normalize_gradient,
             x_t=x_t,
@@ -423,7 +432,8 @@ class Distiller:
                 r.x[i], v, t_from, t_to, noise=None if noise is None else noise[i]
             )
             uncond = None if v_uncond is None else v_uncond[i]
-            return self._dmd_loss(x_out, x_t[i], t[i], s, v_cond[i], uncond, v_fake[i])
+            cond = r.cond.select(i)
+            return self._dmd_loss(cond, x_out, x_t[i], t[i], s, v_cond[i], uncond, v_fake[i])
 
         t_in = torch.full((self.rank_batch,), t_from, device=self.device)
         return expert.train(r.x, t_in, r.cond, loss_fn, self.micro)
@@ -440,7 +450,7 @@ class Distiller:
             v = velocity_from_output(expert.arch, out, x).float()
             x = FLOW_MATCHING.denoise_step(x, v, t_from, t_to, noise=noise)
         x_t, t, s, v_cond, v_uncond, v_fake = self._dmd_terms(k, x.detach(), r)
-        loss = self._dmd_loss(x, x_t, t, s, v_cond, v_uncond, v_fake)
+        loss = self._dmd_loss(r.cond, x, x_t, t, s, v_cond, v_uncond, v_fake)
         with pipeline.outside_schedules():
             pipeline.backward(loss, module)
         return loss.item()
@@ -636,7 +646,7 @@ class Distiller:
             if self.config.step_noise == "renoise" and t[i + 1] > 0:
                 step_noise = torch.randn(x.shape, generator=renoise).to(self.device)
             x = self._advance(self._expert_for_step(i), x, t[i], t[i + 1], cond, step_noise)
-        return x
+        return with_first_frame(x, cond)
 
     # --- checkpoints and export ---------------------------------------------------------------
 

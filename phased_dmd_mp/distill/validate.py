@@ -17,7 +17,7 @@ both values, for what would otherwise fail after every rank loaded a 14B teacher
   channels; patch sizes divide frames/height/width;
 - the conditions against the transformer: text width = text_dim (Wan) / joint_attention_dim
   (Qwen-Image), image latents on the latent grid, CLIP image tokens exactly when the model has
-  an image embedder (Wan2.1 I2V); every value finite (a set whose manifest does not record
+  an image embedder (Wan2.1 I2V), first-frame latents (Wan2.2 TI2V) of one latent frame; every value finite (a set whose manifest does not record
   that its writer checked it is read once; data/readers.py `check_finite`);
 - a two-expert teacher's experts have the same architecture;
 - the config's `architecture` and `latent_shape` (preflight's facts before the teacher is on
@@ -152,6 +152,29 @@ def check_latents(arch, latent_shape, image_channels: int, spec_file: Path, arch
             )
 
 
+def _check_first_frame(arch, shape, latent_shape, manifest: Path, arch_file: Path) -> None:
+    """first_frame_latents (Wan2.2 TI2V image-to-video) stand in for frame 0 of the latents:
+    one frame of the latent's channels and grid, for a Wan model that takes the latents alone
+    and patches frames one by one, of a video of more than one latent frame."""
+    expected = [latent_shape[0], 1, *latent_shape[2:]]
+    if list(shape) != expected:
+        raise ConfigError(
+            f"first_frame_latents in {manifest} are {list(shape)} per item, but {expected} "
+            "(one latent frame) from teacher.yaml"
+        )
+    if not isinstance(arch, WanConfig) or arch.in_channels != arch.out_channels:
+        raise ConfigError(
+            f"{manifest} has first_frame_latents (Wan2.2 TI2V image-to-video), which the model "
+            f"in {arch_file} does not take (a Wan model with in_channels = out_channels does)"
+        )
+    if arch.patch_size[0] != 1 or latent_shape[1] < 2:
+        raise ConfigError(
+            f"first_frame_latents in {manifest} need a patch size of 1 in time (here "
+            f"{arch.patch_size[0]}, {arch_file}) and more than one latent frame (teacher.yaml: "
+            f"{latent_shape[1]})"
+        )
+
+
 def _check_conditions(arch, specs: dict, latent_shape, manifest: Path, arch_file: Path) -> None:
     text_dim = arch.text_dim if isinstance(arch, WanConfig) else arch.joint_attention_dim
     key = "text_dim" if isinstance(arch, WanConfig) else "joint_attention_dim"
@@ -172,6 +195,8 @@ def _check_conditions(arch, specs: dict, latent_shape, manifest: Path, arch_file
                 f"image_latents in {manifest} are {list(shape)} per item, but [channels, "
                 f"*{list(latent_shape[1:])}] on the latent grid of teacher.yaml"
             )
+    if "first_frame_latents" in specs:
+        _check_first_frame(arch, specs["first_frame_latents"][0], latent_shape, manifest, arch_file)
     image_dim = getattr(arch, "image_dim", None)
     if ("image_embeds" in specs) != (image_dim is not None):
         raise ConfigError(

@@ -1,0 +1,62 @@
+"""Students beyond the teacher's own shape, end to end through stock diffusers: prepare ->
+distill (2 generator updates per phase) -> export -> the exported pipeline folder in stock
+diffusers gives our sampler's latents (within 1e-6 of their size, as tests/test_pipeline_e2e.py).
+
+- Wan2.2 TI2V (WanPipeline with expand_timesteps, 48 latent channels): text-to-video, and
+  image-to-video through WanImageToVideoPipeline on the same folder, whose first frame's tokens
+  run at t = 0.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from distill_helpers import run_distill
+
+diffusers = pytest.importorskip("diffusers")
+
+from pipeline_helpers import compare_with_ours, first_frames, prepare_teacher  # noqa: E402
+
+from phased_dmd_mp.data.teacher import read_conditions, read_spec  # noqa: E402
+
+TI2V_SIZE = (32, 64, 5)  # height, width, frames: latents [48, 2, 2, 4], 2 tokens per frame
+
+
+@pytest.mark.parametrize("mode", ["t2v", "i2v"])
+def test_ti2v_student_runs_in_stock_diffusers_as_our_sampler(mode, tiny_pipeline, tmp_path):
+    height, width, frames = TI2V_SIZE
+    folder = Path(tiny_pipeline("wan22_ti2v"))
+    images = first_frames(tmp_path, height, width) if mode == "i2v" else None
+    teacher = prepare_teacher(folder, tmp_path / "teacher", video=True, images=images,
+                              height=height, width=width, frames=frames)  # fmt: skip
+    assert read_spec(teacher).latent_shape == (48, 2, 2, 4)
+    fields = set(read_conditions(teacher).fields)
+    assert fields == ({"text", "first_frame_latents"} if images else {"text"})
+    run = tmp_path / "run"
+    assert run_distill(run, teacher, "num_steps=4", "num_phases=2") == 0
+    summary = json.loads((run / "export" / "generator.json").read_text())
+    assert summary["pipeline"] == "pipeline", summary.get("pipeline_unsupported")
+
+    cls = diffusers.WanImageToVideoPipeline if images else diffusers.DiffusionPipeline
+    pipe = cls.from_pretrained(run / "export" / "pipeline")
+    assert pipe.config.expand_timesteps and pipe.transformer_2 is not None
+    pipe.set_progress_bar_config(disable=True)
+    timesteps = []
+    pipe.transformer.register_forward_pre_hook(
+        lambda m, a, kw: timesteps.append(kw["timestep"].clone()), with_kwargs=True
+    )
+    ours, difference = compare_with_ours(
+        run, pipe, video=True, images=images, size=TI2V_SIZE, steps=4
+    )
+    scale = max(1.0, ours.abs().max().item())
+    print(f"TI2V {mode}: latents differ by {difference:.2e} (largest latent {scale:.2f})")
+    assert difference < 1e-6 * scale
+    # diffusers' per-token timesteps: t everywhere, 0 on frame 0's two tokens with an image
+    first = timesteps[0][0]
+    assert first.shape == (4,) and bool((first[2:] == 1000.0).all())
+    assert bool((first[:2] == 0.0).all()) == (images is not None)
+    if images is not None:  # frame 0 of every sample is the given first frame's latents
+        given = read_conditions(teacher).batch([0, 1]).first_frame_latents
+        for c in range(2):
+            assert torch.equal(ours[c, :, :, :1], given[c : c + 1].expand(2, -1, -1, -1, -1))
