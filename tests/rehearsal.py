@@ -84,6 +84,8 @@ RECIPES = {
     "wan2.2_t2v_a14b_phased_dmd.yaml": Teacher("models/wan2.1_t2v_14b.yaml", 0.875),
     "wan2.2_i2v_a14b_phased_dmd.yaml": Teacher("models/wan2.2_i2v_a14b.yaml", 0.9),
     "qwen_image_phased_dmd.yaml": Teacher("models/qwen_image.yaml"),
+    # image-to-video, the TI2V path with more to it (first-frame latents, per-token timesteps)
+    "wan2.2_ti2v_5b_phased_dmd.yaml": Teacher("models/wan2.2_ti2v_5b.yaml", first_frame=True),
     "wan2.1_t2v_1.3b_from_14b_phased_dmd.yaml": Teacher(
         "models/wan2.1_t2v_14b.yaml", student="models/wan2.1_t2v_1.3b.yaml"
     ),
