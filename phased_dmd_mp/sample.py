@@ -3,12 +3,13 @@
     [torchrun --nproc_per_node=N] python -m phased_dmd_mp.sample --teacher DIR --out OUT
         [--steps 40] [--guidance G] [--seeds 8] [--shift S] [--dtype D] [--overwrite]
     [torchrun --nproc_per_node=N] python -m phased_dmd_mp.sample --checkpoint RUN --out OUT
-        [--seeds 8] [--dtype D] [--overwrite]
+        [--seeds 8] [--dtype D] [--latent-shape C F H W] [--overwrite]
 
 --teacher runs the teacher of a teacher directory (data/teacher.py) with many steps and
 classifier-free guidance (defaults from its teacher.yaml); --checkpoint runs the N-step MoE
 generator a distillation run exported (RUN/export: one transformer per expert and
-generator.json, which says which expert takes each step), without guidance, as it was trained.
+generator.json, which says which expert takes each step), without guidance, as it was trained,
+at one of the latent shapes it was trained at (--latent-shape; default the first).
 Both write OUT/samples.npz ([conditions, seeds, C, H, W], model name, labels, value_range;
 phased_dmd_mp/eval/samples.py), which `python -m phased_dmd_mp.evaluate` reads, and
 OUT/grid.png (rows: conditions, columns: seeds). A video teacher without a VAE (the moving
@@ -184,8 +185,12 @@ def run_layout(run_dir: str | Path) -> dict:
     return {key: config[key] for key in LAYOUT_KEYS if key in config}
 
 
-def generator_source(run_dir: str | Path, runtime: Runtime | None = None) -> Source:
-    """The MoE generator a distillation run exported (RUN or RUN/export)."""
+def generator_source(
+    run_dir: str | Path, runtime: Runtime | None = None, latent_shape=None
+) -> Source:
+    """The MoE generator a distillation run exported (RUN or RUN/export), sampled at
+    `latent_shape` (default: the first shape it was trained at; ConfigError for one it was
+    not trained at)."""
     runtime = runtime or Runtime.start(**run_layout(run_dir))
     folder = Path(run_dir)
     if not (folder / "generator.json").is_file():
@@ -224,12 +229,24 @@ def generator_source(run_dir: str | Path, runtime: Runtime | None = None) -> Sou
         velocity=velocity,
         timesteps=timesteps,
         conditions=open_conditions(conditions_dir),
-        latent_shape=tuple(summary["latent_shape"]),
+        latent_shape=_trained_shape(summary, latent_shape, summary_path),
         value_range=tuple(summary["value_range"]),
         renoise=summary["step_noise"] == "renoise",
         mixture=spec.mixture(),
         pipeline=pipeline_dir(teacher_dir, spec),
     )
+
+
+def _trained_shape(summary: dict, requested, summary_path: Path) -> tuple[int, ...]:
+    trained = [tuple(s) for s in summary.get("latent_shapes", [summary["latent_shape"]])]
+    if requested is None:
+        return trained[0]
+    if tuple(requested) not in trained:
+        raise ConfigError(
+            f"--latent-shape {list(requested)}: the generator was trained at "
+            f"{[list(s) for s in trained]} ({summary_path})"
+        )
+    return tuple(requested)
 
 
 def _with_conditions(
@@ -418,6 +435,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="sampling steps (default: teacher.yaml's)")
     parser.add_argument("--guidance", type=float, help="CFG scale, 1 = none (default: teacher's)")
     parser.add_argument("--shift", type=float, help="timestep shift (default: teacher.yaml's)")
+    parser.add_argument(
+        "--latent-shape",
+        type=int,
+        nargs=4,
+        metavar=("C", "F", "H", "W"),
+        help="with --checkpoint: one of the shapes the run trained (default: its first)",
+    )
     parser.add_argument("--seeds", type=int, default=8, help="samples per condition (>= 2)")
     parser.add_argument(
         "--batch",
@@ -447,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch is not None and args.batch < 1:
         parser.error("--batch must be >= 1")
     layout_flags = (args.tensor_parallel, args.pipeline_parallel, args.context_parallel)
+    if args.latent_shape and not args.checkpoint:
+        parser.error("--latent-shape picks one of a run's trained shapes: use it with --checkpoint")
     if args.checkpoint and layout_flags != (None, None, None):
         parser.error("--checkpoint runs in the run's own layout (its config.yaml)")
     done = (args.out / "samples.npz").exists() or (args.out / "grid.png").exists()
@@ -461,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.checkpoint:
             runtime = Runtime.start(**run_layout(args.checkpoint), dtype=args.dtype)
-            source = generator_source(args.checkpoint, runtime)
+            source = generator_source(args.checkpoint, runtime, args.latent_shape)
         else:
             layout = [flag or 1 for flag in layout_flags]
             runtime = Runtime.start(*layout, dtype=args.dtype)

@@ -55,7 +55,8 @@ ALGORITHMS = {
         "lora_alpha=4",
         "ema_decay=0.5",
     ],
-    # LightX2V's order, with DMD2's normalisation, re-noising steps and two microbatches
+    # LightX2V's order, with DMD2's normalisation, re-noising steps, two microbatches and two
+    # latent shapes (square and landscape, drawn per iteration)
     "phased_dmd_alternating": [
         "num_steps=4",
         "num_phases=2",
@@ -63,6 +64,8 @@ ALGORITHMS = {
         "normalize_gradient=true",
         "step_noise=renoise",
         "micro_batch_size=2",
+        "latent_shapes=[[1, 1, 8, 8], [1, 1, 4, 8]]",
+        "latent_shape_weights=[1, 3]",
     ],
 }
 

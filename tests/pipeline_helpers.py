@@ -99,12 +99,14 @@ def record_routing(pipe) -> list[int]:
     return calls
 
 
-def compare_with_ours(run: Path, pipe, *, video: bool, images=None, size=None, steps: int):
+def compare_with_ours(
+    run: Path, pipe, *, video: bool, images=None, size=None, steps: int, latent_shape=None
+):
     """Our sampler (`sample --checkpoint RUN`'s) and the stock pipeline from the same noise for
-    each prompt (condition c from seed c's noise, at `size` = (height, width, frames) and its
-    latent shape, default the run's): (our latents [conditions, seeds, ...], the largest
-    latent difference)."""
-    source = sample.generator_source(run)
+    each prompt (condition c from seed c's noise) at `latent_shape` (default the run's first)
+    and its pixel `size` = (height, width, frames): (our latents [conditions, seeds, ...], the
+    largest latent difference)."""
+    source = sample.generator_source(run, latent_shape=latent_shape)
     height, width, frames = size or (SIDE, SIDE, FRAMES)
     ours = sample.generate(source, seeds=2, progress=False)  # [conditions, seeds, *shape]
     noise = sample.seed_noise(source.latent_shape, 2)

@@ -323,3 +323,40 @@ def test_a_skip_names_the_nonfinite_condition(tmp_path, teacher, capsys):
         "generator update skipped: non-finite gradient (norm nan), 1 so far; condition 3: "
         "NaN/Inf in text" in out
     )
+
+
+def test_several_latent_shapes_drawn_per_iteration_previewed_and_exported(
+    tmp_path, teacher, single_process_runs
+):
+    """`latent_shapes` with weights: the shape of an iteration comes from the iteration alone
+    (not the data-parallel rank's random streams), by weight; each is previewed and exported,
+    and `sample --checkpoint` samples the one asked for (refusing one not trained)."""
+    import numpy as np
+
+    from phased_dmd_mp import sample as sample_cli
+    from phased_dmd_mp.distill.config import DistillConfig
+
+    name = "phased_dmd_alternating"  # latent_shapes [[1, 1, 8, 8], [1, 1, 4, 8]], weights 1:3
+    config = DistillConfig(teacher=str(teacher), **_kv([*QUICK, *ALGORITHMS[name]]))
+    distiller = Distiller(config, tmp_path / "draws")
+    draws = [distiller.shape_of(i) for i in range(400)]
+    torch.randn(8, generator=distiller.rng)  # the rank's streams move: the draws do not
+    assert [distiller.shape_of(i) for i in range(400)] == draws
+    share = draws.count((1, 1, 4, 8)) / len(draws)
+    assert 0.68 < share < 0.82, share  # weight 3 of 4
+    run_dir = single_process_runs[name]
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [h["shape"] for h in history if "shape" in h] == [1, 0, 1, 0]  # the draws
+    assert (run_dir / "samples" / "iter_000004_1x1x8x8.png").is_file()
+    assert (run_dir / "samples" / "iter_000004_1x1x4x8.png").is_file()
+    assert {"pairwise_distance_1x1x4x8", "pairwise_distance"} <= set(history[-1])
+    summary = json.loads((run_dir / "export" / "generator.json").read_text())
+    assert summary["latent_shapes"] == [[1, 1, 8, 8], [1, 1, 4, 8]]
+    assert summary["latent_shape_weights"] == [1.0, 3.0]
+    out = tmp_path / "wide"
+    args = ["--checkpoint", str(run_dir), "--out", str(out), "--latent-shape", "1", "1", "4", "8"]
+    assert sample_cli.main([*args, "--no-progress"]) == 0
+    with np.load(out / "samples.npz") as file:
+        assert file["samples"].shape[2:] == (1, 4, 8)
+    with pytest.raises(SystemExit):
+        sample_cli.main([*args[:4], "--latent-shape", "1", "1", "8", "4"])

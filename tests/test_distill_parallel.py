@@ -70,8 +70,10 @@ def test_model_parallel_runs_match_one_process(
 
 def test_data_parallel_replicas_stay_identical_and_resume_exactly(tmp_path, teacher):
     """DP = 2 with the sharded optimizer (the default); the worker also resumes the first run
-    from a checkpoint after one iteration and checks it ends identical."""
-    torchrun(teacher, tmp_path, "batch_size=4", ["phased_dmd_sgts", "few_step_dmd"])
+    from a checkpoint after one iteration and checks it ends identical. The alternating run
+    draws two latent shapes: every rank must draw the same each iteration."""
+    names = ["phased_dmd_sgts", "few_step_dmd", "phased_dmd_alternating"]
+    torchrun(teacher, tmp_path, "batch_size=4", names)
     assert (tmp_path / "few_step_dmd" / "export" / "generator.json").is_file()
 
 

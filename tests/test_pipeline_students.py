@@ -5,6 +5,8 @@ diffusers gives our sampler's latents (within 1e-6 of their size, as tests/test_
 - Wan2.2 TI2V (WanPipeline with expand_timesteps, 48 latent channels): text-to-video, and
   image-to-video through WanImageToVideoPipeline on the same folder, whose first frame's tokens
   run at t = 0.
+- Two latent shapes in one run (`latent_shapes`): each shape's samples, at the pixel size
+  generator.json names for it.
 """
 
 import json
@@ -60,3 +62,29 @@ def test_ti2v_student_runs_in_stock_diffusers_as_our_sampler(mode, tiny_pipeline
         given = read_conditions(teacher).batch([0, 1]).first_frame_latents
         for c in range(2):
             assert torch.equal(ours[c, :, :, :1], given[c : c + 1].expand(2, -1, -1, -1, -1))
+
+
+def test_two_shapes_in_one_run_each_through_stock_diffusers(tiny_pipeline, tmp_path):
+    folder = Path(tiny_pipeline("wan22_t2v"))
+    teacher = prepare_teacher(folder, tmp_path / "teacher", video=True)  # 16 x 16 x 5
+    shapes = [[16, 2, 2, 2], [16, 3, 2, 4]]  # and 16 x 32 pixels x 9 frames
+    run = tmp_path / "run"
+    overrides = ["num_steps=4", "num_phases=2", f"latent_shapes={shapes}", "iterations_per_phase=3"]
+    assert run_distill(run, teacher, *overrides) == 0
+    history = json.loads((run / "history.json").read_text())
+    assert {h["shape"] for h in history if "shape" in h} == {0, 1}  # both trained
+    summary = json.loads((run / "export" / "generator.json").read_text())
+    assert summary["latent_shapes"] == shapes
+    sizes = [{"height": 16, "width": 16, "num_frames": 5}, {"height": 16, "width": 32, "num_frames": 9}]
+    assert summary["sizes"] == sizes
+    pipe = diffusers.DiffusionPipeline.from_pretrained(run / "export" / "pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    for shape, size in zip(shapes, sizes):
+        ours, difference = compare_with_ours(
+            run, pipe, video=True, steps=4, latent_shape=shape,
+            size=(size["height"], size["width"], size["num_frames"]),
+        )  # fmt: skip
+        assert ours.shape[2:] == tuple(shape)
+        scale = max(1.0, ours.abs().max().item())
+        print(f"shape {shape}: latents differ by {difference:.2e} (largest latent {scale:.2f})")
+        assert difference < 1e-6 * scale

@@ -259,3 +259,24 @@ def test_a_student_of_another_size_validates_and_one_of_other_latents_is_one_lin
     )
     assert code == 2 and "fake_init: student needs `student`" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_latent_shapes_are_checked_like_teacher_yaml_and_image_grids_stay(tmp_path):
+    """Each trained latent shape is checked against the model as teacher.yaml's is (a size not
+    divisible by the patch is one line naming the entry); image conditions pin the grid."""
+    teacher = teacher_dir(tmp_path / "wan", WAN, (4, 3, 8, 8), WAN_TEXT)
+    validate_run(config(teacher, "latent_shapes=[[4, 3, 8, 8], [4, 5, 8, 12]]"), 1)
+    with pytest.raises(ConfigError) as info:
+        validate_run(config(teacher, "latent_shapes=[[4, 3, 8, 8], [4, 3, 8, 7]]"), 1)
+    message = str(info.value)
+    assert message.startswith(
+        "latent width = 7 in latent_shapes entry [4, 3, 8, 7] is not divisible by the patch "
+        f"size 2 of {teacher}/transformer/config.json"
+    ) and "\n" not in message
+    with pytest.raises(ConfigError, match="latent channels 8 = 8 from latent_shapes entry"):
+        validate_run(config(teacher, "latent_shapes=[[8, 3, 8, 8]]"), 1)
+    i2v = teacher_dir(tmp_path / "i2v", WAN_I2V, (4, 3, 8, 8), I2V)
+    with pytest.raises(ConfigError, match="image_latents are on the grid of its prepared"):
+        validate_run(config(i2v, "latent_shapes=[[4, 3, 8, 8], [4, 3, 8, 12]]"), 1)
+    with pytest.raises(ConfigError, match="latent_shape_weights needs one weight > 0 per"):
+        config(teacher, "latent_shapes=[[4, 3, 8, 8]]", "latent_shape_weights=[1, 2]")

@@ -71,6 +71,12 @@ class DistillConfig:
     # What each phase's fake model starts from: the teacher (the paper's) or the student (a
     # fake of the student's size, as the official trainer's 1.3B-from-14B recipe).
     fake_init: Literal["teacher", "student"] = "teacher"
+    # Latent shapes [C, F, H, W] to train at, one per iteration (every sample of a batch the
+    # same), drawn with latent_shape_weights (default: equal) from the iteration number, so
+    # every rank and a resumed run draw alike. Text-conditioned teachers only (image
+    # conditions are prepared at one size). Default: teacher.yaml's latent_shape.
+    latent_shapes: tuple[tuple[int, int, int, int], ...] = ()
+    latent_shape_weights: tuple[float, ...] = ()
     # --- algorithm ---
     # phased_dmd (the paper's), or a baseline: dmd (one step), few_step_dmd (N steps,
     # backpropagation through all of them), dmd_sgts (N steps, stochastic gradient truncation).
@@ -176,6 +182,16 @@ class DistillConfig:
             raise ValueError(
                 f"algorithm {self.algorithm} trains one expert: num_phases must be 1, "
                 f"got {self.num_phases}"
+            )
+        if any(d < 1 for shape in self.latent_shapes for d in shape):
+            raise ValueError(f"latent_shapes must be positive, got {self.latent_shapes}")
+        if self.latent_shape_weights and (
+            len(self.latent_shape_weights) != len(self.latent_shapes)
+            or not all(w > 0 for w in self.latent_shape_weights)
+        ):
+            raise ValueError(
+                f"latent_shape_weights needs one weight > 0 per latent shape "
+                f"({len(self.latent_shapes)}), got {list(self.latent_shape_weights)}"
             )
         if self.fake_init == "student" and self.student is None:
             raise ValueError(

@@ -122,6 +122,22 @@ def routing(cls: type, timesteps: list[float], expert_of_step: list[int]) -> flo
     return (timesteps[first_low - 1] + timesteps[first_low]) / 2
 
 
+def pipeline_sizes(source: str | Path, latent_shapes) -> list[dict]:
+    """Each latent shape [C, F, H, W] as the pipeline's call arguments: height and width in
+    pixels (and num_frames for video), by the source folder's VAE factors."""
+    from phased_dmd_mp.data.pipeline_folder import read_pipeline, vae_factors
+
+    pipe = read_pipeline(source)
+    temporal, spatial = vae_factors(pipe)
+    sizes = []
+    for _, frames, height, width in latent_shapes:
+        size = {"height": height * spatial, "width": width * spatial}
+        if pipe.is_wan:
+            size["num_frames"] = (frames - 1) * temporal + 1
+        sizes.append(size)
+    return sizes
+
+
 def _link(link: Path, target: Path) -> None:
     """A relative symlink, so that moving the run and the source folder together keeps it."""
     link.symlink_to(os.path.relpath(target.resolve(), link.parent.resolve()))

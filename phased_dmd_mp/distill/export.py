@@ -15,6 +15,7 @@ from phased_dmd_mp.data.teacher import CONDITIONS_DIR, pipeline_dir, read_spec
 from phased_dmd_mp.distill.diffusers_pipeline import (
     PIPELINE_DIR,
     PipelineUnsupported,
+    pipeline_sizes,
     write_comfy_lora,
     write_pipeline,
 )
@@ -104,7 +105,10 @@ def _write_summary(d, folder: Path) -> None:
         "experts": [f"expert_{k}" for k in range(1, d.config.num_phases + 1)],
         "shift": d.shift,
         "step_noise": d.config.step_noise,
-        "latent_shape": list(d.latent_shape),
+        # the shapes trained (latent_shape: the first), drawn per iteration by weight
+        "latent_shape": list(d.latent_shapes[0]),
+        "latent_shapes": [list(shape) for shape in d.latent_shapes],
+        "latent_shape_weights": d.shape_weights,
         "value_range": list(d.value_range),
         # absolute, so `sample --checkpoint RUN` works from any directory
         "teacher": str(Path(d.config.teacher).resolve()),
@@ -133,6 +137,8 @@ def _write_summary(d, folder: Path) -> None:
     atomic.write_json(folder / "generator.json", summary)
     source = pipeline_dir(d.config.teacher, read_spec(d.config.teacher))
     if source is not None:
+        # what to ask the pipeline for: each trained shape as height x width (x frames)
+        summary["sizes"] = pipeline_sizes(source, d.latent_shapes)
         try:
             summary["pipeline"] = write_pipeline(folder, source).name
         except PipelineUnsupported as reason:

@@ -117,7 +117,10 @@ class Distiller:
 
         teacher_dir = Path(config.teacher)
         spec = read_spec(teacher_dir)
-        self.latent_shape = spec.latent_shape
+        # the shapes trained (teacher.yaml's alone by default) and the current iteration's
+        self.latent_shapes = [tuple(s) for s in config.latent_shapes] or [spec.latent_shape]
+        self.shape_weights = list(config.latent_shape_weights) or [1.0] * len(self.latent_shapes)
+        self.latent_shape = self.latent_shapes[0]
         self.value_range = spec.value_range
         self.pipeline_dir = pipeline_dir(teacher_dir, spec)  # its VAE decodes the previews
         self.shift = config.shift or spec.shift
@@ -516,6 +519,16 @@ class Distiller:
     def total_iterations(self) -> int:
         return self.config.num_phases * self.config.iterations_per_phase
 
+    def shape_of(self, iteration: int) -> tuple[int, int, int, int]:
+        """The latent shape iteration `iteration` trains at: drawn by latent_shape_weights from
+        a generator seeded by the run's seed and the iteration, so every rank (and a resumed
+        run) draws the same, whatever its data-parallel rank's random streams did."""
+        if len(self.latent_shapes) == 1:
+            return self.latent_shapes[0]
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + 7919 * iteration)
+        weights = torch.tensor(self.shape_weights, dtype=torch.float64)
+        return self.latent_shapes[int(torch.multinomial(weights, 1, generator=generator))]
+
     def phase_of(self, iteration: int) -> int:
         if self.config.phase_order == "alternating":
             return iteration % self.config.num_phases + 1
@@ -602,10 +615,12 @@ class Distiller:
         if config.phase_order == "sequential" and k != state.phase:
             self._retire_phase(state.phase)
             state.phase = k
+        self.latent_shape = self.shape_of(state.iteration)
         start = time.perf_counter()
         fake = [self.fake_update(k) for _ in range(config.fake_updates)]
         metrics = {
             "phase": k,
+            "shape": self.latent_shapes.index(self.latent_shape),  # index in latent_shapes
             **{key: sum(m[key] for m in fake) / len(fake) for key in fake[0]},
             **self.generator_update(k),
             "seconds": time.perf_counter() - start,
@@ -614,10 +629,11 @@ class Distiller:
         return metrics
 
     def _log(self, window: list[dict]) -> dict:
+        labels = ("phase", "shape")  # the last iteration's, not a mean
         means = {
-            key: sum(m[key] for m in window) / len(window) for key in window[0] if key != "phase"
+            key: sum(m[key] for m in window) / len(window) for key in window[0] if key not in labels
         }
-        means["phase"] = window[-1]["phase"]
+        means.update({key: window[-1][key] for key in labels})
         means["iteration"] = self.state.iteration
         for role in ("generator", "fake"):
             means[f"{role}_skipped"] = self.state.skipped.get(role, 0)

@@ -24,6 +24,8 @@ both values, for what would otherwise fail after every rank loaded a 14B teacher
   disk), where set, are the teacher's;
 - a `student` (its transformer folder) shares the teacher's latent space and conditioning
   (latent channels, patch size, text width, image conditioning), whatever its size;
+- each of `latent_shapes` against the transformer as teacher.yaml's shape, and on the grid of
+  the conditions' image latents when there are any;
 - the parallel layout (phased_dmd_mp/parallel/layout.py) on `world_size` ranks.
 """
 
@@ -212,6 +214,24 @@ def _check_conditions(arch, specs: dict, latent_shape, manifest: Path, arch_file
         )
 
 
+def _check_latent_shapes(config, arch, prepared, specs: dict, image_channels, arch_file) -> None:
+    """Each of `latent_shapes` fits the model (channels, patch sizes); image conditions, made
+    on the grid of the prepared shape, allow no other grid."""
+    for shape in config.latent_shapes:
+        check_latents(arch, shape, image_channels, f"latent_shapes entry {list(shape)}", arch_file)
+        spatial = [name for name in ("image_latents", "first_frame_latents") if name in specs]
+        if not spatial:
+            continue
+        # a first frame fixes the grid, image latents (all frames) the frame count too
+        same_grid = list(shape[2:]) == list(prepared[2:])
+        if not same_grid or ("image_latents" in specs and shape[1] != prepared[1]):
+            raise ConfigError(
+                f"latent_shapes entry {list(shape)}: the teacher's {spatial[0]} are on the grid "
+                f"of its prepared latent_shape {list(prepared)}; image-conditioned teachers "
+                "train at the size they were prepared at"
+            )
+
+
 def validate_run(config: DistillConfig, world_size: int) -> None:
     """Check the files `config` points at and its layout on `world_size` ranks (module
     docstring); reads no weights. Raises ConfigError."""
@@ -246,6 +266,7 @@ def validate_run(config: DistillConfig, world_size: int) -> None:
     image_channels = specs["image_latents"][0][0] if "image_latents" in specs else 0
     check_latents(arch, spec.latent_shape, image_channels, spec_file, arch_file)
     _check_conditions(arch, specs, spec.latent_shape, conditions / MANIFEST, arch_file)
+    _check_latent_shapes(config, arch, spec.latent_shape, specs, image_channels, arch_file)
     check_run_layout(arch, config, world_size)
     if config.student is not None:
         student = student_transformer(config.student)

@@ -5,7 +5,7 @@
 LAYOUT is config overrides separated by spaces, such as "tensor_parallel=2"; each NAME (tests/distill_helpers.py's
 ALGORITHMS) trains into OUT/NAME with the settings of the single-process test runs. Afterwards
 every rank checks that the data-parallel replicas hold identical generator weights (their
-gradients were averaged). With data parallelism the first NAME also runs again, stopped after
+gradients were averaged) and trained at the same latent shape each iteration. With data parallelism the first NAME also runs again, stopped after
 one iteration with a checkpoint and resumed into a fresh runner: it must end bit-identical.
 """
 
@@ -40,6 +40,10 @@ def main() -> None:
             replicas = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
             dist.all_gather(replicas, mine, group=group)
             assert all(torch.equal(replicas[0], r) for r in replicas), f"{name}: replicas differ"
+            shapes = [entry["shape"] for entry in distiller.state.history if "shape" in entry]
+            every = [None] * dist.get_world_size(group)
+            dist.all_gather_object(every, shapes, group=group)
+            assert all(s == every[0] for s in every), f"{name}: ranks drew shapes {every}"
             if name == names[0]:
                 check_resume(distiller, Path(out) / f"{name}-resumed")
 
