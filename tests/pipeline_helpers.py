@@ -102,17 +102,20 @@ def record_routing(pipe) -> list[int]:
 def compare_with_ours(
     run: Path, pipe, *, video: bool, images=None, size=None, steps: int, latent_shape=None
 ):
-    """Our sampler (`sample --checkpoint RUN`'s) and the stock pipeline from the same noise for
-    each prompt (condition c from seed c's noise) at `latent_shape` (default the run's first)
-    and its pixel `size` = (height, width, frames): (our latents [conditions, seeds, ...], the
-    largest latent difference)."""
+    """Our sampler (`sample --checkpoint RUN`'s) and the pipeline from the same noise for each
+    prompt (condition c from seed c's noise) at `latent_shape` (default the run's first) and its
+    pixel `size` = (height, width, frames): (our latents [conditions, seeds, ...], the largest
+    latent difference). Our sampler runs one sample at a time, so a re-noising student draws
+    its step noise from a generator seeded with the condition's index, as the pipeline is given."""
     source = sample.generator_source(run, latent_shape=latent_shape)
     height, width, frames = size or (SIDE, SIDE, FRAMES)
-    ours = sample.generate(source, seeds=2, progress=False)  # [conditions, seeds, *shape]
+    ours = sample.generate(source, seeds=2, progress=False, batch=1)  # [conditions, seeds, ...]
     noise = sample.seed_noise(source.latent_shape, 2)
     worst = 0.0
     for c in range(len(PROMPTS)):
         args = dict(call_args(video, c, images, height, width, frames), num_inference_steps=steps)
+        if source.renoise:
+            args["generator"] = torch.Generator().manual_seed(c)
         theirs = stock_output(pipe, args, noise[c : c + 1], video)
         worst = max(worst, (theirs - ours[c, c : c + 1]).abs().max().item())
     return ours, worst

@@ -7,6 +7,9 @@ diffusers gives our sampler's latents (within 1e-6 of their size, as tests/test_
   run at t = 0.
 - Two latent shapes in one run (`latent_shapes`): each shape's samples, at the pixel size
   generator.json names for it.
+- Students stock diffusers cannot run (3 Wan experts with re-noising steps, 2 Qwen-Image
+  experts) through our pipeline class, beside model_index.json (trust_remote_code=True, or
+  custom_pipeline= its file), each step on its expert.
 """
 
 import json
@@ -18,7 +21,12 @@ from distill_helpers import run_distill
 
 diffusers = pytest.importorskip("diffusers")
 
-from pipeline_helpers import compare_with_ours, first_frames, prepare_teacher  # noqa: E402
+from pipeline_helpers import (  # noqa: E402
+    compare_with_ours,
+    first_frames,
+    prepare_teacher,
+    record_routing,
+)
 
 from phased_dmd_mp.data.teacher import read_conditions, read_spec  # noqa: E402
 
@@ -88,3 +96,60 @@ def test_two_shapes_in_one_run_each_through_stock_diffusers(tiny_pipeline, tmp_p
         scale = max(1.0, ours.abs().max().item())
         print(f"shape {shape}: latents differ by {difference:.2e} (largest latent {scale:.2f})")
         assert difference < 1e-6 * scale
+
+
+@pytest.fixture
+def modules_cache(tmp_path, monkeypatch):
+    """diffusers copies a folder's pipeline code into its modules cache: a temporary one."""
+    from diffusers.utils import dynamic_modules_utils
+
+    monkeypatch.setattr(dynamic_modules_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+
+
+CUSTOM = {
+    # three Wan experts with DMD2's re-noising steps: neither is in stock diffusers
+    "wan_three_experts": dict(
+        pipeline="wan22_t2v", steps=3, extra=["num_phases=3", "step_noise=renoise"],
+        module="pipeline_phased_dmd_wan", cls="PhasedDMDWanPipeline",
+    ),
+    # the shipped Qwen-Image recipe's two experts: QwenImagePipeline runs one
+    "qwen_two_experts": dict(
+        pipeline="qwen_image", steps=4, extra=["num_phases=2"],
+        module="pipeline_phased_dmd_qwen_image", cls="PhasedDMDQwenImagePipeline",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CUSTOM)
+def test_our_pipeline_class_runs_what_stock_diffusers_cannot(
+    case, tiny_pipeline, tmp_path, modules_cache
+):
+    spec = CUSTOM[case]
+    video = spec["pipeline"].startswith("wan")
+    teacher = prepare_teacher(Path(tiny_pipeline(spec["pipeline"])), tmp_path / "teacher",
+                              video=video)  # fmt: skip
+    run = tmp_path / "run"
+    assert run_distill(run, teacher, f"num_steps={spec['steps']}", *spec["extra"]) == 0
+    summary = json.loads((run / "export" / "generator.json").read_text())
+    assert "pipeline_unsupported" not in summary
+    assert summary["pipeline_loading"] == {"class": spec["cls"], "trust_remote_code": True}
+    folder = run / "export" / "pipeline"
+    assert (folder / f"{spec['module']}.py").is_file()
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        diffusers.DiffusionPipeline.from_pretrained(folder)
+    if video:
+        pipe = diffusers.DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    else:
+        pipe = diffusers.DiffusionPipeline.from_pretrained(
+            folder, custom_pipeline=str(folder / f"{spec['module']}.py"), trust_remote_code=True
+        )
+    assert type(pipe).__name__ == spec["cls"]
+    pipe.set_progress_bar_config(disable=True)
+    routed = record_routing(pipe)
+    ours, difference = compare_with_ours(run, pipe, video=video, steps=spec["steps"])
+    scale = max(1.0, ours.abs().max().item())
+    print(f"{case}: latents differ by {difference:.2e} (largest latent {scale:.2f})")
+    assert difference < 1e-6 * scale
+    assert routed == summary["expert_of_step"] * 2  # each step on its expert, both prompts
+    with pytest.raises(ValueError, match=f"distilled for {spec['steps']} steps"):
+        pipe(prompt="a red cat", num_inference_steps=spec["steps"] + 1, output_type="latent")

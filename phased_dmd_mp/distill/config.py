@@ -76,7 +76,7 @@ class DistillConfig:
     # every rank and a resumed run draw alike. Text-conditioned teachers only (image
     # conditions are prepared at one size). Default: teacher.yaml's latent_shape.
     latent_shapes: tuple[tuple[int, int, int, int], ...] = ()
-    latent_shape_weights: tuple[float, ...] = ()
+    latent_shape_weights: tuple[float, ...] = ()  # how often each of latent_shapes is drawn
     # --- algorithm ---
     # phased_dmd (the paper's), or a baseline: dmd (one step), few_step_dmd (N steps,
     # backpropagation through all of them), dmd_sgts (N steps, stochastic gradient truncation).

@@ -20,7 +20,7 @@ gives the table with num_train_timesteps = 1000. So:
   - the others (WanPipeline, WanImageToVideoPipeline call set_timesteps(N)) get diffusers'
     FlowMapEulerDiscreteScheduler(shift), whose set_timesteps(N) is shift(linspace(1, 0, N + 1))
     in float64, the table bit for bit, and whose step is the Euler step. It has no re-noising,
-    so a run with `step_noise: renoise` gets no Wan pipeline.
+    so a run with `step_noise: renoise` gets our pipeline class (below).
 Other step counts give the same schedule at that many steps (what the student was not trained for).
 
 Experts. Wan pipelines run `transformer` where t >= boundary_ratio * 1000 and `transformer_2`
@@ -28,8 +28,22 @@ below. Two experts get boundary_ratio halfway between expert 1's last timestep a
 first, so the trained steps route as trained whatever the rounding; the tie of a step exactly on
 the teacher's own boundary (shift 7: t = 0.875 = Wan2.2's) is thereby the export's non-issue:
 that step is expert 2's, as in training, where phase k's steps are expert k's by index.
-Stock diffusers routes at most two experts by one boundary, and Qwen-Image one: other runs get
-no pipeline/ (`PipelineUnsupported` says why), and `python -m phased_dmd_mp.sample` runs them.
+Stock diffusers routes at most two experts by one boundary, and Qwen-Image one.
+
+Our pipeline class. A student stock diffusers cannot run as trained (more than two Wan experts,
+two or more Qwen-Image experts, re-noising steps on Wan) gets the same folder with our own
+pipeline class instead of the stock one and its scheduler (`write_student_pipeline`):
+
+    model_index.json         _class_name ["pipeline_phased_dmd_wan", "PhasedDMDWanPipeline"] (or
+                             the Qwen-Image one), transformer, transformer_2, ... (one per expert),
+                             timesteps, expert_of_step, step_noise
+    pipeline_phased_dmd_wan.py, phased_dmd_student.py   the class (student_pipelines/), as is
+
+which `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` (or
+`custom_pipeline=folder/"pipeline_phased_dmd_wan.py"`) loads: it encodes prompts and images with
+the stock pipeline's own methods and runs the trained table, each step on its expert. Only a
+pipeline family without such a class, or more than 8 experts, gets no pipeline/
+(`PipelineUnsupported` says why; `python -m phased_dmd_mp.sample` runs every student).
 """
 
 from __future__ import annotations
@@ -145,32 +159,23 @@ def _link(link: Path, target: Path) -> None:
 
 def write_pipeline(export_dir: str | Path, source: str | Path) -> Path:
     """Write export_dir/pipeline/ from export_dir's generator.json and expert_k/ folders and the
-    source pipeline folder. Raises PipelineUnsupported when stock diffusers cannot run the
-    generator as trained, ConfigError for a source that is not a pipeline folder."""
+    source pipeline folder: the source's own pipeline class where it can run the generator as
+    trained, else our student pipeline class (`write_student_pipeline`). Raises
+    PipelineUnsupported when neither can, ConfigError for a source that is not a pipeline
+    folder."""
     export_dir, source = Path(export_dir), Path(source)
     summary = json.loads((export_dir / "generator.json").read_text())
     index = read_model_index(source)
     cls = pipeline_class(index)
-    scheduler = scheduler_config(cls, summary["shift"], summary["step_noise"] == "renoise")
-    boundary = routing(cls, summary["timesteps"], summary["expert_of_step"])
-    target = export_dir / PIPELINE_DIR
-    shutil.rmtree(target, ignore_errors=True)  # removes the links, never what they point to
-    target.mkdir(parents=True)
-
+    try:
+        scheduler = scheduler_config(cls, summary["shift"], summary["step_noise"] == "renoise")
+        boundary = routing(cls, summary["timesteps"], summary["expert_of_step"])
+    except PipelineUnsupported as stock_cannot:
+        return write_student_pipeline(export_dir, source, str(stock_cannot))
+    target = _fresh(export_dir / PIPELINE_DIR)
     new_index = dict(index)
-    for name, value in index.items():
-        if name.startswith("_") or name in OWN_COMPONENTS:
-            continue
-        if isinstance(value, list) and len(value) == 2 and value[0] is not None:
-            if not (source / name).exists():
-                raise ConfigError(
-                    f"{source}/{MODEL_INDEX} lists {name}, but {source / name} is missing"
-                )
-            _link(target / name, source / name)
-    transformer_class = [
-        "diffusers",
-        json.loads((export_dir / summary["experts"][0] / "config.json").read_text())["_class_name"],
-    ]
+    _link_components(target, source, index, OWN_COMPONENTS)
+    transformer_class = _transformer_class(export_dir, summary)
     new_index["transformer"] = transformer_class
     _link(target / "transformer", export_dir / summary["experts"][0])
     if boundary is None:
@@ -189,6 +194,100 @@ def write_pipeline(export_dir: str | Path, source: str | Path) -> Path:
     )
     atomic.write_json(target / MODEL_INDEX, new_index)
     return target
+
+
+# --- our pipeline class, for what stock diffusers cannot run -----------------------------------
+
+STUDENT_PIPELINES = Path(__file__).parent / "student_pipelines"
+STUDENT_SHARED = "phased_dmd_student.py"  # the schedule both classes import
+STUDENT_CLASSES = {  # the source's pipeline class -> (our module, our class)
+    "WanPipeline": ("pipeline_phased_dmd_wan", "PhasedDMDWanPipeline"),
+    "WanImageToVideoPipeline": ("pipeline_phased_dmd_wan", "PhasedDMDWanPipeline"),
+    "QwenImagePipeline": ("pipeline_phased_dmd_qwen_image", "PhasedDMDQwenImagePipeline"),
+}
+
+
+def pipeline_loading(folder: Path) -> dict:
+    """How DiffusionPipeline.from_pretrained(folder, ...) loads the pipeline folder `folder`:
+    its class and whether our class file needs trust_remote_code=True (generator.json)."""
+    name = json.loads((folder / MODEL_INDEX).read_text())["_class_name"]
+    custom = isinstance(name, list)
+    return {"class": name[1] if custom else name, "trust_remote_code": custom}
+
+
+def write_student_pipeline(export_dir: Path, source: Path, stock_cannot: str) -> Path:
+    """export_dir/pipeline/ with our pipeline class file (student_pipelines/) beside
+    model_index.json, diffusers' custom-pipeline layout: `_class_name` [module, class], the
+    experts as transformer, transformer_2, ..., the trained table, routing and step rule in
+    its config, the source's encoders and VAE linked. Raises PipelineUnsupported (with the
+    reason the source's own class cannot run it, `stock_cannot`) for another pipeline family
+    or more experts than the class holds."""
+    from phased_dmd_mp.distill.student_pipelines.phased_dmd_student import (
+        EXPERT_NAMES,
+        MAX_EXPERTS,
+    )
+
+    summary = json.loads((export_dir / "generator.json").read_text())
+    index = read_model_index(source)
+    name = index.get("_class_name")
+    experts = summary["experts"]
+    if name not in STUDENT_CLASSES or len(experts) > MAX_EXPERTS:
+        raise PipelineUnsupported(
+            f"{stock_cannot}; and our student pipeline class takes Wan and Qwen-Image students "
+            f"of at most {MAX_EXPERTS} experts ({name}, {len(experts)})"
+        )
+    module, class_name = STUDENT_CLASSES[name]
+    target = _fresh(export_dir / PIPELINE_DIR)
+    for file in (f"{module}.py", STUDENT_SHARED):
+        shutil.copyfile(STUDENT_PIPELINES / file, target / file)
+    own = {*OWN_COMPONENTS, *EXPERT_NAMES, "boundary_ratio", "expand_timesteps"}
+    new_index = {"_class_name": [module, class_name], "_diffusers_version": diffusers.__version__}
+    new_index.update(_link_components(target, source, index, own))
+    transformer_class = _transformer_class(export_dir, summary)
+    for k, expert_name in enumerate(EXPERT_NAMES):
+        if k < len(experts):
+            new_index[expert_name] = transformer_class
+            _link(target / expert_name, export_dir / experts[k])
+        else:
+            new_index[expert_name] = [None, None]
+    new_index["scheduler"] = [None, None]  # the steps are the trained table below
+    if name.startswith("Wan"):
+        new_index["expand_timesteps"] = bool(index.get("expand_timesteps", False))
+    new_index.update(
+        timesteps=summary["timesteps"],
+        expert_of_step=summary["expert_of_step"],
+        step_noise=summary["step_noise"],
+    )
+    (target / MODEL_INDEX).write_text(json.dumps(new_index, indent=2) + "\n")
+    return target
+
+
+def _fresh(target: Path) -> Path:
+    shutil.rmtree(target, ignore_errors=True)  # removes the links, never what they point to
+    target.mkdir(parents=True)
+    return target
+
+
+def _link_components(target: Path, source: Path, index: dict, own) -> dict:
+    """Link every component of the source's model_index except `own` into target; returns
+    their model_index entries."""
+    linked = {}
+    for name, value in index.items():
+        if name.startswith("_") or name in own:
+            continue
+        if isinstance(value, list) and len(value) == 2 and value[0] is not None:
+            if not (source / name).exists():
+                raise ConfigError(
+                    f"{source}/{MODEL_INDEX} lists {name}, but {source / name} is missing"
+                )
+            _link(target / name, source / name)
+            linked[name] = value
+    return linked
+
+
+def _transformer_class(export_dir: Path, summary: dict) -> list:
+    config = json.loads((export_dir / summary["experts"][0] / "config.json").read_text())
+    return ["diffusers", config["_class_name"]]
 
 
 # --- LoRA in the ComfyUI / LightX2V key format -----------------------------------------------

@@ -15,6 +15,8 @@ from phased_dmd_mp.data.teacher import CONDITIONS_DIR, pipeline_dir, read_spec
 from phased_dmd_mp.distill.diffusers_pipeline import (
     PIPELINE_DIR,
     PipelineUnsupported,
+    pipeline_loading,
+    pipeline_loading,
     pipeline_sizes,
     write_comfy_lora,
     write_pipeline,
@@ -140,7 +142,9 @@ def _write_summary(d, folder: Path) -> None:
         # what to ask the pipeline for: each trained shape as height x width (x frames)
         summary["sizes"] = pipeline_sizes(source, d.latent_shapes)
         try:
-            summary["pipeline"] = write_pipeline(folder, source).name
+            written = write_pipeline(folder, source)
+            summary["pipeline"] = written.name
+            summary["pipeline_loading"] = pipeline_loading(written)
         except PipelineUnsupported as reason:
             shutil.rmtree(folder / PIPELINE_DIR, ignore_errors=True)
             summary["pipeline_unsupported"] = str(reason)
