@@ -21,6 +21,7 @@ diffusers = pytest.importorskip("diffusers")
 import imageio.v3 as iio  # noqa: E402
 from cli_helpers import run_cli  # noqa: E402
 from pipeline_helpers import (  # noqa: E402
+    FRAMES,
     PROMPTS,
     call_args,
     first_frames,

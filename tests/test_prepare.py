@@ -440,17 +440,17 @@ def test_pretrain_distill_runs_on_the_prepared_two_expert_teacher_in_bf16(
     import imageio.v3 as iio
     from distill_helpers import run_distill
 
-    from phased_dmd_mp.distill import trainer
+    from phased_dmd_mp.distill import roles
 
     _, teacher = prepared("wan22_t2v")
     routed = []
 
-    class Recording(trainer.RoutedVelocity):
+    class Recording(roles.RoutedVelocity):
         def __init__(self, high, low, boundary):
             routed.append(boundary)
             super().__init__(high, low, boundary)
 
-    monkeypatch.setattr(trainer, "RoutedVelocity", Recording)
+    monkeypatch.setattr(roles, "RoutedVelocity", Recording)  # where the runner builds models
     run = tmp_path / "run"
     assert (
         run_distill(

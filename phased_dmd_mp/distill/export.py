@@ -30,9 +30,10 @@ from phased_dmd_mp.models.lora import adapter_deltas, save_lora
 def export_generator(d) -> Path:
     """The MoE generator (EMA weights when kept) as one diffusers-format transformer per
     expert (with LoRA also the adapter alone, in diffusers' and ComfyUI's formats), plus
-    generator.json (timesteps, which expert runs each step) and, when the teacher names its
-    diffusers pipeline folder, export/pipeline/ (distill/diffusers_pipeline.py), or in
-    generator.json's `pipeline_unsupported` why stock diffusers cannot run this generator.
+    generator.json (timesteps, which expert runs each step, the shapes trained) and, when the
+    teacher names its diffusers pipeline folder, export/pipeline/ (distill/diffusers_pipeline.py:
+    the stock pipeline class, or ours where the stock one cannot run the generator), or in
+    generator.json's `pipeline_unsupported` why neither can.
 
     Each expert keeps what training learned: it is written from the fp32 values training holds
     (`Distiller.exported_values`: the EMA, else the main parameters; not their bf16 rounding),
