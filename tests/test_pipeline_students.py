@@ -7,9 +7,10 @@ diffusers gives our sampler's latents (within 1e-6 of their size, as tests/test_
   run at t = 0.
 - Two latent shapes in one run (`latent_shapes`): each shape's samples, at the pixel size
   generator.json names for it.
-- Students stock diffusers cannot run (3 Wan experts with re-noising steps, 2 Qwen-Image
-  experts) through our pipeline class, beside model_index.json (trust_remote_code=True, or
-  custom_pipeline= its file), each step on its expert.
+- Students stock diffusers cannot run (3 Wan experts with re-noising steps; Wan2.1 I2V with
+  CLIP, re-noising; 3 TI2V image-to-video experts; 2 Qwen-Image experts) through our pipeline
+  class, beside model_index.json (trust_remote_code=True, or custom_pipeline= its file), each
+  step on its expert.
 """
 
 import json
@@ -112,6 +113,16 @@ CUSTOM = {
         pipeline="wan22_t2v", steps=3, extra=["num_phases=3", "step_noise=renoise"],
         module="pipeline_phased_dmd_wan", cls="PhasedDMDWanPipeline",
     ),
+    # Wan2.1 I2V with CLIP image tokens, re-noising
+    "wan21_i2v_renoise": dict(
+        pipeline="wan21_i2v", steps=4, extra=["num_phases=2", "step_noise=renoise"],
+        module="pipeline_phased_dmd_wan", cls="PhasedDMDWanPipeline", images=True,
+    ),
+    # Wan2.2 TI2V image-to-video, three experts: the first frame given, its tokens at t = 0
+    "ti2v_three_experts": dict(
+        pipeline="wan22_ti2v", steps=3, extra=["num_phases=3"], size=TI2V_SIZE,
+        module="pipeline_phased_dmd_wan", cls="PhasedDMDWanPipeline", images=True,
+    ),
     # the shipped Qwen-Image recipe's two experts: QwenImagePipeline runs one
     "qwen_two_experts": dict(
         pipeline="qwen_image", steps=4, extra=["num_phases=2"],
@@ -126,8 +137,11 @@ def test_our_pipeline_class_runs_what_stock_diffusers_cannot(
 ):
     spec = CUSTOM[case]
     video = spec["pipeline"].startswith("wan")
+    height, width, frames = size = spec.get("size", (16, 16, 5))
+    images = first_frames(tmp_path, height, width) if spec.get("images") else None
     teacher = prepare_teacher(Path(tiny_pipeline(spec["pipeline"])), tmp_path / "teacher",
-                              video=video)  # fmt: skip
+                              video=video, images=images, height=height, width=width,
+                              frames=frames)  # fmt: skip
     run = tmp_path / "run"
     assert run_distill(run, teacher, f"num_steps={spec['steps']}", *spec["extra"]) == 0
     summary = json.loads((run / "export" / "generator.json").read_text())
@@ -146,7 +160,9 @@ def test_our_pipeline_class_runs_what_stock_diffusers_cannot(
     assert type(pipe).__name__ == spec["cls"]
     pipe.set_progress_bar_config(disable=True)
     routed = record_routing(pipe)
-    ours, difference = compare_with_ours(run, pipe, video=video, steps=spec["steps"])
+    ours, difference = compare_with_ours(
+        run, pipe, video=video, images=images, size=size, steps=spec["steps"]
+    )
     scale = max(1.0, ours.abs().max().item())
     print(f"{case}: latents differ by {difference:.2e} (largest latent {scale:.2f})")
     assert difference < 1e-6 * scale
