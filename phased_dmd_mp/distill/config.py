@@ -73,8 +73,8 @@ class DistillConfig:
     fake_init: Literal["teacher", "student"] = "teacher"
     # Latent shapes [C, F, H, W] to train at, one per iteration (every sample of a batch the
     # same), drawn with latent_shape_weights (default: equal) from the iteration number, so
-    # every rank and a resumed run draw alike. Text-conditioned teachers only (image
-    # conditions are prepared at one size). Default: teacher.yaml's latent_shape.
+    # every rank and a resumed run draw alike. Image conditions keep the size they were
+    # prepared at (a TI2V first frame: its grid). Default: teacher.yaml's latent_shape.
     latent_shapes: tuple[tuple[int, int, int, int], ...] = ()
     latent_shape_weights: tuple[float, ...] = ()  # how often each of latent_shapes is drawn
     # --- algorithm ---

@@ -223,7 +223,7 @@ def _check_latent_shapes(config, arch, prepared, specs: dict, image_channels, ar
         if not spatial:
             continue
         # a first frame fixes the grid, image latents (all frames) the frame count too
-        same_grid = list(shape[2:]) == list(prepared[2:])
+        same_grid = list(shape[2:]) == list(prepared[2:]) and shape[1] > 1
         if not same_grid or ("image_latents" in specs and shape[1] != prepared[1]):
             raise ConfigError(
                 f"latent_shapes entry {list(shape)}: the teacher's {spatial[0]} are on the grid "
