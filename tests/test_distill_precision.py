@@ -265,15 +265,17 @@ def _named(arch, values: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     return ours_to_diffusers(dict(zip(names, values, strict=True)), arch)
 
 
-def test_bf16_export_holds_the_fp32_main_params_in_the_teachers_dtype(tmp_path, teacher):
-    """bf16 compute, fp32 main params, an fp32 teacher, two phases of full copies (expert 1
-    retires before the end): each exported expert is fp32, its bf16 rounding is the bf16
-    weights training computed with, and it is not the teacher rounded (before: a bf16 export
-    of the weights, half of whose values were bf16(teacher) after 200 updates at lr 2e-6:
-    benchmarks/export_precision.py)."""
+@pytest.mark.parametrize("offload", [False, True])
+def test_bf16_export_holds_the_fp32_main_params_in_the_teachers_dtype(tmp_path, teacher, offload):
+    """bf16 compute, fp32 main params (on the device, or the host with optimizer_offload), an
+    fp32 teacher, two phases of full copies (expert 1 retires before the end): each exported
+    expert is fp32, its bf16 rounding is the bf16 weights training computed with, and it is not
+    the teacher rounded (before: a bf16 export of the weights, half of whose values were
+    bf16(teacher) after 200 updates at lr 2e-6: benchmarks/export_precision.py)."""
     from phased_dmd_mp.models.convert import read_diffusers_dir
 
-    overrides = [*REAL_LR[3:], "num_steps=4", "num_phases=2", "dtype=bfloat16"]
+    overrides = [*REAL_LR[3:], "num_steps=4", "num_phases=2", "dtype=bfloat16",
+                 f"optimizer_offload={str(offload).lower()}"]  # fmt: skip
     assert run_distill(tmp_path, teacher, *overrides) == 0
     state = torch.load(
         max((tmp_path / "checkpoints").iterdir()) / "rank-tp0-pp0.pt", weights_only=False
