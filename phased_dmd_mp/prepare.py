@@ -24,6 +24,9 @@ The teacher directory (data/teacher.py) refers to the pipeline instead of copyin
     teacher.yaml   latent shape, shift, steps and guidance derived from the pipeline, plus
                    pipeline / transformer / transformer_2 / boundary_ratio paths and values
     conditions/    the condition set (data/conditions.py)
+    real_data/     with --videos (Wan) or real --images (Qwen-Image): real samples encoded by the
+                   pipeline's VAE, each with its condition item (its caption's, added to the
+                   set, or its prompt line's), for the real-data levers (data/real_encoding.py)
 
 Prompts go to shards of `--shard-size` consecutive prompts (named by their range), encoded in
 batches of `--batch-size` from the shard's start, each shard written into `conditions.partial/`
@@ -57,10 +60,11 @@ from tqdm import tqdm
 from phased_dmd_mp import atomic
 from phased_dmd_mp.config import ConfigError
 from phased_dmd_mp.data import conditions as cs
-from phased_dmd_mp.data import readers
+from phased_dmd_mp.data import readers, real_encoding
 from phased_dmd_mp.data.condition_writer import publish, real_text_tensors
 from phased_dmd_mp.data.encoders import ENCODER_DTYPES, ConditionEncoder, encoder_device
 from phased_dmd_mp.data.online import write_online_set
+from phased_dmd_mp.data.real_data import REAL_DATA_DIR
 from phased_dmd_mp.data.pipeline_folder import (
     WAN_TEXT_TOKENS,
     PipelineFolder,
@@ -121,6 +125,26 @@ def _world() -> tuple[int, int, int]:
     return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
 
 
+def _with_real_data(pipe, args, real, lines):
+    """(every prompt, each one's first frame or None, each real sample's condition item or None)
+    with the real samples' captions added as items (data/real_encoding.py); an image-to-video
+    item whose clip is its real sample starts from the clip's own first frame."""
+    if real is None:
+        return lines, first_frames(pipe, args.images, lines, args.prompts), None
+    added, items = real_encoding.condition_items(real, lines, args.prompts)
+    if not takes_images(pipe):
+        return lines + added, None, items
+    if real.captions is None:  # the prompt file's lines are the clips'
+        if args.images is not None:
+            raise ConfigError(
+                "--images: the first frames are the --videos clips' own, as the prompt file's "
+                "lines go with the clips (caption the clips to add them to other prompts)"
+            )
+        return lines, list(real.files), items
+    images = first_frames(pipe, args.images, lines, args.prompts) if lines else []
+    return lines + added, images + list(real.files), items
+
+
 def _fingerprint(args, prompts_sha: str, images) -> dict:
     """What the shards depend on (not the number of processes)."""
     return {
@@ -134,6 +158,8 @@ def _fingerprint(args, prompts_sha: str, images) -> dict:
         "dtype": args.dtype,
         "batch_size": args.batch_size,
         "shard_size": args.shard_size,
+        "videos": None if args.videos is None else str(args.videos.resolve()),
+        "fps": args.fps,
     }
 
 
@@ -239,11 +265,17 @@ def prepare(args) -> Path | None:
     latent_shape = check(pipe, height, width, frames)
     spec = teacher_spec(pipe, latent_shape)
     # every input read and checked before the pipeline loads (data/readers.py)
-    lines = readers.read_prompt_file(args.prompts, images=takes_images(pipe))
+    real = real_encoding.real_inputs(pipe, args.videos, args.images, frames)
+    if args.prompts is None and (real is None or real.captions is None):
+        raise ConfigError("--prompts is required (or real --videos/--images with caption files)")
+    lines = []
+    if args.prompts is not None:
+        lines = readers.read_prompt_file(args.prompts, images=takes_images(pipe))
+    lines, images, real_items = _with_real_data(pipe, args, real, lines)
     prompts = [prompt.text for prompt in lines]
-    images = first_frames(pipe, args.images, lines, args.prompts)
     if images is not None and rank == 0:  # the same files for every rank: one reads them
-        readers.check_images(images, progress=not args.no_progress)
+        stills = [p for p in images if p.suffix.lower() not in real_encoding.VIDEO_SUFFIXES]
+        readers.check_images(stills, progress=not args.no_progress)
     negative = "" if args.negative_prompt is None else args.negative_prompt
     for flag, value in (("--batch-size", args.batch_size), ("--shard-size", args.shard_size)):
         if value < 1:
@@ -254,6 +286,11 @@ def prepare(args) -> Path | None:
             "--out, or remove it to prepare again)"
         )
     if args.online:
+        if real is not None:
+            raise ConfigError(
+                "--online stores the prompt list only: prepare the real --videos/--images "
+                "(real_data/) without --online"
+            )
         if rank == 0:
             write_online_set(
                 out / CONDITIONS_DIR, pipe, prompts, negative, args.dtype, args.online_device
@@ -263,8 +300,9 @@ def prepare(args) -> Path | None:
 
     partial = out / PARTIAL
     partial.mkdir(parents=True, exist_ok=True)
-    prompts_sha = hashlib.sha256(args.prompts.read_bytes()).hexdigest()
-    _check_run_file(partial, _fingerprint(args, prompts_sha, images), rank)
+    digest = hashlib.sha256(b"" if args.prompts is None else args.prompts.read_bytes())
+    digest.update("\n".join(prompts).encode())  # captions too
+    _check_run_file(partial, _fingerprint(args, digest.hexdigest(), images), rank)
     ranges = [
         (start, min(start + args.shard_size, len(prompts)))
         for start in range(0, len(prompts), args.shard_size)
@@ -291,6 +329,7 @@ def prepare(args) -> Path | None:
     progress.wait_for_all()
 
     (uncond,) = encoder.text([negative])
+    del encoder  # its text encoder; the real data needs only the VAE
     if not torch.isfinite(uncond).all():
         raise ConfigError(
             f"the text encoder gave NaN/Inf (text) for the negative prompt {negative!r}"
@@ -307,6 +346,12 @@ def prepare(args) -> Path | None:
     shards = [(name, stop - start) for name, (start, stop) in zip(files, ranges)]
     for leftover in partial.glob(".*.partial*"):  # a shard being written when a run was killed
         leftover.unlink()
+    if real is not None:  # before the conditions are published: a rerun resumes it
+        size = (height, width, frames)
+        progress = not args.no_progress
+        real_encoding.encode_real_data(
+            out, pipe, real, real_items, size, args.fps, args.batch_size, progress
+        )
     uncond_tensors = real_text_tensors([uncond])
     publish(partial, specs, shards, uncond_tensors, out / CONDITIONS_DIR, "real", finite=True)
     write_spec(out, spec)
@@ -322,16 +367,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--prompts",
-        required=True,
         type=Path,
-        help="text file, one prompt per line (I2V: optionally IMAGE<TAB>prompt)",
+        help="text file, one prompt per line (I2V: optionally IMAGE<TAB>prompt); optional "
+        "when every --videos/--images file has its caption file",
     )
     parser.add_argument("--out", required=True, type=Path, help="teacher directory to write")
     parser.add_argument("--negative-prompt", help="the unconditional entry (default: empty)")
     parser.add_argument("--height", type=int, help="pixels (default: the pipeline's)")
     parser.add_argument("--width", type=int, help="pixels (default: the pipeline's)")
     parser.add_argument("--frames", type=int, help="video frames (default: the pipeline's)")
-    parser.add_argument("--images", type=Path, help="first frames for image-to-video")
+    parser.add_argument(
+        "--images",
+        type=Path,
+        help="first frames for image-to-video; for Qwen-Image (or Wan at --frames 1) real "
+        "images, encoded into real_data/",
+    )
+    parser.add_argument(
+        "--videos",
+        type=Path,
+        help="real clips (Wan), encoded into real_data/ for the real-data levers; each with its "
+        "caption beside it (clip.txt) or the prompt file's lines in sorted order",
+    )
+    parser.add_argument(
+        "--fps", type=float, default=16.0, help="frame rate clips are resampled to (default 16)"
+    )
     parser.add_argument(
         "--batch-size", type=int, default=16, help="prompts per encoder call (default 16)"
     )
@@ -370,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{parser.prog}: error: {error.strerror}", file=sys.stderr)
         return 1
     if out is not None:
-        print(f"teacher directory {out} ({SPEC_FILE}, {CONDITIONS_DIR}/)", file=sys.stderr)
+        real = f", {REAL_DATA_DIR}/" if (out / REAL_DATA_DIR).is_dir() else ""
+        print(f"teacher directory {out} ({SPEC_FILE}, {CONDITIONS_DIR}/{real})", file=sys.stderr)
     return 0
 
 

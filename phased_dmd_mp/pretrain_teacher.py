@@ -19,6 +19,8 @@ with warm-up and cosine decay; an exponential moving average of the weights is t
 is a teacher directory (data/teacher.py):
 
     transformer/    the EMA weights in diffusers format     conditions/   the condition set
+    real_data/      real latents (data/real_data.py): the digits with their classes, or
+                    MIXTURE_REAL_POINTS seeded mixture points, for the real-data levers
     teacher.yaml    latent shape, shift, steps, guidance     config.yaml   this run's TeacherConfig
                     (and the mixture, for points)
     samples.npz     teacher samples (eval format), every condition x eval_seeds
@@ -59,6 +61,7 @@ from phased_dmd_mp.data import mixture as mixture_data
 from phased_dmd_mp.data import moving_digits
 from phased_dmd_mp.data.condition_writer import staging_dir
 from phased_dmd_mp.data.conditions import ConditionSampler, ConditionSet
+from phased_dmd_mp.data.real_data import REAL_DATA_DIR, write_latent_set
 from phased_dmd_mp.data.digits import (
     LATENT_SHAPE,
     VALUE_RANGE,
@@ -223,6 +226,23 @@ def training_data(config: TeacherConfig) -> tuple[torch.Tensor, torch.Tensor]:
     if config.dataset != "mixture":
         return load_digits_latents()
     points = config.mixture().sample(config.train_steps * config.batch_size, config.seed)
+    return mixture_data.points_to_latents(points), torch.zeros(len(points), dtype=torch.long)
+
+
+MIXTURE_REAL_POINTS = 4096  # real samples of a mixture teacher's real_data/
+
+
+def real_samples(config: TeacherConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real data written to real_data/: latents [N, *latent_shape] and their condition items:
+    every digit with its class (for moving digits, each set in motion once, a seed apart from
+    the training draws), or MIXTURE_REAL_POINTS mixture points, all condition 0."""
+    if config.dataset == "digits":
+        return load_digits_latents()
+    if config.dataset == "moving_digits":
+        digits, labels = load_digits_latents()
+        motion = torch.Generator().manual_seed(config.seed + 1)
+        return moving_digits.moving_digits(digits[:, :, 0], motion), labels
+    points = config.mixture().sample(MIXTURE_REAL_POINTS, config.seed + 1)
     return mixture_data.points_to_latents(points), torch.zeros(len(points), dtype=torch.long)
 
 
@@ -407,6 +427,7 @@ def run(config: TeacherConfig, out_dir: Path, progress: bool = True) -> tuple[Di
 def _build(config: TeacherConfig, out_dir: Path, progress: bool) -> tuple[DiTStage, dict]:
     start = time.perf_counter()
     conditions = write_conditions(config, out_dir / CONDITIONS_DIR)
+    write_latent_set(out_dir / REAL_DATA_DIR, *real_samples(config))
     teacher, training = train(config, conditions, progress)
     arch = teacher.arch
     write_diffusers_dir(

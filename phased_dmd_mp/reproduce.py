@@ -165,14 +165,15 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
 
 
-def _logged(log: Path, job, *args) -> float:
+def _logged(log: Path, job, *args) -> tuple[float, float]:
     """Run job(*args) with this process's stdout and stderr (C level too, and the traceback of a
-    failure) appended to log; returns its minutes."""
+    failure) appended to log; returns its minutes of wall-clock and of CPU time (the worker
+    process's user + system time: on a shared machine the wall-clock grows, the CPU time not)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     try:
         with open(log, "a") as file:
             os.dup2(file.fileno(), 1)
@@ -182,7 +183,7 @@ def _logged(log: Path, job, *args) -> float:
             except BaseException:
                 traceback.print_exc()  # into the log: the parent only gets the exception
                 raise
-            return (time.perf_counter() - start) / 60
+            return (time.perf_counter() - start) / 60, (time.process_time() - cpu_start) / 60
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -202,11 +203,11 @@ class _Job:
 
 def reproduce_all(
     suites: list[Suite], out: Path, jobs: int, progress: bool
-) -> tuple[dict[str, float], list[str]]:
+) -> tuple[dict[str, tuple[float, float]], list[str]]:
     """Every suite's teacher, runs and evaluation, `jobs` at a time; a suite's runs start when
-    its teacher is done and its evaluation when all its runs are. Returns the job-minutes of each
-    suite and the failure messages."""
-    minutes = {suite.name: 0.0 for suite in suites}
+    its teacher is done and its evaluation when all its runs are. Returns each suite's
+    job-minutes (wall-clock, CPU) and the failure messages."""
+    minutes = {suite.name: (0.0, 0.0) for suite in suites}
     runs_left: dict[str, int] = {}
     failures: list[str] = []
     pending: dict[Future, _Job] = {}
@@ -232,7 +233,8 @@ def reproduce_all(
                         failures.append(f"{job.what} failed ({future.exception()}); log: {job.log}")
                         bar.write(failures[-1])
                         continue
-                    minutes[suite.name] += future.result()
+                    spent = future.result()
+                    minutes[suite.name] = tuple(a + b for a, b in zip(minutes[suite.name], spent))
                     if job.kind == "teacher":
                         runs_left[suite.name] = len(suite.runs) * len(suite.seeds)
                         for run in suite.runs:
@@ -312,8 +314,9 @@ def main(argv: list[str] | None = None) -> int:
         sections.append(
             f"## {suite.name}\n\n{len(suite.runs)} runs x seeds {list(suite.seeds)}, "
             f"{suite.sample_seeds} samples per condition; common settings: "
-            f"`{' '.join(suite.common)}`; {minutes[suite.name]:.1f} job-minutes (one CPU "
-            f"thread each).\n\n{results.read_text()}"
+            f"`{' '.join(suite.common)}`; {minutes[suite.name][0]:.1f} job-minutes "
+            f"wall-clock, {minutes[suite.name][1]:.1f} CPU-minutes (one CPU thread each)."
+            f"\n\n{results.read_text()}"
         )
     report = args.out / "report.md"
     report.write_text(

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import torch
 
-from phased_dmd_mp.data.digits import LATENT_SHAPE, write_digits_condition_set
+from phased_dmd_mp.data.digits import LATENT_SHAPE, load_digits_latents, write_digits_condition_set
+from phased_dmd_mp.data.real_data import REAL_DATA_DIR, write_latent_set
 from phased_dmd_mp.data.teacher import TeacherSpec, write_spec
 from phased_dmd_mp.models import WanConfig, build
 from phased_dmd_mp.models.convert import ours_to_diffusers, write_diffusers_dir
@@ -22,12 +23,18 @@ TINY_WAN = WanConfig(
 )
 
 
+REAL_ITEMS = 64  # real digits in the tiny teacher's real_data/
+
+
 def write_tiny_teacher(path: Path, seed: int = 0, arch: WanConfig = TINY_WAN) -> Path:
-    """Random-weight tiny Wan DiT + the digits condition set + its TeacherSpec."""
+    """Random-weight tiny Wan DiT + the digits condition set + REAL_ITEMS real digits + its
+    TeacherSpec."""
     torch.manual_seed(seed)
     model = build(arch)
     write_diffusers_dir(path / "transformer", arch, ours_to_diffusers(model.state_dict(), arch))
     write_digits_condition_set(path / "conditions", text_dim=arch.text_dim, seed=seed)
+    latents, labels = load_digits_latents()
+    write_latent_set(path / REAL_DATA_DIR, latents[:REAL_ITEMS], labels[:REAL_ITEMS])
     write_spec(path, TeacherSpec(latent_shape=LATENT_SHAPE, shift=3.0, guidance_scale=2.0))
     return path
 
@@ -39,6 +46,14 @@ QUICK = [
     "log_every=1",
     "sample_every=100",
     "iterations_per_phase=2",
+]
+LEVERS = [  # weights far above the recipes', so each lever's effect shows in a few updates
+    "ida_weight=0.25",
+    "diversity_loss_weight=0.5",
+    "diversity_teacher_steps=8",
+    "diversity_anchor_steps=3",
+    "real_critic_weight=0.5",
+    "gan_weight=0.5",
 ]
 ALGORITHMS = {
     "phased_dmd_sgts": ["num_steps=4", "num_phases=2"],
@@ -55,6 +70,10 @@ ALGORITHMS = {
         "lora_alpha=4",
         "ema_decay=0.5",
     ],
+    # every quality lever (distill/levers.py) on the paper's generator, and on one
+    # backpropagated through all steps of a phase (its adversarial term joins that backward)
+    "phased_dmd_levers": ["num_steps=4", "num_phases=2", *LEVERS],
+    "few_step_dmd_levers": ["algorithm=few_step_dmd", "num_steps=3", "num_phases=1", *LEVERS],
     # LightX2V's order, with DMD2's normalisation, re-noising steps, two microbatches and two
     # latent shapes (square and landscape, drawn per iteration)
     "phased_dmd_alternating": [

@@ -29,7 +29,8 @@ Its heads are 2, or TP x CP of the torchrun rehearsal where that is more (heads 
 by it). Its random weights go through our converter into the teacher directory layout
 (data/teacher.py), with a condition set holding what the family needs: `text` always,
 `text_mask` for Qwen-Image, `image_latents` for Wan I2V (in_channels - out_channels channels),
-`image_embeds` for Wan2.1 I2V; a two-expert teacher (Wan2.2) gets its low-noise expert in
+`image_embeds` for Wan2.1 I2V, and random real latents (real_data/, two per condition) for the
+levers that need them; a two-expert teacher (Wan2.2) gets its low-noise expert in
 transformer_2/, named with its boundary_ratio in teacher.yaml (as `prepare` writes Wan2.2's). Latents keep the real channel count on a 4 x 4 grid, 2 frames
 for Wan video, 1 for images.
 """
@@ -49,6 +50,7 @@ import yaml
 from phased_dmd_mp import pretrain_teacher
 from phased_dmd_mp.config import load_config
 from phased_dmd_mp.data.condition_writer import write_condition_set
+from phased_dmd_mp.data.real_data import REAL_DATA_DIR, write_latent_set
 from phased_dmd_mp.data.teacher import TeacherSpec, read_spec, write_spec
 from phased_dmd_mp.distill.config import DistillConfig
 from phased_dmd_mp.models import QwenImageConfig, WanConfig, build
@@ -164,6 +166,19 @@ def shrink(recipe: dict, teacher: Path, world_size: int = 1) -> list[str]:
     return overrides
 
 
+# The official trainer's levers at its own values (LightX2V lightx2v_train's Wan2.2 A14B recipe:
+# IDA 0.97/0.03, diversity loss 0.05 with its anchor after 10 of 40 teacher steps, real-data
+# critic 0.1) and FastGen's GAN weight 0.03: added to a recipe's rehearsal, every lever runs in
+# that recipe's shape (test_recipes.py).
+LEVERS = [
+    "ida_weight=0.03",
+    "diversity_loss_weight=0.05",
+    "diversity_teacher_steps=40",
+    "diversity_anchor_steps=10",
+    "real_critic_weight=0.1",
+    "gan_weight=0.03",
+]
+
 # The keys `shrink` may change; test_recipes checks that a rehearsal differs from its recipe in
 # these only.
 SIZE_KEYS = {
@@ -267,6 +282,8 @@ def write_teacher(
     latent_shape = tiny_latent_shape(arch)
     items, uncond = tiny_conditions(arch, latent_shape, seed, first_frame)
     write_condition_set(path / "conditions", items, uncond)
+    real = torch.randn(2 * ITEMS, *latent_shape, generator=torch.Generator().manual_seed(seed))
+    write_latent_set(path / REAL_DATA_DIR, real, torch.arange(2 * ITEMS) % ITEMS)
     shift = 5.0 if isinstance(arch, WanConfig) else 3.0  # Wan's and Qwen-Image's usual shifts
     experts = {} if boundary_ratio is None else {"transformer_2": "transformer_2"}
     spec = TeacherSpec(

@@ -39,7 +39,7 @@ def test_overwrite_deletes_only_a_run_and_says_what(tmp_path, teacher, capsys):
     teacher_copy = shutil.copytree(teacher, tmp_path / "teacher")
     before = sorted(p.name for p in teacher_copy.rglob("*"))
     code, err = cli(capsys, teacher_copy, teacher, *DMD, extra=["--overwrite"])
-    assert code == 2 and "not a run's (conditions, teacher.yaml, transformer)" in err
+    assert code == 2 and "not a run's (conditions, real_data, teacher.yaml, transformer)" in err
     assert sorted(p.name for p in teacher_copy.rglob("*") if p.name != ".lock") == before
 
     a_file = tmp_path / "notes.txt"

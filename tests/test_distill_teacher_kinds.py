@@ -5,7 +5,8 @@ and a Wan2.2 TI2V teacher conditioned on first frames, which no loss sees."""
 
 import pytest
 import torch
-from rehearsal import model_config, tiny_arch, write_teacher
+import yaml
+from rehearsal import LEVERS, model_config, tiny_arch, write_teacher
 
 from phased_dmd_mp.distill.config import DistillConfig
 from phased_dmd_mp.distill.models import RoutedVelocity, VelocityModel
@@ -93,3 +94,19 @@ def test_ti2v_first_frame_is_given_and_no_loss_sees_it(tmp_path, monkeypatch):
     cond = distiller.conditions.batch([0, 1])
     samples = distiller.sample(torch.randn(2, 48, 2, 4, 4), cond)
     assert torch.equal(samples[:, :, :1], cond.first_frame_latents)
+
+
+def test_every_lever_with_an_i2v_teacher(tmp_path, i2v_teacher):
+    """Both phases of a guided I2V run with every lever (rehearsal.LEVERS): the real latents
+    bring their own conditions, image latents included, to the critic and the head."""
+    config = DistillConfig(
+        teacher=str(i2v_teacher), **QUICK, **{k: yaml.safe_load(v) for k, v in
+                                               (item.split("=") for item in LEVERS)}
+    )  # fmt: skip
+    distiller = Distiller(config, tmp_path, progress=False)
+    for expected_phase in (1, 2):
+        metrics = distiller._iteration()
+        assert metrics["phase"] == expected_phase
+        assert {"gan_generator_loss", "real_critic_loss"} <= set(metrics)
+        assert ("diversity_loss" in metrics) == (expected_phase == 1)
+        assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())

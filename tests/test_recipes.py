@@ -26,6 +26,7 @@ import torch
 import yaml
 from rehearsal import (
     CONFIGS,
+    LEVERS,
     RECIPES,
     SIZE_KEYS,
     TINY_TEACHER_TRAINING,
@@ -189,6 +190,51 @@ def test_recipe_rehearsals_under_torchrun(tmp_path, recipe_teachers):
         for name in names:
             config = rehearsal_config(name, recipe_teachers[name], world)
             check_run(tmp_path / Path(name).stem, config, RECIPES[name].boundary_ratio)
+
+
+# The recipe whose rehearsal also runs every quality lever (rehearsal.LEVERS): bf16, LoRA
+# experts on a two-expert teacher, TP = 2 under torchrun.
+LEVERS_RECIPE = "wan2.2_t2v_a14b_phased_dmd.yaml"
+LEVER_LOSSES = {
+    "gan_discriminator_loss", "gan_generator_loss", "diversity_loss", "real_critic_loss",
+    "real_critic_fake_loss",
+}  # fmt: skip
+
+
+def test_every_lever_in_a_recipe_rehearsal(tmp_path, recipe_teachers):
+    """The official trainer's levers on the Wan2.2 A14B recipe's rehearsal, in one process and
+    under torchrun (TP = 2): every update finite, each lever's losses logged, the export the
+    configured generator."""
+    name, teacher = LEVERS_RECIPE, recipe_teachers[LEVERS_RECIPE]
+    boundary = RECIPES[name].boundary_ratio
+    overrides = [*rehearsal_overrides(name, teacher), *LEVERS]
+    args = ["--config", str(CONFIGS / name), "--out", str(tmp_path / "one"), "--no-progress"]
+    for item in overrides:
+        args += ["--set", item]
+    assert pretrain_distill.main(args) == 0
+    check_run(tmp_path / "one", load_config(DistillConfig, CONFIGS / name, overrides), boundary)
+
+    world = rehearsal_world_size(name)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={world}", str(WORKER), str(tmp_path / "torchrun"),
+        "+".join([f"{name}={teacher}", *LEVERS]),
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=400, check=False
+    )
+    errors = [x for x in result.stderr.splitlines() if x.startswith(("rank", "[rank"))]
+    assert result.returncode == 0, "\n".join(errors[-60:]) or result.stderr[-4000:]
+    config = load_config(
+        DistillConfig, CONFIGS / name, [*rehearsal_overrides(name, teacher, world), *LEVERS]
+    )
+    assert config.tensor_parallel == 2 and config.dtype == "bfloat16"
+    run = tmp_path / "torchrun" / Path(name).stem
+    check_run(run, config, boundary)
+    for folder in (tmp_path / "one", run):
+        history = json.loads((folder / "history.json").read_text())
+        assert LEVER_LOSSES <= {key for h in history for key in h}, folder
 
 
 # --- teacher recipes, reproduction suites, architectures --------------------------------------

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from phased_dmd_mp.data.pipeline_folder import QWEN_MAX_TOKENS, WAN_TEXT_TOKENS, PipelineFolder
 from phased_dmd_mp.data.readers import read_image
+from phased_dmd_mp.data.real_encoding import VIDEO_SUFFIXES, first_frame
 
 ENCODER_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -111,7 +112,7 @@ class ConditionEncoder:
         if clip:
             out["image_embeds"] = []
         for file in files:
-            image = read_image(file)  # 8-bit RGB as the user sees it (data/readers.py)
+            image = _still(file, height, width)
             pixels = pipe.video_processor.preprocess(image, height=height, width=width)
             _, condition = pipe.prepare_latents(
                 pixels.to(self.device, dtype=torch.float32),
@@ -132,7 +133,7 @@ class ConditionEncoder:
     def _first_frame(self, file: Path) -> torch.Tensor:
         pipe = self.first_frame_pipe
         height, width, frames = self.size
-        pixels = pipe.video_processor.preprocess(read_image(file), height, width)
+        pixels = pipe.video_processor.preprocess(_still(file, height, width), height, width)
         _, condition, _ = pipe.prepare_latents(
             pixels.to(self.device, dtype=torch.float32),
             1,
@@ -144,6 +145,14 @@ class ConditionEncoder:
             self.device,
         )
         return condition.cpu()
+
+
+def _still(file: Path, height: int, width: int):
+    """An image file (8-bit RGB as the user sees it, data/readers.py) or a real clip's own first
+    frame, covered and centre-cropped to height x width (data/real_encoding.py)."""
+    if file.suffix.lower() in VIDEO_SUFFIXES:
+        return first_frame(file, height, width)
+    return read_image(file)
 
 
 def qwen_text_len(pipe: PipelineFolder, texts: list[str]) -> int:

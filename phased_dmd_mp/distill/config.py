@@ -22,7 +22,7 @@ from typing import Literal
 
 from phased_dmd_mp.losses import DEFAULT_MAX_WEIGHT
 from phased_dmd_mp.parallel.layout import sequence_parallel_on
-from phased_dmd_mp.schedule import injection_interval, phase_step_boundaries
+from phased_dmd_mp.schedule import injection_interval, phase_step_boundaries, timestep_table
 
 Algorithm = Literal["phased_dmd", "dmd", "few_step_dmd", "dmd_sgts"]
 
@@ -123,6 +123,39 @@ class DistillConfig:
     generator_adapter: Literal["full", "lora"] = "full"
     lora_rank: int = 64  # rank of each LoRA adapter (the paper's 64)
     lora_alpha: float = 8.0  # an adapter adds (lora_alpha / lora_rank) B A x (the paper's 8)
+    # --- quality levers beyond the paper (docs/method.md section 9), each off by default ---
+    # Real latents (a latent set, data/real_data.py) for real_critic_weight and gan_weight;
+    # default: <teacher>/real_data (pretrain_teacher writes the digits' or mixture's).
+    real_data: str | None = None
+    # IDA (implicit distribution alignment; LightX2V lightx2v_train's `dmd.ida`, from SenseFlow):
+    # after each applied generator update, every weight of the fake expert that started from the
+    # same teacher expert moves toward the generator's, fake <- (1 - w) fake + w generator
+    # (LightX2V: w = 0.03, its decay 0.97). LoRA experts blend in merged.
+    ida_weight: float = 0.0
+    # Diversity loss (LightX2V lightx2v_train's `dmd.div_loss`, weight 0.05): phase 1's expert,
+    # at the first step (t = 1, the rollout's noise), regresses its velocity toward the straight
+    # line to a teacher anchor: the guided teacher run diversity_anchor_steps steps of a
+    # diversity_teacher_steps-step sampler from the same noise. With it, phase 1's DMD gradient
+    # never runs through the first step (needs 2+ steps in phase 1), as LightX2V does.
+    diversity_loss_weight: float = 0.0
+    diversity_teacher_steps: int = 40  # steps of the anchor's sampler (LightX2V's Wan2.2: 40)
+    diversity_anchor_steps: int = 10  # its steps run to the anchor (LightX2V's Wan2.2: 10)
+    # Real-data critic (LightX2V lightx2v_train's `fake_real_high` / `fake_real_low`, weight
+    # 0.1): real latents noised to a fixed t, one jump of the phase's expert to its boundary s, a
+    # second fake model per phase trained on those outputs only, and an extra DMD term of teacher
+    # vs that critic at them, weighted real_critic_weight.
+    real_critic_weight: float = 0.0
+    # t per phase where real latents enter (phase k: t_{b_k} < t <= t_{b_{k-1}}, t < 1); default
+    # the phase's first sampler step below t = 1 (LightX2V: its 750 and 500 of 1000, shift 7)
+    real_critic_t: tuple[float, ...] = ()
+    # Adversarial loss (DMD2; NVlabs FastGen and NeMo DFM's DMD branch, weight 0.03): a small
+    # discriminator head on the fake model's intermediate features tells real latents from the
+    # generator's, both noised to the phase's injection t; the generator gets gan_weight x the
+    # non-saturating GAN loss through the fake model (frozen for it) into its output.
+    gan_weight: float = 0.0
+    # Fake-model layers (0-based) whose outputs feed the head; default the layers at 1/2 and
+    # 3/4 of the depth and the last (FastGen on Wan's 30 layers: 15, 22, 29)
+    gan_layers: tuple[int, ...] = ()
     # --- runtime ---
     tensor_parallel: int = 1  # GPUs each layer is split over (megatron tensor parallelism)
     # Pipeline stages the layers are split into; data parallel is the rest of the world,
@@ -283,6 +316,33 @@ class DistillConfig:
                 "optimizer_offload moves fp32 main params to the host and main_params_dtype "
                 "bfloat16 keeps none: set main_params_dtype float32 or optimizer_offload false"
             )
+        for name in ("ida_weight", "diversity_loss_weight", "real_critic_weight", "gan_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.ida_weight < 1:
+            raise ValueError(f"ida_weight must be < 1 (1 replaces the fake), got {self.ida_weight}")
+        if not 1 <= self.diversity_anchor_steps <= self.diversity_teacher_steps:
+            raise ValueError(
+                "diversity_anchor_steps must be in [1, diversity_teacher_steps], got "
+                f"{self.diversity_anchor_steps} of {self.diversity_teacher_steps}"
+            )
+        if self.diversity_loss_weight and self.steps_per_phase < 2:
+            raise ValueError(
+                "diversity_loss_weight needs 2+ steps in phase 1 (the first step learns from the "
+                f"anchor, DMD from the later ones); got {self.steps_per_phase}"
+            )
+        if self.real_critic_t and len(self.real_critic_t) != self.num_phases:
+            raise ValueError(
+                f"real_critic_t needs one t per phase ({self.num_phases}), got "
+                f"{len(self.real_critic_t)}"
+            )
+        if any(layer < 0 for layer in self.gan_layers):
+            raise ValueError(f"gan_layers are 0-based layer indices, got {list(self.gan_layers)}")
+        if (self.real_critic_weight or self.gan_weight) and len(self.latent_shapes) > 1:
+            raise ValueError(
+                "real_critic_weight and gan_weight compare with real latents of one shape: "
+                "use one of latent_shapes with them"
+            )
         if self.guidance_scale is not None and self.guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
 
@@ -304,6 +364,41 @@ class DistillConfig:
                 f"overlap t_range / phase_t_ranges ({lo:.4g}, {hi:.4g})"
             )
         return max(low, lo), min(high, hi)
+
+    def real_critic_timestep(self, phase: int, shift: float) -> float:
+        """Where phase `phase` (1-based) feeds real latents to its expert for the real-data
+        critic: its real_critic_t entry, or its first sampler step below t = 1.
+
+        Raises ValueError when the entry lies outside the phase's steps or no step is below 1."""
+        table = timestep_table(self.num_steps, shift).tolist()
+        bounds = phase_step_boundaries(self.num_steps, self.num_phases)
+        first, end = bounds[phase - 1], bounds[phase]
+        s, start = table[end], table[first]
+        if not self.real_critic_t:
+            below = [table[i] for i in range(first, end) if table[i] < 1.0]
+            if not below:
+                raise ValueError(
+                    f"real_critic_weight: phase {phase}'s only step starts at t = 1 (pure noise), "
+                    "where real latents carry nothing: set real_critic_t"
+                )
+            return below[0]
+        t = self.real_critic_t[phase - 1]
+        if not (s < t <= start and t < 1.0):
+            raise ValueError(
+                f"real_critic_t[{phase - 1}] = {t} must lie in phase {phase}'s steps "
+                f"({s:.4g}, {min(start, 1.0):.4g}{']' if start < 1 else ')'}"
+            )
+        return t
+
+    def gan_feature_layers(self, num_layers: int) -> tuple[int, ...]:
+        """The fake-model layers feeding the discriminator head (gan_layers, or by default the
+        layers at 1/2 and 3/4 of the depth and the last). Raises ValueError past the depth."""
+        layers = self.gan_layers or (num_layers // 2, 3 * num_layers // 4, num_layers - 1)
+        if max(layers) >= num_layers:
+            raise ValueError(
+                f"gan_layers {list(layers)}: the fake model has layers 0..{num_layers - 1}"
+            )
+        return tuple(sorted(set(layers)))
 
     @property
     def uses_sequence_parallel(self) -> bool:

@@ -141,6 +141,47 @@ class VelocityModel:
         return float(_from_last_stage(value, (), torch.float32, x.device))
 
 
+    def input_gradient(
+        self, x: Tensor, t: Tensor, cond: Conditions, micro_batch_size: int
+    ) -> Tensor:
+        """The gradient [B, ...] (float32, every pipeline rank) with respect to x of the side
+        losses this model's feature taps add in its forward (distill/discriminator.py), by a
+        forward-backward schedule call whose own loss is zero; the parameters are held out
+        of the backward, so nothing lands in their gradients."""
+        self._activate()
+        self.module.eval()
+        leaf = x.detach().to(self.dtype).requires_grad_()
+        batch = x.shape[0]
+        micro = max(d for d in range(1, min(micro_batch_size, batch) + 1) if batch % d == 0)
+        microbatches = []
+        for start in range(0, batch, micro):
+            index = torch.arange(start, start + micro, device=x.device)
+            inputs = model_inputs(self.arch, leaf[index], t[index], cond.select(index))
+            microbatches.append((inputs, index))
+        trained = [p for p in self.module.parameters() if p.requires_grad]
+        try:
+            for p in trained:
+                p.requires_grad_(False)
+            pipeline.forward_backward(self.module, microbatches, lambda out, _: out.sum() * 0.0)
+        finally:
+            for p in trained:
+                p.requires_grad_(True)
+        grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+        return _from_first_stage(grad.float(), x.device)
+
+
+def _from_first_stage(tensor: Tensor, device) -> Tensor:
+    """`tensor` as the first pipeline stage holds it, on every stage."""
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return tensor
+    dist.broadcast(
+        tensor.contiguous(),
+        src=parallel_state.get_pipeline_model_parallel_first_rank(),
+        group=parallel_state.get_pipeline_model_parallel_group(),
+    )
+    return tensor
+
+
 def experts_reached(low: float, high: float, boundary: float) -> tuple[bool, bool]:
     """(high-noise, low-noise): which experts of a model routed at `boundary` (t >= boundary
     goes to the high-noise expert) see timesteps drawn in the open interval (low, high)."""
@@ -171,6 +212,15 @@ class RoutedVelocity:
             if len(index):
                 v[index] = model.predict(x[index], t[index], cond.select(index), micro_batch_size)
         return v
+
+    def input_gradient(self, x, t, cond, micro_batch_size: int) -> Tensor:
+        grad = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for model, index in self._split(t):
+            if len(index):
+                grad[index] = model.input_gradient(
+                    x[index], t[index], cond.select(index), micro_batch_size
+                )
+        return grad
 
     def train(self, x, t, cond, loss_fn: LossFn, micro_batch_size: int) -> float:
         """Each expert's part weighted by its share of the batch, so the sum is the batch mean."""

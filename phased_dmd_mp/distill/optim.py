@@ -250,6 +250,26 @@ class TrainedModel:
             if average is not None:
                 average.lerp_(main[0].detach().float(), 1.0 - decay)
 
+    @torch.no_grad()
+    def blend(self, targets: list[Tensor | None], weight: float) -> None:
+        """main <- (1 - weight) main + weight target for every trained parameter with a target
+        (a whole tensor of the parameter's shape; None leaves it), then the weights follow the
+        main parameters as after a step (cast; all-gathered when sharded: collective over the
+        data-parallel group). The IDA lever (distill/levers.py); Adam's moments stay."""
+        for main, target in zip(self.main, targets, strict=True):
+            if main is None or target is None:
+                continue
+            tensor, start, end = main
+            piece = target.detach().reshape(-1)[start:end].view_as(tensor)
+            tensor.lerp_(piece.to(tensor.dtype), weight)
+        with cuda_calls_on_cpu():
+            mixed = (DistributedOptimizer, Float16OptimizerWithFloat16Params)
+            if isinstance(self.optimizer, mixed):  # FP32Optimizer: main params are the weights
+                self.optimizer._copy_main_params_to_model_params()
+            if isinstance(self.optimizer, DistributedOptimizer):
+                for chunk in self.optimizer.model_chunks:
+                    chunk.start_param_sync()
+
     def tensors(self) -> list[Tensor]:
         """What this role holds on this rank: weights, gradient (and, sharded, parameter)
         buffers, main parameters, Adam moments and EMA; `storage_bytes` counts them."""

@@ -3,10 +3,11 @@ the files, manifest and atomicity are checkpoint.py's).
 
 The model state (written once per model-parallel rank): each generator expert's trained tensors
 (none for a full-copy expert still standing in as its teacher), each live fake model's weights,
-per trained role (`"fake/k"`, `"generator/k"`) optim.py's layout-free state (whole fp32 main
-params, Adam moments, EMA, step count), the fp32 EMA (or, without one, the fp32 main params) of
-finished experts, progress and config.
-The rank state: this data-parallel rank's random generator and condition sampler.
+per trained role (`"fake/k"`, `"generator/k"`, `"real_critic/k"`) optim.py's layout-free state
+(whole fp32 main params, Adam moments, EMA, step count), the fp32 EMA (or, without one, the fp32
+main params) of finished experts, the levers' real-data critics and discriminator heads with
+their optimizer (levers.py), progress and config. The rank state: this data-parallel rank's
+random generator, condition sampler and real-latent sampler.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def model_state(d) -> dict:
         "optimizers": {f"{role}/{k}": t.state_dict() for (role, k), t in d.trained.items()},
         "ema": d.finished_ema,
         "finished_main": d.finished_main,
+        "levers": d.levers.state_dict(),
         "progress": asdict(d.state),
         "config": asdict(d.config),
     }
@@ -41,13 +43,18 @@ def model_state(d) -> dict:
 
 def save(d) -> Path:
     """Checkpoint the runner `d` at its iteration (collective); refuses non-finite weights."""
-    trainable = [p for m in [*d.generator, *d.fakes.values()] for p in m.parameters()]
+    models = [*d.generator, *d.fakes.values(), *d.levers.critics.values()]
+    trainable = [p for m in models for p in m.parameters()]
     if not all(bool(torch.isfinite(p).all()) for p in trainable):
         raise RuntimeError(
             f"non-finite weights at iteration {d.state.iteration}: not checkpointing "
             "them; lower the learning rates or resume from the last checkpoint"
         )
-    rank_state = {"rng": d.rng.get_state(), "sampler": d.sampler.state_dict()}
+    rank_state = {
+        "rng": d.rng.get_state(),
+        "sampler": d.sampler.state_dict(),
+        "levers": d.levers.rank_state(),
+    }
     return checkpoint.save(
         d.run_dir, d.state.iteration, model_state(d), rank_state, d.config.keep_last,
         asdict(d.config),
@@ -71,6 +78,7 @@ def restore(d, path: Path) -> None:
                 fake.low.module.load_state_dict(weights["low"])
             else:
                 fake.module.load_state_dict(weights)
+    d.levers.load_state_dict(state["levers"])
     for key, trained_state in state["optimizers"].items():
         role, k = key.split("/")
         d._trained(role, int(k)).load_state_dict(trained_state)
@@ -79,3 +87,4 @@ def restore(d, path: Path) -> None:
     d.state = type(d.state)(**state["progress"])
     d.rng.set_state(rank_state["rng"])
     d.sampler.load_state_dict(rank_state["sampler"])
+    d.levers.load_rank_state(rank_state["levers"])

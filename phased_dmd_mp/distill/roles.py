@@ -112,30 +112,33 @@ class ModelRoles:
         return self.generator[k - 1]
 
     def _fake(self, k: int):
-        """Phase k's fake model, re-initialised when the phase starts from the teacher (or with
-        fake_init student, from the student). Of a two-expert teacher it copies only the experts
-        the phase's noise injection reaches (Wan2.2's phase 1 in (0.875, 1): the high-noise
-        expert alone)."""
+        """Phase k's fake model, re-initialised when the phase starts (`_new_fake`)."""
         if k not in self.fakes:
-            teacher = self.teacher
-            if self.config.fake_init == "student":
-                fake = self._copy(self.student, True)
-            elif isinstance(teacher, RoutedVelocity):
-                low, high = self.config.injection_range(k, self.shift)
-                needed = experts_reached(low, high, teacher.boundary)
-                reached = [e for e, n in zip((teacher.high, teacher.low), needed) if n]
-                copies = [self._copy(expert, True) for expert in reached]
-                fake = copies[0] if len(copies) == 1 else RoutedVelocity(*copies, teacher.boundary)
-            else:
-                fake = self._copy(teacher, True)
-            self.fakes[k] = fake
+            self.fakes[k] = self._new_fake(k)
         return self.fakes[k]
 
+    def _new_fake(self, k: int):
+        """A new fake model for phase k from the teacher (or with fake_init student, from the
+        student). Of a two-expert teacher it copies only the experts the phase's noise
+        injection reaches (Wan2.2's phase 1 in (0.875, 1): the high-noise expert alone)."""
+        teacher = self.teacher
+        if self.config.fake_init == "student":
+            return self._copy(self.student, True)
+        if not isinstance(teacher, RoutedVelocity):
+            return self._copy(teacher, True)
+        low, high = self.config.injection_range(k, self.shift)
+        needed = experts_reached(low, high, teacher.boundary)
+        reached = [e for e, n in zip((teacher.high, teacher.low), needed) if n]
+        copies = [self._copy(expert, True) for expert in reached]
+        return copies[0] if len(copies) == 1 else RoutedVelocity(*copies, teacher.boundary)
+
     def _trained(self, role: str, k: int) -> TrainedModel:
+        """The optimizer state of role "generator", "fake" or "real_critic" (levers) of phase k."""
         key = (role, k)
         if key not in self.trained:
             config = self.config
-            model = self._expert(k) if role == "generator" else self._fake(k)
+            models = {"generator": self._expert, "fake": self._fake}
+            model = models.get(role, self.levers.real_critic)(k)
             first = model.high if isinstance(model, RoutedVelocity) else model
             self.trained[key] = TrainedModel(
                 model.parameters(),
@@ -161,6 +164,7 @@ class ModelRoles:
     def _retire_phase(self, k: int) -> None:
         """Sequential order: phase k is done; its fake model, gradient buffers, main parameters
         and optimizer states go; the expert keeps its weights and (gathered) EMA."""
+        self.levers.retire(k)
         self.fakes.pop(k, None)
         self.trained.pop(("fake", k), None)
         generator = self.trained.pop(("generator", k), None)
@@ -170,7 +174,6 @@ class ModelRoles:
             self.finished_ema[k] = ema
         elif self.generator[k - 1].dtype != torch.float32:  # the weights are their rounding
             self.finished_main[k] = [t.cpu() for t in generator.full_main_params()]
-
 
     def exported_values(self, k: int) -> list[Tensor]:
         """What the export writes of expert k's trained tensors (aligned with its

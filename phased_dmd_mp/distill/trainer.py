@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -38,7 +38,7 @@ from phased_dmd_mp.conditioning import (
     with_first_frame,
 )
 from phased_dmd_mp.data.conditions import ConditionSampler, open_conditions
-from phased_dmd_mp.data.readers import condition_tensors, describe_nonfinite, nonfinite_items
+from phased_dmd_mp.data.readers import describe_nonfinite
 from phased_dmd_mp.data.teacher import (
     pipeline_dir,
     read_conditions,
@@ -46,9 +46,11 @@ from phased_dmd_mp.data.teacher import (
     student_transformer,
     teacher_experts,
 )
+from phased_dmd_mp.distill import metrics as metrics_log
 from phased_dmd_mp.distill import resume
 from phased_dmd_mp.distill.config import DistillConfig
 from phased_dmd_mp.distill.export import export_generator
+from phased_dmd_mp.distill.levers import Levers
 from phased_dmd_mp.distill.models import RoutedVelocity, VelocityModel
 from phased_dmd_mp.distill.optim import TrainedModel
 from phased_dmd_mp.distill.previews import log_samples
@@ -77,6 +79,7 @@ class Rollout:
     cond: Conditions
     uncond: Conditions
     indices: Tensor  # the conditions' items in the condition set
+    noise: Tensor | None = None  # the rollout's starting noise (at t = 1)
 
 
 @dataclass
@@ -160,6 +163,7 @@ class Distiller(ModelRoles):
         self.writer = None
         self.stopped_early = False
         self.diverged: str | None = None  # why the run stopped without exporting
+        self.levers = Levers(self)  # IDA, diversity, real critic, GAN (distill/levers.py)
 
     # --- rollouts ------------------------------------------------------------------------------
 
@@ -180,14 +184,16 @@ class Distiller(ModelRoles):
         v = model.predict(x, t, cond, self.micro)
         return FLOW_MATCHING.denoise_step(x, v, t_from, t_to, noise=noise)
 
-    def rollout(self, k: int) -> Rollout:
+    def rollout(self, k: int, generator: bool = False) -> Rollout:
         """Draw conditions and noise; run the frozen experts and the gradient-free steps of
-        phase k; stop at its graded steps."""
+        phase k; stop at its graded steps (for a generator update, none before
+        levers.min_graded_step)."""
         indices = next(self.sampler)
         cond = self.conditions.batch(indices).to(self.device)
         uncond = self.conditions.uncond(len(indices), like=cond).to(self.device)
-        x = self._randn((self.rank_batch, *self.latent_shape))
+        noise = x = self._randn((self.rank_batch, *self.latent_shape))
         first, end = self.bounds[k - 1], self.bounds[k]
+        first += self.levers.min_graded_step(k) if generator else 0
         last = end
         if self.config.truncates:  # exit after a random step j of the phase, jumping to s
             last = int(torch.randint(first + 1, end + 1, (), generator=self.rng))
@@ -199,6 +205,11 @@ class Distiller(ModelRoles):
             )
         steps = [(t[i], t[i + 1]) for i in range(graded_from, last)]
         steps[-1] = (steps[-1][0], t[end])  # the last graded step lands on the phase boundary
+        return replace(self.rollout_from(x, steps, cond, uncond, indices), noise=noise)
+
+    def rollout_from(self, x: Tensor, steps, cond: Conditions, uncond: Conditions, indices):
+        """A rollout whose graded `steps` start from x (re-noising noise drawn now); `indices`
+        are the conditions' items."""
         noises = [self._step_noise(t_to) for _, t_to in steps]
         return Rollout(x, steps, noises, cond, uncond, indices)
 
@@ -217,9 +228,18 @@ class Distiller(ModelRoles):
     # --- updates ----------------------------------------------------------------------------
 
     def fake_update(self, k: int) -> dict:
-        config, fake = self.config, self._fake(k)
         r = self.rollout(k)
         x_s = self._finish(self._expert(k), r)
+        loss, norm, x_t, t = self._score_match(self._fake(k), ("fake", k), k, x_s, r)
+        metrics = {"fake_loss": loss, "fake_grad_norm": norm}
+        return metrics | self.levers.after_fake_update(k, x_t, t, r.cond)
+
+    def _score_match(self, model, role: tuple[str, int], k: int, x_s: Tensor, r: Rollout):
+        """One update of a fake model (`role`'s optimizer) on samples x_s of phase k's boundary
+        s (rolled out by `r`, under its conditions): noised to t in the phase's interval, score
+        matching within (s, 1) (Eq. 13; Eq. 4 where s = 0). Returns (loss, gradient norm, x_t,
+        t)."""
+        config = self.config
         t, s = self._injection(k)
         eps = self._randn(x_s.shape)
         x_t = ops.add_noise_from(x_s, eps, t, s)
@@ -230,37 +250,50 @@ class Distiller(ModelRoles):
                 return flow_matching_loss(v, x, e)
             return subinterval_flow_loss(v, x, e, t[i], s, max_weight=config.max_weight)
 
-        trained = self._trained("fake", k)
+        trained = self._trained(*role)
         trained.zero_grad()
-        loss = fake.train(x_t, t, r.cond, loss_fn, self.micro)
-        return {"fake_loss": loss, "fake_grad_norm": self._step(trained, "fake", r)}
+        loss = model.train(x_t, t, r.cond, loss_fn, self.micro)
+        return loss, self._step(trained, role[0], r), x_t, t
 
     def generator_update(self, k: int) -> dict:
-        config, expert = self.config, self._expert(k)
-        r = self.rollout(k)
+        """The DMD step (with the adversarial term, when on), the diversity and real-critic
+        terms (levers), one optimizer step, then IDA."""
+        config, expert, levers = self.config, self._expert(k), self.levers
+        r = self.rollout(k, generator=True)
         trained = self._trained("generator", k)
         trained.zero_grad()
+        metrics = {}
         if len(r.steps) == 1:
-            loss = self._generator_step_last(k, expert, r)
+            loss = self._generator_step_last(k, expert, r, self._fake(k), metrics=metrics)
         else:
-            loss = self._generator_step_through_all(k, expert, r)
+            loss = self._generator_step_through_all(k, expert, r, metrics)
+        metrics |= levers.diversity(k, r)
+        if config.real_critic_weight:
+            critic, weight = levers.real_critic(k), config.real_critic_weight
+            real = self._generator_step_last(k, expert, levers.real_rollout(k), critic, weight)
+            metrics["real_critic_loss"] = real / weight
         grad_norm = self._step(trained, "generator", r)
         if math.isfinite(grad_norm):
             self.state.applied[k] = self.state.applied.get(k, 0) + 1
             if config.ema_decay is not None:
                 trained.update_ema(config.ema_decay)
-        return {"generator_loss": loss, "generator_grad_norm": grad_norm}
+            levers.after_generator_step(k)
+        return {"generator_loss": loss, "generator_grad_norm": grad_norm, **metrics}
 
-    def _dmd_terms(self, k: int, x_s: Tensor, r: Rollout):
+    def _teacher_velocity(self, x_t: Tensor, t: Tensor, cond, uncond):
+        """(conditional, unconditional or None without guidance) teacher velocities at x_t."""
+        if self.guidance == 1.0:
+            return self.teacher.predict(x_t, t, cond, self.micro), None
+        # the guided pair as one batch of 2 x rank_batch, run micro_batch_size at a time
+        both = torch.cat([x_t, x_t]), torch.cat([t, t]), Conditions.cat([cond, uncond])
+        return self.teacher.predict(*both, self.micro).chunk(2)
+
+    def _dmd_terms(self, k: int, x_s: Tensor, r: Rollout, fake):
         """Noise the generator output into the phase's interval and ask teacher and fake."""
         t, s = self._injection(k)
         x_t = ops.add_noise_from(x_s, self._randn(x_s.shape), t, s)
-        if self.guidance == 1.0:
-            v_cond, v_uncond = self.teacher.predict(x_t, t, r.cond, self.micro), None
-        else:  # the guided pair as one batch of 2 x rank_batch, run micro_batch_size at a time
-            both = torch.cat([x_t, x_t]), torch.cat([t, t]), Conditions.cat([r.cond, r.uncond])
-            v_cond, v_uncond = self.teacher.predict(*both, self.micro).chunk(2)
-        v_fake = self._fake(k).predict(x_t, t, r.cond, self.micro)
+        v_cond, v_uncond = self._teacher_velocity(x_t, t, r.cond, r.uncond)
+        v_fake = fake.predict(x_t, t, r.cond, self.micro)
         return x_t, t, s, v_cond, v_uncond, v_fake
 
     def _dmd_loss(self, cond, x_s, x_t, t, s, v_cond, v_uncond, v_fake) -> Tensor:
@@ -278,12 +311,16 @@ class Distiller(ModelRoles):
             x_t=x_t,
         )
 
-    def _generator_step_last(self, k: int, expert: VelocityModel, r: Rollout) -> float:
-        """One graded step: find the DMD direction with the step run forward-only, then run the
-        step again inside the expert's forward-backward schedule call."""
+    def _generator_step_last(self, k, expert, r: Rollout, fake, weight=1.0, metrics=None) -> float:
+        """One graded step: find the DMD direction (teacher vs `fake`, weighted) with the step
+        run forward-only, then run the step again inside the expert's forward-backward schedule
+        call. With `metrics` (the main DMD step), the adversarial term joins (levers)."""
         (t_from, t_to), noise = r.steps[0], r.noises[0]
         x_s = self._finish(expert, r)
-        x_t, t, s, v_cond, v_uncond, v_fake = self._dmd_terms(k, x_s, r)
+        x_t, t, s, v_cond, v_uncond, v_fake = self._dmd_terms(k, x_s, r, fake)
+        gan = None if metrics is None else self.levers.adversarial(k, x_t, t, s, r.cond)
+        if gan is not None:
+            metrics["gan_generator_loss"] = gan.value
 
         def loss_fn(v: Tensor, i: Tensor) -> Tensor:
             x_out = FLOW_MATCHING.denoise_step(
@@ -291,12 +328,14 @@ class Distiller(ModelRoles):
             )
             uncond = None if v_uncond is None else v_uncond[i]
             cond = r.cond.select(i)
-            return self._dmd_loss(cond, x_out, x_t[i], t[i], s, v_cond[i], uncond, v_fake[i])
+            loss = self._dmd_loss(cond, x_out, x_t[i], t[i], s, v_cond[i], uncond, v_fake[i])
+            loss = weight * loss
+            return loss if gan is None else loss + gan.loss(x_out, i)
 
         t_in = torch.full((self.rank_batch,), t_from, device=self.device)
         return expert.train(r.x, t_in, r.cond, loss_fn, self.micro)
 
-    def _generator_step_through_all(self, k: int, expert: VelocityModel, r: Rollout) -> float:
+    def _generator_step_through_all(self, k: int, expert, r: Rollout, metrics: dict) -> float:
         """Backpropagation through every step of the phase (pipeline_parallel = 1)."""
         module = expert.module
         module.train()
@@ -307,8 +346,12 @@ class Distiller(ModelRoles):
                 out = module(**model_inputs(expert.arch, x.to(expert.dtype), t_in, r.cond))
             v = velocity_from_output(expert.arch, out, x).float()
             x = FLOW_MATCHING.denoise_step(x, v, t_from, t_to, noise=noise)
-        x_t, t, s, v_cond, v_uncond, v_fake = self._dmd_terms(k, x.detach(), r)
+        x_t, t, s, v_cond, v_uncond, v_fake = self._dmd_terms(k, x.detach(), r, self._fake(k))
         loss = self._dmd_loss(r.cond, x, x_t, t, s, v_cond, v_uncond, v_fake)
+        gan = self.levers.adversarial(k, x_t, t, s, r.cond)
+        if gan is not None:
+            metrics["gan_generator_loss"] = gan.value
+            loss = loss + gan.loss(x, torch.arange(len(x), device=x.device))
         with pipeline.outside_schedules():
             pipeline.backward(loss, module)
         return loss.item()
@@ -323,7 +366,7 @@ class Distiller(ModelRoles):
         if not math.isfinite(norm):
             skipped = self.state.skipped
             skipped[role] = skipped.get(role, 0) + 1
-            conditions = self._nonfinite_conditions(r)  # collective: every rank skips
+            conditions = metrics_log.nonfinite_conditions(r)  # collective: every rank skips
             if self.is_logger:
                 tqdm.write(
                     f"{role} update skipped: non-finite gradient (norm {norm}), "
@@ -336,15 +379,6 @@ class Distiller(ModelRoles):
                 )
         return norm
 
-    def _nonfinite_conditions(self, r: Rollout) -> dict[int, list[str]]:
-        """{condition index: tensors with NaN/Inf} of every rank's batch (collective)."""
-        bad = nonfinite_items({k: v.cpu() for k, v in condition_tensors(r.cond).items()})
-        found = {int(r.indices[row]): names for row, names in bad.items()}
-        if dist.get_world_size() > 1:
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, found)
-            found = {k: v for rank in gathered for k, v in rank.items()}
-        return found
 
     # --- the run ------------------------------------------------------------------------------
 
@@ -400,11 +434,11 @@ class Distiller(ModelRoles):
                 done = state.iteration == self.total_iterations
                 stop = agree(stop_requested())
                 if state.iteration % config.log_every == 0 or done or stop:
-                    last = self._log(window)
+                    last = metrics_log.log_window(self, window)
                     window = []
                 if state.iteration % config.sample_every == 0 or done:
                     log_samples(self)
-                diverged = self._divergence()
+                diverged = metrics_log.divergence(self)
                 if state.iteration % config.checkpoint_every == 0 or done or stop or diverged:
                     self.save_checkpoint()
                 if stop or diverged:
@@ -412,34 +446,12 @@ class Distiller(ModelRoles):
                     break
         bar.close()
         if not (self.stopped_early or self.diverged):
-            self.diverged = self._untrained_experts()
+            self.diverged = metrics_log.untrained_experts(self)
         if not (self.stopped_early or self.diverged):
             self.export()
         if self.writer is not None:
             self.writer.close()
         return last
-
-    def _divergence(self) -> str | None:
-        """Why the run must stop: max_consecutive_skips updates in a row were skipped."""
-        for role, count in self.state.skips_in_a_row.items():
-            if count >= self.config.max_consecutive_skips:
-                return (
-                    f"the run diverged: {count} consecutive {role} updates skipped (non-finite "
-                    f"loss or gradient) by iteration {self.state.iteration}"
-                )
-        return None
-
-    def _untrained_experts(self) -> str | None:
-        """An expert none of whose generator updates was applied must not be exported."""
-        untrained = [
-            k for k in range(1, self.config.num_phases + 1) if not self.state.applied.get(k)
-        ]
-        if not untrained:
-            return None
-        return (
-            f"every generator update of expert(s) {untrained} was skipped (non-finite loss or "
-            "gradient): not exporting an untrained generator"
-        )
 
     def _iteration(self) -> dict:
         """fake_updates fake updates, then one generator update, in the phase due."""
@@ -460,28 +472,6 @@ class Distiller(ModelRoles):
         }
         state.iteration += 1
         return metrics
-
-    def _log(self, window: list[dict]) -> dict:
-        labels = ("phase", "shape")  # the last iteration's, not a mean
-        means = {
-            key: sum(m[key] for m in window) / len(window) for key in window[0] if key not in labels
-        }
-        means.update({key: window[-1][key] for key in labels})
-        means["iteration"] = self.state.iteration
-        for role in ("generator", "fake"):
-            means[f"{role}_skipped"] = self.state.skipped.get(role, 0)
-        self.state.history.append(means)
-        if self.is_logger:
-            tqdm.write(
-                f"iter {means['iteration']:>6} phase {means['phase']} "
-                f"generator {means['generator_loss']:.4g} (|g| {means['generator_grad_norm']:.3g}) "
-                f"fake {means['fake_loss']:.4g} (|g| {means['fake_grad_norm']:.3g}) "
-                f"{means['seconds']:.2f} s/it"
-            )
-            for key, value in means.items():
-                if key not in ("iteration",):
-                    self.writer.add_scalar(f"train/{key}", value, self.state.iteration)
-        return means
 
     # --- sampling ------------------------------------------------------------------------------
 

@@ -26,6 +26,8 @@ both values, for what would otherwise fail after every rank loaded a 14B teacher
   (latent channels, patch size, text width, image conditioning), whatever its size;
 - each of `latent_shapes` against the transformer as teacher.yaml's shape, and on the grid of
   the conditions' image latents when there are any;
+- the real latents (`real_data`, default <teacher>/real_data) where a lever needs them, against
+  teacher.yaml's latent shape;
 - the parallel layout (phased_dmd_mp/parallel/layout.py) on `world_size` ranks.
 """
 
@@ -38,6 +40,7 @@ from pathlib import Path
 from phased_dmd_mp.config import ConfigError
 from phased_dmd_mp.data.conditions import MANIFEST, ConditionSet, check_files, read_manifest
 from phased_dmd_mp.data.readers import check_finite
+from phased_dmd_mp.data.real_data import real_data_dir
 from phased_dmd_mp.data.teacher import (
     CONDITIONS_DIR,
     SPEC_FILE,
@@ -267,6 +270,9 @@ def validate_run(config: DistillConfig, world_size: int) -> None:
     check_latents(arch, spec.latent_shape, image_channels, spec_file, arch_file)
     _check_conditions(arch, specs, spec.latent_shape, conditions / MANIFEST, arch_file)
     _check_latent_shapes(config, arch, spec.latent_shape, specs, image_channels, arch_file)
+    for lever in ("real_critic_weight", "gan_weight"):
+        if getattr(config, lever):
+            real_data_dir(config.real_data, teacher, spec.latent_shape, lever)
     check_run_layout(arch, config, world_size)
     if config.student is not None:
         student = student_transformer(config.student)

@@ -17,6 +17,7 @@ are the same on every layout.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,10 @@ class DiTBlock(TransformerBlock):
 
     fp8: str = "off"
     activation_offload: bool = False
+    # feature_tap(layer index in the whole model (0-based), its output [rows, b, hidden]) -> the
+    # tensor the next layer reads: the discriminator head's hook on a fake model
+    # (distill/discriminator.py). Called outside activation recompute, so once per forward.
+    feature_tap: Callable[[int, Tensor], Tensor] | None = None
 
     def forward(self, hidden_states: Tensor, conditioning) -> Tensor:
         recompute = self.config.recompute_granularity == "full" and torch.is_grad_enabled()
@@ -66,6 +71,8 @@ class DiTBlock(TransformerBlock):
                         )
                 else:
                     hidden_states = layer(hidden_states, conditioning)
+                if self.feature_tap is not None:
+                    hidden_states = self.feature_tap(layer.layer_number - 1, hidden_states)
         return hidden_states
 
 
