@@ -181,7 +181,11 @@ def _run(parser, args, config: DistillConfig) -> int:
             saved = checkpoint.complete_steps(args.out)
             print(
                 f"error: {distiller.diverged}; stopped without exporting (last checkpoint: "
-                f"iteration {saved[-1] if saved else 'none'}); lower generator_lr / fake_lr",
+                f"iteration {saved[-1] if saved else 'none'}, finite weights). --resume "
+                "continues from it with new random draws (the skips in a row count on: raise "
+                "max_consecutive_skips to allow more); "
+                "lower generator_lr / fake_lr need a new run (another --out, or --overwrite): "
+                "--resume refuses changed keys",
                 file=sys.stderr,
             )
         return 1

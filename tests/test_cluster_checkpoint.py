@@ -141,8 +141,20 @@ def test_diverged_run_stops_with_a_checkpoint_and_does_not_export(tmp_path, teac
         "iterations_per_phase=10", "max_consecutive_skips=3",
     )  # fmt: skip
     assert code == 1 and "the run diverged: 3 consecutive" in err and "Traceback" not in err
+    # what the user can do, truthfully: resume as is, or lower the rates in a new run
+    assert "--resume continues from it" in err and "--resume refuses changed keys" in err
     assert checkpoint.complete_steps(tmp_path / "guard") == [4]  # stopped at 4 of 20
     assert not (tmp_path / "guard" / "export").exists()
+    # ... and both are so: the same config resumes (max_consecutive_skips may change; the count
+    # of skips in a row goes on) from iteration 4; a lower learning rate is refused by --resume
+    code, err = cli(capsys, tmp_path / "guard", teacher, *diverging, "iterations_per_phase=10",
+                    "max_consecutive_skips=6", extra=["--resume"])  # fmt: skip
+    assert code == 1 and "the run diverged: 6 consecutive" in err
+    assert checkpoint.complete_steps(tmp_path / "guard")[-1] > 4
+    lower = [*ALGORITHMS["phased_dmd_sgts"], "generator_lr=1e-4", "checkpoint_every=100"]
+    code, err = cli(capsys, tmp_path / "guard", teacher, *lower, "iterations_per_phase=10",
+                    extra=["--resume"])  # fmt: skip
+    assert code == 2 and "generator_lr" in err
     # Too short for the guard: every update of expert 2 skipped still refuses to export it.
     code, err = cli(capsys, tmp_path / "short", teacher, *diverging)
     assert code == 1 and "not exporting an untrained generator" in err

@@ -109,6 +109,9 @@ CASES = {
                    "architecture: {models}/qwen_image.yaml is a QwenImageConfig, the teacher's {t}/transformer/config.json a WanConfig"),
     "named_latents": (WAN, (4, 3, 8, 8), WAN_TEXT, ("latent_shape=[4, 3, 8, 10]",),
                       "latent_shape: [4, 3, 8, 10] in the config, but [4, 3, 8, 8] in {t}/teacher.yaml"),
+    # phase 1 of 4 steps in 2 phases at teacher.yaml's shift 3 injects in (0.75, 1)
+    "phase_t_ranges": (WAN, (4, 3, 8, 8), WAN_TEXT, ("phase_t_ranges=[[0.1, 0.2], [0, 1]]",),
+                       "phase 1's noise-injection interval (0.75, 1) does not overlap t_range / phase_t_ranges (0.1, 0.2) at shift 3"),
 }  # fmt: skip
 
 

@@ -96,9 +96,14 @@ class DistillConfig:
     # How a generator step moves its predicted x_0 to the next timestep: with the predicted
     # noise (deterministic, the Euler step) or with fresh noise (renoise, DMD2's sampler).
     step_noise: Literal["deterministic", "renoise"] = "deterministic"
-    t_range: tuple[float, float] = (0.02, 0.98)  # [low, high]: noise is injected only inside
-    # One [low, high] per phase, narrowing where that phase injects noise: Wan2.2's
-    # [[0.875, 1], [0, 1]] keeps phase 1 on the high-noise expert's side. Default: no limit.
+    # [low, high] in shifted time t (the teacher's timestep / 1000, as moe_boundary): every
+    # phase injects noise only inside it.
+    t_range: tuple[float, float] = (0.02, 0.98)
+    # One [low, high] per phase (exactly num_phases entries), in shifted time t like t_range:
+    # phase k injects noise in its interval (intervals) within t_range and entry k, drawn
+    # uniformly in unshifted time (method.md, section 3). Wan2.2's [[0.875, 1], [0, 1]] keeps
+    # phase 1 above the teacher's boundary, on its high-noise expert; the bound is not derived
+    # from moe_boundary: give the teacher's (0.9 for I2V). Default: no limit.
     phase_t_ranges: tuple[tuple[float, float], ...] = ()
     # Teacher CFG scale g in uncond + g (cond - uncond): 1 = no guidance (the convention
     # cond + g' (cond - uncond) has g' = g - 1); default: teacher.yaml's guidance_scale.

@@ -28,6 +28,9 @@ both values, for what would otherwise fail after every rank loaded a 14B teacher
   the conditions' image latents when there are any;
 - the real latents (`real_data`, default <teacher>/real_data) where a lever needs them, against
   teacher.yaml's latent shape;
+- every phase's noise-injection interval overlaps `t_range` and its `phase_t_ranges` entry at
+  the run's shift (`shift`, default teacher.yaml's), which would otherwise fail when the phase
+  starts;
 - the parallel layout (phased_dmd_mp/parallel/layout.py) on `world_size` ranks.
 """
 
@@ -274,6 +277,12 @@ def validate_run(config: DistillConfig, world_size: int) -> None:
         if getattr(config, lever):
             real_data_dir(config.real_data, teacher, spec.latent_shape, lever)
     check_run_layout(arch, config, world_size)
+    shift = config.shift or spec.shift
+    for phase in range(1, config.num_phases + 1):
+        try:
+            config.injection_range(phase, shift)
+        except ValueError as error:
+            raise ConfigError(f"{error} at shift {shift:g}") from None
     if config.student is not None:
         student = student_transformer(config.student)
         student_arch = read_transformer_arch(student, "student")
