@@ -47,12 +47,19 @@ def handle_for_process_life() -> None:
     """Record SIGTERM and SIGUSR1 (never die of them) until the process exits, and unblock
     them (a launcher's workers start with them blocked). Call first in a worker's __main__.
 
-    Python resets the handlers to the default (death) while it finalizes, after the last
-    atexit callback; this one, registered first and so run last, blocks the signals instead."""
+    Python resets the handlers it installed to the default (death) while it finalizes, after
+    the last atexit callback, and any thread (gloo's, OpenMP's) may take the signal; this
+    callback, registered first and so run last, ignores them instead (a handler of SIG_IGN is
+    one Python leaves in place)."""
     for sig in HANDLED:
         signal.signal(sig, _record)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
-    atexit.register(signal.pthread_sigmask, signal.SIG_BLOCK, HANDLED)
+    atexit.register(_ignore_from_now_on)
+
+
+def _ignore_from_now_on() -> None:
+    for sig in HANDLED:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 @contextlib.contextmanager
