@@ -83,7 +83,7 @@ RUN_FILE = "prepare.json"  # in PARTIAL: the arguments the shards were made with
 def takes_images(pipe: PipelineFolder) -> bool:
     """Whether the pipeline conditions on a first frame (--images, IMAGE<TAB>prompt lines):
     image-to-video always, Wan2.2 TI2V when given images (text-to-video without)."""
-    return pipe.kind in ("wan_i2v", "wan_ti2v")
+    return pipe.takes_first_frames
 
 
 def first_frames(

@@ -48,6 +48,12 @@ class PipelineFolder:
     def is_wan(self) -> bool:
         return self.kind != "qwen_image"
 
+    @property
+    def takes_first_frames(self) -> bool:
+        """Whether --images are first frames to condition on (image-to-video always, Wan2.2
+        TI2V when given), rather than real data."""
+        return self.kind in ("wan_i2v", "wan_ti2v")
+
     def call_default(self, name: str):
         """A default of the pipeline's `__call__` (its own guidance scale, steps, size)."""
         import diffusers

@@ -74,14 +74,14 @@ def gather(folder: Path, kind: str) -> RealSamples:
 def real_inputs(pipe, videos: Path | None, images: Path | None, frames: int) -> RealSamples | None:
     """The real samples prepare's --videos / --images name for this pipeline (None: none).
     --videos is for Wan pipelines; --images are real data for Qwen-Image and for Wan at
-    --frames 1, but an image-to-video pipeline's first frames. Raises ConfigError."""
+    --frames 1, but the first frames of a pipeline that takes them. Raises ConfigError."""
     if videos is not None:
         if not pipe.is_wan:
             raise ConfigError(f"--videos: {pipe.cls} makes images; give real images with --images")
-        if images is not None and pipe.kind != "wan_i2v":
+        if images is not None and not pipe.takes_first_frames:
             raise ConfigError("give real data with --videos or with --images, not both")
         return gather(videos, "video")
-    if images is None or pipe.kind == "wan_i2v":
+    if images is None or pipe.takes_first_frames:
         return None
     if frames != 1:
         raise ConfigError(
