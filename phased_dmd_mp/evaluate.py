@@ -49,6 +49,7 @@ from phased_dmd_mp.eval.report import (
 )
 from phased_dmd_mp.eval.motion import DISFlow, FlowError, RAFTFlow
 from phased_dmd_mp.eval.samples import SampleFile, SampleFileError, load_sample_file
+from phased_dmd_mp.eval.moving_digits import DigitFidelity
 from phased_dmd_mp.eval.video_metrics import evaluate_videos
 from phased_dmd_mp.eval.videos import (
     VideoSet,
@@ -85,6 +86,10 @@ class EvalConfig:
     raft_weights: str | None = None
     dynamic_degree: bool = False  # VBench's dynamic degree (%, needs raft_weights)
     diversity_frames: int = 8  # evenly spaced frames per video the diversity compares
+    # Videos of the embedded moving digits (one digit on a -1 background, condition c = digit
+    # c): also digit accuracy, shape change and digit speed of the tracked digit
+    # (eval/moving_digits.py)
+    digit_fidelity: bool = False
 
     def __post_init__(self):
         if self.knn_k < 1:
@@ -293,7 +298,7 @@ def evaluate(paths: list[Path], config: EvalConfig, out_dir: Path, progress: boo
         return _evaluate_videos(files, config, out_dir, progress)
     if any(value != default for value, default in _video_settings(config)):
         raise EvaluationError(
-            "raft_weights, dynamic_degree and diversity_frames are for videos, not "
+            "raft_weights, dynamic_degree, diversity_frames and digit_fidelity are for videos, not "
             f"{kind}: leave them out"
         )
     if kind == "images":
@@ -347,7 +352,7 @@ def evaluate(paths: list[Path], config: EvalConfig, out_dir: Path, progress: boo
 def _video_settings(config: EvalConfig) -> list[tuple]:
     """(value, default) of the video-only keys."""
     defaults = EvalConfig.__dataclass_fields__
-    keys = ("raft_weights", "dynamic_degree", "diversity_frames")
+    keys = ("raft_weights", "dynamic_degree", "diversity_frames", "digit_fidelity")
     return [(getattr(config, key), defaults[key].default) for key in keys]
 
 
@@ -395,12 +400,16 @@ def _evaluate_videos(
         raise EvaluationError("the mixture_* config keys are for point samples, not videos")
     extractor, perceptual = _video_extractors(videos, config)
     flow, dynamic_flow = _flow_estimators(config)
+    fidelity = None
+    if config.digit_fidelity:
+        digits = extractor if isinstance(extractor, DigitsExtractor) else None
+        fidelity = DigitFidelity(digits or DigitsExtractor.load(progress=progress))
     runs, strips = [], {}
     for video_set in tqdm(videos, desc="evaluate", disable=not progress):
         try:
             run, strip = evaluate_videos(
                 video_set, flow, dynamic_flow, extractor, perceptual,
-                config.diversity_frames, config.seed, progress,
+                config.diversity_frames, config.seed, progress, fidelity,
             )  # fmt: skip
         except ValueError as error:  # an extractor refusing the frames
             if isinstance(error, SampleFileError):
@@ -426,6 +435,7 @@ def _evaluate_videos(
         "dynamic_degree": None if dynamic_flow is None else {"name": dynamic_flow.name},
         "features": None if extractor is None else _describe(extractor),
         "perceptual": None if perceptual is None else _describe(perceptual),
+        "digit_fidelity": None if fidelity is None else _describe(fidelity.extractor),
         "config": dataclasses.asdict(config),
         "models": rows,
         "runs": runs,
@@ -482,6 +492,13 @@ def _video_preamble(results: dict, runs: list[dict]) -> list[str]:
             "frames, "
             "frame against frame, mean over the seed pairs of each condition, averaged over "
             "conditions"
+        )
+    if results["digit_fidelity"] is not None:
+        lines.append(
+            "- digit accuracy, shape change, digit speed: the 8x8 window with the most ink in "
+            "each frame (eval/moving_digits.py): % of frames the digits network calls the "
+            "video's class; mean |difference| of consecutive windows (pixel values in [-1, 1]); "
+            "pixels the window moves per frame"
         )
     lines.append("- ± is the half-width of the 95% t-interval over a model's runs")
     return lines

@@ -93,7 +93,7 @@ def test_video_reproduction_suite(tmp_path):
                                      "iterations_per_phase=2"]},
             {"name": "Phased", "set": ["num_steps=2", "num_phases=2", "iterations_per_phase=1"]},
         ],
-        "eval_overrides": ["features=digits", "perceptual=digits"],
+        "eval_overrides": ["features=digits", "perceptual=digits", "digit_fidelity=true"],
     }  # fmt: skip
     path = tmp_path / "video.yaml"
     path.write_text(yaml.safe_dump(suite))
@@ -104,6 +104,48 @@ def test_video_reproduction_suite(tmp_path):
     models = [row["model"] for row in results["models"]]
     assert models == ["data: moving digits", "teacher 2 steps, CFG 1.5", "SGTS", "Phased"]
     for row in results["models"]:
-        assert set(row["metrics"]) == {"optical_flow", "cosine_similarity", "perceptual_distance"}
+        assert set(row["metrics"]) == {
+            "optical_flow", "cosine_similarity", "perceptual_distance",
+            "digit_accuracy", "shape_change", "digit_speed",
+        }  # fmt: skip
+    data = {k: v["mean"] for k, v in results["models"][0]["metrics"].items()}
+    # real moving digits: legible, rigid, moving
+    assert data["digit_accuracy"] > 90 and data["shape_change"] == 0 and data["digit_speed"] > 1
     assert (out / "video" / "eval" / "comparison.png").is_file()
     assert "optical flow (px/frame)" in (out / "report.md").read_text()
+
+
+def test_digit_fidelity_tracks_the_digit():
+    """On the data, the tracked digit is the conditioned class, keeps its shape and moves at the
+    drawn speed; noise and a digit that morphs into another class score as such."""
+    from phased_dmd_mp.eval.digits import DigitsExtractor
+    from phased_dmd_mp.eval.moving_digits import DigitFidelity
+
+    fidelity = DigitFidelity(DigitsExtractor.load(progress=False))
+    images, labels = load_digits_latents()
+    generator = torch.Generator().manual_seed(1)
+    chosen = torch.arange(0, 1797, 45)  # 40 digits of every class
+    velocity, start = moving_digits.random_motion(len(chosen), generator)
+    videos = moving_digits.render(images[chosen, :, 0], velocity, start)
+    measured = [
+        fidelity.measure(video.transpose(0, 1), int(label))
+        for video, label in zip(videos, labels[chosen])
+    ]
+    speed = velocity.double().norm(dim=1)
+    tracked = torch.tensor([m["digit_speed"] for m in measured], dtype=torch.float64)
+    torch.testing.assert_close(tracked, speed)  # exactly the drawn velocity
+    assert np.mean([m["digit_accuracy"] for m in measured]) > 95
+    assert max(m["shape_change"] for m in measured) == 0  # the same window, edges included
+    noise = torch.rand(5, 1, 16, 16, generator=generator) * 2 - 1
+    assert fidelity.measure(noise, 3)["shape_change"] > 0.5
+    # a 0 that turns into a 1 after 3 of 5 frames, standing still: 60% of its frames are right,
+    # and its shape jumps once
+    zero, one = images[labels == 0][0, :, 0], images[labels == 1][0, :, 0]
+    still = torch.zeros(2, 2).long(), torch.full((2, 2), 4)
+    morph = moving_digits.render(torch.stack([zero, one]), *still)
+    frames = torch.cat([morph[0, :, :3], morph[1, :, 3:]], dim=1).transpose(0, 1)
+    result = fidelity.measure(frames, 0)
+    assert result["digit_accuracy"] == pytest.approx(60) and result["digit_speed"] < 0.5
+    assert result["shape_change"] > 0.05
+    with pytest.raises(ValueError, match="gray frames of at least 8x8"):
+        fidelity.check(3, 16, 16, 10)

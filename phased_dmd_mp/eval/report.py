@@ -27,8 +27,11 @@ MIXTURE_COLUMNS = [
 VIDEO_COLUMNS = [
     ("optical_flow", "optical flow (px/frame) ↑"),
     ("dynamic_degree", "dynamic degree % ↑"),
+    ("digit_speed", "digit speed (px/frame)"),
     ("cosine_similarity", "cosine sim. ↓"),
     ("perceptual_distance", "perceptual dist. ↑"),
+    ("digit_accuracy", "digit accuracy % ↑"),
+    ("shape_change", "shape change ↓"),
 ]
 GRID_CONDITIONS, GRID_SEEDS = 10, 8  # images: the first rows and columns drawn
 GRID_POINTS = 5000  # points: at most this many drawn

@@ -11,7 +11,10 @@ of each seed of the current condition (the diversity) are held at once.
   (eval/metrics.py) over the seeds of each condition, frame against frame: video features are
   the per-frame features of the kept frames, each unit-normalised, concatenated and scaled by
   1/sqrt(frames), so their cosine similarity is the mean over frames of the frames' cosine
-  similarity; a pair's perceptual distance is the mean over the kept frames of the frames'.
+  similarity; a pair's perceptual distance is the mean over the kept frames of the frames';
+- with a DigitFidelity (videos of the embedded moving digits): digit_accuracy, shape_change and
+  digit_speed (eval/moving_digits.py), averaged over the videos; each video's frames are then
+  held at once (they are tiny).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from tqdm import tqdm
 
 from phased_dmd_mp.eval.extractors import FeatureExtractor, PerceptualDistance
 from phased_dmd_mp.eval.metrics import cosine_diversity, perceptual_diversity
+from phased_dmd_mp.eval.moving_digits import METRICS as DIGIT_METRICS
+from phased_dmd_mp.eval.moving_digits import DigitFidelity
 from phased_dmd_mp.eval.motion import (
     mean_flow_magnitude,
     top_magnitude_mean,
@@ -83,17 +88,27 @@ class VideoMeasurement:
     optical_flow: float
     dynamic: bool | None
     kept: Tensor  # [K, C, H, W]
+    digit: dict[str, float] | None = None  # DigitFidelity's metrics
 
 
 def measure_video(
-    videos: VideoSet, condition: int, seed: int, flow, dynamic_flow, keep: list[int]
+    videos: VideoSet,
+    condition: int,
+    seed: int,
+    flow,
+    dynamic_flow,
+    keep: list[int],
+    fidelity: DigitFidelity | None = None,
 ) -> VideoMeasurement:
     """Stream one video through the flow estimator (consecutive pairs), VBench's rule (when
-    `dynamic_flow` is given: its flow on every interval-th frame) and the kept frames."""
+    `dynamic_flow` is given: its flow on every interval-th frame), the kept frames and the
+    digit fidelity (when given; condition c is digit c, or the digit its label names)."""
     interval = vbench_frame_interval(videos.fps)
     previous = sampled = None
-    pair_flows, scores, kept, sampled_count = [], [], [], 0
+    pair_flows, scores, kept, sampled_count, every = [], [], [], 0, []
     for index, frame in enumerate(videos.frames_of(condition, seed)):
+        if fidelity is not None:
+            every.append(frame)
         if previous is not None:
             pair_flows.append(mean_flow_magnitude(flow(previous, frame)))
         if dynamic_flow is not None and index % interval == 0:
@@ -109,7 +124,11 @@ def measure_video(
             videos.height, videos.width, sampled_count, videos.fps
         )
         dynamic = is_dynamic(scores, threshold, needed)
-    return VideoMeasurement(float(np.mean(pair_flows)), dynamic, torch.stack(kept))
+    digit = None
+    if fidelity is not None:
+        label = videos.labels[condition] if videos.labels else str(condition)
+        digit = fidelity.measure(torch.stack(every), int(label) if label.isdigit() else condition)
+    return VideoMeasurement(float(np.mean(pair_flows)), dynamic, torch.stack(kept), digit)
 
 
 def evaluate_videos(
@@ -121,6 +140,7 @@ def evaluate_videos(
     diversity_frames: int,
     seed: int = 0,
     progress: bool = True,
+    fidelity: DigitFidelity | None = None,
 ) -> tuple[dict, Tensor]:
     """All metrics of one model's videos (module docstring); returns the run's results (as the
     image evaluation's runs) and its strip, seed 0's kept frames of the first STRIP_CONDITIONS
@@ -129,6 +149,9 @@ def evaluate_videos(
     flows = np.zeros((videos.conditions, videos.seeds))
     dynamic = np.zeros((videos.conditions, videos.seeds), dtype=bool)
     cosine, distance, strip = [], [], []
+    digits = {name: np.zeros((videos.conditions, videos.seeds)) for name in DIGIT_METRICS}
+    if fidelity is not None:
+        fidelity.check(videos.channels, videos.height, videos.width, videos.conditions)
     features = None if extractor is None else FramewiseFeatures(extractor)
     framewise = None if perceptual is None else FramewisePerceptual(perceptual)
     bar = tqdm(
@@ -140,8 +163,12 @@ def evaluate_videos(
     for condition in range(videos.conditions):
         kept = []
         for sample_seed in range(videos.seeds):
-            measured = measure_video(videos, condition, sample_seed, flow, dynamic_flow, keep)
+            measured = measure_video(
+                videos, condition, sample_seed, flow, dynamic_flow, keep, fidelity
+            )
             flows[condition, sample_seed] = measured.optical_flow
+            for name, value in (measured.digit or {}).items():
+                digits[name][condition, sample_seed] = value
             dynamic[condition, sample_seed] = bool(measured.dynamic)
             kept.append(measured.kept)
             bar.update()
@@ -164,6 +191,10 @@ def evaluate_videos(
     if framewise is not None:
         metrics["perceptual_distance"] = float(np.mean(distance))
         per_condition["perceptual_distance"] = distance
+    if fidelity is not None:
+        for name, values in digits.items():
+            metrics[name] = float(values.mean())
+            per_condition[name] = values.mean(axis=1).tolist()
     run = {
         "model": videos.model,
         "file": str(videos.path),
