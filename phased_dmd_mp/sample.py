@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -183,6 +184,21 @@ def run_layout(run_dir: str | Path) -> dict:
         path = Path(run_dir).parent / "config.yaml"  # RUN/export given
     config = yaml.safe_load(path.read_text()) if path.is_file() else {}
     return {key: config[key] for key in LAYOUT_KEYS if key in config}
+
+
+def require_run_world(run_dir: str | Path, layout: dict) -> None:
+    """ConfigError unless this job's world size (torchrun's WORLD_SIZE, 1 without it) is a
+    multiple of the run's model-parallel size: --checkpoint samples in the run's own layout."""
+    sizes = [layout.get(key) or 1 for key in LAYOUT_KEYS[:3]]
+    ranks = sizes[0] * sizes[1] * sizes[2]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % ranks:
+        raise ConfigError(
+            f"{run_dir} was trained at tensor_parallel {sizes[0]} x pipeline_parallel {sizes[1]} "
+            f"x context_parallel {sizes[2]} (its config.yaml) and --checkpoint samples in that "
+            f"layout: run it under torchrun --nproc_per_node={ranks} (or a multiple), not "
+            f"{world} process{'es' if world > 1 else ''}"
+        )
 
 
 def generator_source(
@@ -486,7 +502,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         if args.checkpoint:
-            runtime = Runtime.start(**run_layout(args.checkpoint), dtype=args.dtype)
+            layout = run_layout(args.checkpoint)
+            require_run_world(args.checkpoint, layout)
+            runtime = Runtime.start(**layout, dtype=args.dtype)
             source = generator_source(args.checkpoint, runtime, args.latent_shape)
         else:
             layout = [flag or 1 for flag in layout_flags]

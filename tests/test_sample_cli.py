@@ -132,3 +132,20 @@ def test_torchrun_samples_in_the_runs_layout_equal_one_process(
     one = load_sample_file(tmp_path / "one" / "samples.npz").samples
     two = load_sample_file(tmp_path / "two" / "samples.npz").samples
     torch.testing.assert_close(two, one, atol=1e-5, rtol=0)
+
+
+def test_checkpoint_of_a_tensor_parallel_run_in_one_process_says_how_to_launch(
+    tmp_path, capsys, monkeypatch
+):
+    """A TP=2 run sampled by plain python: one line naming the run's layout and the torchrun
+    command, before any process group starts (it was 'world size = 1 is not divisible by
+    tensor_parallel x pipeline_parallel = 2')."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("tensor_parallel: 2\ncontext_parallel: 1\n")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    code, err = run_cli(sample.main, ["--checkpoint", str(run), "--out", str(tmp_path / "s")], capsys)
+    assert code == 2
+    line = err.strip().splitlines()[-1]
+    assert f"{run} was trained at tensor_parallel 2 x pipeline_parallel 1 x context_parallel 1" in line
+    assert "torchrun --nproc_per_node=2 (or a multiple), not 1 process" in line
