@@ -144,8 +144,11 @@ def test_checkpoint_of_a_tensor_parallel_run_in_one_process_says_how_to_launch(
     run.mkdir()
     (run / "config.yaml").write_text("tensor_parallel: 2\ncontext_parallel: 1\n")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    code, err = run_cli(sample.main, ["--checkpoint", str(run), "--out", str(tmp_path / "s")], capsys)
+    argv = ["--checkpoint", str(run), "--out", str(tmp_path / "s")]
+    code, err = run_cli(sample.main, argv, capsys)
     assert code == 2
     line = err.strip().splitlines()[-1]
-    assert f"{run} was trained at tensor_parallel 2 x pipeline_parallel 1 x context_parallel 1" in line
+    assert f"{run} was trained at tensor_parallel 2 x pipeline_parallel 1 x context_parallel 1" in (
+        line
+    )
     assert "torchrun --nproc_per_node=2 (or a multiple), not 1 process" in line
