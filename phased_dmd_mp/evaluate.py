@@ -477,7 +477,8 @@ def _video_preamble(results: dict, runs: list[dict]) -> list[str]:
         )
     else:
         lines.append(
-            "- dynamic degree: not measured (needs --set raft_weights=FILE dynamic_degree=true)"
+            "- dynamic degree: not measured (needs --set raft_weights=FILE "
+            "--set dynamic_degree=true)"
         )
     if features is None and perceptual is None:
         lines.append(

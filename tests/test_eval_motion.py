@@ -73,7 +73,8 @@ def test_evaluate_reads_videos_and_measures_their_motion(tmp_path, capsys):
     assert "optical flow (px/frame)" in table
     assert "pixels per frame at the video's resolution" in table
     assert "| 6 frames, 64x64 |" in table
-    assert "dynamic degree: not measured (needs --set raft_weights=FILE" in table
+    # the hint is a command that parses: one --set per key
+    assert "(needs --set raft_weights=FILE --set dynamic_degree=true)" in table
     assert "diversity: not measured" in table  # 64x64 frames: no automatic extractor
     assert (out / "grids" / "d_1.png").is_file() and (out / "comparison.png").is_file()
 
