@@ -10,16 +10,33 @@ orphaned) and on SIGTERM kills its workers 30 s later and exits 1; a large check
 be written by then. What bounds the checkpoint's time is the scheduler: SLURM sends SIGKILL
 KillWait seconds (site setting, often 30) after the final SIGTERM, so the sbatch asks for
 SIGUSR1 300 s ahead (`--signal=USR1@300`). See phased_dmd_mp/distill/signals.py.
+
+A failed worker (a config mistake is one line from each rank) ends the launcher with one line
+naming the first failed rank and its exit code, and that exit code (128 + N for signal N),
+instead of torchrun's traceback.
 """
+
+import sys
 
 from phased_dmd_mp.distill.signals import forward_signals
 
 
 def main() -> None:
     forward_signals()  # before torch is imported: every thread and worker inherits the mask
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
-    torchrun()
+    try:
+        torchrun()
+    except ChildFailedError as error:
+        rank, failure = error.get_first_failure()
+        code = failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
+        print(
+            f"launch: {error.name} failed: rank {rank} exited with {failure.exitcode} first, "
+            f"{len(error.failures)} rank(s) failed (their messages are above)",
+            file=sys.stderr,
+        )
+        sys.exit(code)
 
 
 if __name__ == "__main__":

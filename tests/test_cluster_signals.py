@@ -181,3 +181,21 @@ def test_sigterm_twice_to_the_launcher_is_a_clean_stop(tmp_path, teacher):
         signal_step(job, signal.SIGTERM, workers_too=False)
         time.sleep(rng.uniform(0.3, 1.2))
     assert stopped(job, run, "SIGTERM twice to the launcher") < 8
+
+
+def test_a_worker_config_error_is_one_line_under_the_launcher(tmp_path):
+    """A user mistake under `launch` ends with the workers' one-line error and the launcher's
+    one line, exit code 2 as without it, not torchrun's ChildFailedError traceback."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [
+        sys.executable, "-m", "phased_dmd_mp.launch", "--standalone", "--nproc_per_node=1",
+        "-m", "phased_dmd_mp.pretrain_distill", "--out", str(tmp_path / "run"),
+        "--config", str(tmp_path / "missing.yaml"),
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "missing.yaml" in lines[0], lines
+    assert lines[-1].startswith("launch: phased_dmd_mp.pretrain_distill failed: rank 0 exited "
+                                "with 2 first, 1 rank(s) failed"), lines  # fmt: skip
