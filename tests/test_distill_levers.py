@@ -278,3 +278,24 @@ def test_levers_that_cannot_apply_are_refused_in_one_line(tmp_path, teacher, cap
         run_distill(tmp_path / "run", no_real, "gan_weight=0.1")
     err = capsys.readouterr().err
     assert "gan_weight needs real latents" in err and err.count("\n") == 1, err
+
+
+def test_log_line_shows_each_levers_loss_and_the_drawn_shape():
+    """The stdout line of a window names every lever loss that ran in it (not only TensorBoard)
+    and, in a run at several latent shapes, the one drawn; a plain run's line has neither."""
+    from phased_dmd_mp.distill.metrics import log_line
+
+    means = {
+        "iteration": 3, "phase": 2, "shape": 1, "generator_loss": 1e-5,
+        "generator_grad_norm": 3e-4, "fake_loss": 2.455, "fake_grad_norm": 2.17, "seconds": 1.5,
+    }  # fmt: skip
+    plain = log_line(means, [(16, 2, 2, 2)])
+    assert "shape" not in plain and "gan" not in plain and "critic" not in plain
+    levers = {
+        "diversity_loss": 0.0053, "real_critic_loss": 2.17e-8, "real_critic_fake_loss": 38.9,
+        "gan_generator_loss": 0.9168, "gan_discriminator_loss": 1.307,
+    }  # fmt: skip
+    line = log_line({**means, **levers}, [(16, 2, 2, 2), (16, 3, 4, 2)])
+    assert " shape 16x3x4x2 " in line
+    for key, value in levers.items():
+        assert f" {key} {value:.4g}" in line, key

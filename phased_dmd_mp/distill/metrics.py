@@ -26,16 +26,30 @@ def log_window(d, window: list[dict]) -> dict:
         means[f"{role}_skipped"] = d.state.skipped.get(role, 0)
     d.state.history.append(means)
     if d.is_logger:
-        tqdm.write(
-            f"iter {means['iteration']:>6} phase {means['phase']} "
-            f"generator {means['generator_loss']:.4g} (|g| {means['generator_grad_norm']:.3g}) "
-            f"fake {means['fake_loss']:.4g} (|g| {means['fake_grad_norm']:.3g}) "
-            f"{means['seconds']:.2f} s/it"
-        )
+        tqdm.write(log_line(means, d.latent_shapes))
         for key, value in means.items():
             if key not in ("iteration",):
                 d.writer.add_scalar(f"train/{key}", value, d.state.iteration)
     return means
+
+
+LEVER_LOSSES = ("diversity_loss", "real_critic_loss", "real_critic_fake_loss",
+                "gan_generator_loss", "gan_discriminator_loss")
+
+
+def log_line(means: dict, latent_shapes: list) -> str:
+    """The stdout line of a logged window: DMD's losses, each lever's that ran in it, and the
+    latent shape drawn when the run trains at several (`latent_shapes`)."""
+    shape = ""
+    if len(latent_shapes) > 1:
+        shape = " shape " + "x".join(str(n) for n in latent_shapes[means["shape"]])
+    levers = "".join(f" {key} {means[key]:.4g}" for key in LEVER_LOSSES if key in means)
+    return (
+        f"iter {means['iteration']:>6} phase {means['phase']}{shape} "
+        f"generator {means['generator_loss']:.4g} (|g| {means['generator_grad_norm']:.3g}) "
+        f"fake {means['fake_loss']:.4g} (|g| {means['fake_grad_norm']:.3g}){levers} "
+        f"{means['seconds']:.2f} s/it"
+    )
 
 
 def divergence(d) -> str | None:
