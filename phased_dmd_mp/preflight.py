@@ -122,6 +122,11 @@ def make_plan(args, config: DistillConfig) -> tuple[Plan, str]:
             conditions = Path(config.conditions) if config.conditions else teacher / CONDITIONS_DIR
             text = read_manifest(conditions)["specs"]["text"][0][0]
         source = f"{high}" + (f" + {low}" if low is not None else "")
+    if config.latent_shapes and not args.latent_shape:
+        # several shapes per run: memory follows the most tokens (F x H x W, channels alike)
+        latent = max((tuple(s) for s in config.latent_shapes), key=lambda s: s[1] * s[2] * s[3])
+        if args.model is not None or named:
+            check_latents(arch, latent, image_channels, "latent_shapes", arch_file)
     kind = "wan" if isinstance(arch, WanConfig) else "qwen_image"
     plan = Plan(
         config=config, arch=arch, latent_shape=latent,

@@ -253,3 +253,16 @@ def test_cli_names_the_peak_phase_when_a_later_phase_needs_more(capsys):
     assert code == 1
     line = next(x for x in out.splitlines() if x.startswith("does not fit:"))
     assert line.startswith("does not fit: phase 1") and "; peak: phase 2, 101.88" in line, line
+
+
+def test_cli_plans_with_the_largest_of_latent_shapes(capsys):
+    """A run at several latent shapes peaks at the one with the most tokens, whatever the
+    recipe's latent_shape; each entry is checked against the architecture like it."""
+    shapes = "latent_shapes=[[16, 5, 30, 52], [16, 21, 60, 112], [16, 21, 60, 104]]"
+    code, out, err = run_preflight(capsys, "--config", RECIPE, "--set", shapes,
+                                   "--world-size", "8", "--gpu-memory", "80GiB")  # fmt: skip
+    assert "latents [16, 21, 60, 112] = 35280 tokens" in out, out + err
+    code, _, err = run_preflight(capsys, "--config", RECIPE, "--world-size", "8",
+                                 "--set", "latent_shapes=[[16, 21, 60, 105]]")  # fmt: skip
+    assert code == 2
+    assert err.count("\n") == 1 and "latent width = 105" in err, err
