@@ -223,6 +223,8 @@ class DistillConfig:
             )
         if any(d < 1 for shape in self.latent_shapes for d in shape):
             raise ValueError(f"latent_shapes must be positive, got {self.latent_shapes}")
+        if self.latent_shape_weights and not self.latent_shapes:
+            raise ValueError("latent_shape_weights needs latent_shapes (the shapes they weight)")
         if self.latent_shape_weights and (
             len(self.latent_shape_weights) != len(self.latent_shapes)
             or not all(w > 0 for w in self.latent_shape_weights)

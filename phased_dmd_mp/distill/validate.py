@@ -126,12 +126,11 @@ def check_latents(arch, latent_shape, image_channels: int, spec_file: Path, arch
         patch = arch.patch_size
         expected_in = channels + image_channels
         what = f"latent channels {channels}" + (
-            f" + image-latent channels {image_channels}" if image_channels else ""
+            f" + image-latent channels {image_channels} = {expected_in}" if image_channels else ""
         )
         if arch.in_channels != expected_in:
             raise ConfigError(
-                f"in_channels = {arch.in_channels} in {arch_file}, but {what} = {expected_in} "
-                f"from {spec_file}"
+                f"in_channels = {arch.in_channels} in {arch_file}, but {what} from {spec_file}"
             )
     else:
         patch = (1, arch.patch_size, arch.patch_size)
