@@ -286,7 +286,10 @@ def validate_run(config: DistillConfig, world_size: int) -> None:
         student = student_transformer(config.student)
         student_arch = read_transformer_arch(student, "student")
         check_student(arch, student_arch, arch_file, student / "config.json")
-        check_run_layout(student_arch, config, world_size)
+        try:  # the teacher passed: name the model that does not divide
+            check_run_layout(student_arch, config, world_size)
+        except ConfigError as error:
+            raise ConfigError(f"student ({student / 'config.json'}): {error}") from None
     stored = manifest["text_tokens"] != "online"  # an online set is encoded (and checked) live
     if stored and not manifest["finite"]:  # last: the only check that reads more than small files
         try:
