@@ -38,8 +38,8 @@ LEVER_LOSSES = ("diversity_loss", "real_critic_loss", "real_critic_fake_loss",
 
 
 def log_line(means: dict, latent_shapes: list) -> str:
-    """The stdout line of a logged window: DMD's losses, each lever's that ran in it, and the
-    latent shape drawn when the run trains at several (`latent_shapes`)."""
+    """The stdout line of a logged window: DMD's losses, each lever's that ran in it (means),
+    and, when the run trains at several `latent_shapes`, the shape of its last iteration."""
     shape = ""
     if len(latent_shapes) > 1:
         shape = " shape " + "x".join(str(n) for n in latent_shapes[means["shape"]])
