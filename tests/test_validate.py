@@ -252,6 +252,13 @@ def test_a_student_of_another_size_validates_and_one_of_other_latents_is_one_lin
         validate_run(config(teacher, f"student={qwen}"), 1)
     with pytest.raises(ConfigError, match="student: /nowhere does not exist"):
         validate_run(config(teacher, "student=/nowhere"), 1)
+    # IDA blends the fake into the generator weight by weight: both must be the student
+    validate_run(config(teacher, f"student={student}", "fake_init=student", "ida_weight=0.03"), 1)
+    with pytest.raises(ConfigError) as info:
+        validate_run(config(teacher, f"student={student}", "ida_weight=0.03"), 1)
+    message = str(info.value)
+    assert message.startswith(f"ida_weight: the generator starts from the student {student}")
+    assert message.endswith("set fake_init: student") and "\n" not in message
     # the student's own layout: 1 head does not split over 2 ranks
     with pytest.raises(ConfigError) as info:
         validate_run(config(teacher, f"student={student}", "tensor_parallel=2"), 2)

@@ -286,6 +286,12 @@ def validate_run(config: DistillConfig, world_size: int) -> None:
         student = student_transformer(config.student)
         student_arch = read_transformer_arch(student, "student")
         check_student(arch, student_arch, arch_file, student / "config.json")
+        if config.ida_weight and config.fake_init == "teacher" and student_arch != arch:
+            raise ConfigError(
+                f"ida_weight: the generator starts from the student {student}, the fake model "
+                "from the teacher (fake_init: teacher), another architecture: IDA blends one "
+                "into the other weight by weight; set fake_init: student"
+            )
         try:  # the teacher passed: name the model that does not divide
             check_run_layout(student_arch, config, world_size)
         except ConfigError as error:
