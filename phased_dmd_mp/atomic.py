@@ -101,6 +101,12 @@ def _fsync_directory(path: Path) -> None:
             os.close(descriptor)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _fsync_file(path: Path) -> None:
     descriptor = os.open(path, os.O_RDONLY)
     try:
@@ -120,6 +126,10 @@ def replacing(path: str | Path) -> Iterator[Path]:
         with disk_full_as_error(path):
             yield temporary
             _fsync_file(temporary)
+            # As open() would create it (0666 less the umask): safetensors' writer makes its
+            # files 0600, which other users of a shared teacher directory or export cannot read.
+            if temporary.is_file():
+                os.chmod(temporary, 0o666 & ~_umask())
             os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -104,3 +104,20 @@ def test_the_temporary_name_keeps_the_suffix(tmp_path):
         figure.savefig(temporary)
         plt.close(figure)
     assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_written_files_get_the_umasks_mode(tmp_path, umask):
+    """Every writer's file is readable as the umask allows, as open() makes it: safetensors'
+    writer made its files 0600 (condition shards, exported weights and LoRA files), unreadable
+    to the rest of a team sharing a teacher directory or export."""
+    import os
+
+    previous = os.umask(umask)
+    try:
+        atomic.save_safetensors({"x": torch.zeros(2)}, tmp_path / "a.safetensors")
+        atomic.write_json(tmp_path / "a.json", {"a": 1})
+    finally:
+        os.umask(previous)
+    for name in ("a.safetensors", "a.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
