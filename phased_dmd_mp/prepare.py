@@ -276,6 +276,8 @@ def prepare(args) -> Path | None:
     if images is not None and rank == 0:  # the same files for every rank: one reads them
         stills = [p for p in images if p.suffix.lower() not in real_encoding.VIDEO_SUFFIXES]
         readers.check_images(stills, progress=not args.no_progress)
+    if real is not None and real.kind == "video" and rank == 0:
+        real_encoding.check_videos(real.files, frames, args.fps, progress=not args.no_progress)
     negative = "" if args.negative_prompt is None else args.negative_prompt
     for flag, value in (("--batch-size", args.batch_size), ("--shard-size", args.shard_size)):
         if value < 1:

@@ -259,3 +259,37 @@ def test_prepare_qwen_image_real_images_are_latents_on_the_teachers_grid(
     assert "QwenImagePipeline makes images; give real images with --images" in (
         capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize("kind", ["truncated", "short"])
+def test_prepare_refuses_a_bad_clip_before_any_model_loads(
+    tiny_pipeline, tmp_path, monkeypatch, capsys, kind
+):
+    """A damaged clip or one too short for --frames among good ones is one line naming it
+    before the text encoder or the VAE loads and before anything is written. Was: found only
+    after the pipeline loaded and every condition was encoded (hours at real scale)."""
+    from phased_dmd_mp import prepare
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model loaded before the clips were checked")
+
+    monkeypatch.setattr(prepare, "ConditionEncoder", no_model)
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    write_video(clips / "0.mp4", 16)
+    bad = clips / "1.mp4"
+    if kind == "truncated":
+        data = write_video(tmp_path / "whole.mp4", 16).read_bytes()
+        bad.write_bytes(data[: len(data) // 3])
+    else:
+        write_video(bad, 2)  # 5 frames at 16 fps from 8 fps take source frames 0-2
+    (tmp_path / "p.txt").write_text("a cat\na dog\n")
+    teacher = tmp_path / "teacher"
+    args = ["--prompts", str(tmp_path / "p.txt"), "--videos", str(clips), "--frames", "5"]
+    with pytest.raises(SystemExit) as exit_:
+        prepare.main(prepare_args(tiny_pipeline("wan22_t2v"), teacher, *args))
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert str(bad) in error, error
+    assert ("holds 2 frames" in error) == (kind == "short"), error
+    assert not teacher.exists()

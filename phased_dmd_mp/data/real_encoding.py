@@ -19,6 +19,7 @@ teacher.yaml's grid.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,6 +136,41 @@ def cover_and_crop(frames: Tensor, height: int, width: int) -> Tensor:
 def source_frames(count: int, source_fps: float, fps: float) -> list[int]:
     """Indices of the source frames shown at i / fps seconds, i < count (nearest frame)."""
     return [math.floor(i * source_fps / fps + 0.5) for i in range(count)]
+
+
+def check_videos(paths, frames: int, fps: float, progress: bool = True) -> None:
+    """Open every clip and count its frames (ffmpeg copies the stream, no decoding; threads)
+    before any model loads, and raise the ConfigError of the first, in order, that is not a
+    video ffmpeg reads or is too short for `frames` at `fps` (what video_pixels would raise
+    only after the pipeline loaded and the conditions were encoded)."""
+    import concurrent.futures
+
+    from tqdm import tqdm
+
+    if not paths:
+        return
+    workers = min(8, os.cpu_count() or 1, len(paths))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        results = pool.map(lambda path: _video_error(path, frames, fps), paths)
+        for error in tqdm(
+            results, total=len(paths), desc="checking videos", unit="video", disable=not progress
+        ):
+            if error is not None:
+                raise error
+
+
+def _video_error(path: Path, frames: int, fps: float) -> ConfigError | None:
+    try:
+        video = readers.VideoReader(path)
+        needed = source_frames(frames, video.fps, fps)[-1] + 1
+        if video.frame_count < needed:
+            return ConfigError(
+                f"{path} holds {video.frame_count} frames at {video.fps:g} fps: {frames} frames "
+                f"at {fps:g} fps need {needed}; use longer clips or a smaller --frames"
+            )
+    except ConfigError as error:
+        return error
+    return None
 
 
 def video_pixels(path: Path, height: int, width: int, frames: int, fps: float) -> Tensor:
