@@ -66,6 +66,7 @@ from phased_dmd_mp.data.encoders import ENCODER_DTYPES, ConditionEncoder, encode
 from phased_dmd_mp.data.online import write_online_set
 from phased_dmd_mp.data.real_data import REAL_DATA_DIR
 from phased_dmd_mp.data.pipeline_folder import (
+    QWEN_MAX_TOKENS,
     WAN_TEXT_TOKENS,
     PipelineFolder,
     check,
@@ -239,16 +240,25 @@ def _text_specs(pipe, partial: Path, names: list[str], uncond: torch.Tensor, dty
 def _encode_shard(encoder, lines, images, start, stop, args, progress) -> dict:
     """The shard of prompts [start, stop), encoded in batches of --batch-size from `start`.
     Raises ConfigError naming the prompt's line if an encoding is not finite."""
-    texts, fields = [], {}
+    texts, fields, cut = [], {}, []
+    kept = WAN_TEXT_TOKENS if encoder.pipe_info.is_wan else QWEN_MAX_TOKENS
     for first in range(start, stop, args.batch_size):
         chunk = slice(first, min(first + args.batch_size, stop))
         batch_texts = encoder.text([line.text for line in lines[chunk]])
         batch_fields = encoder.image(images[chunk]) if images is not None else {}
         _check_finite(batch_texts, batch_fields, lines[chunk], args.prompts)
+        cut += [line.line for line, text in zip(lines[chunk], batch_texts) if len(text) >= kept]
         texts += batch_texts
         for name, tensor in batch_fields.items():
             fields.setdefault(name, []).append(tensor)
         progress.advance(chunk.stop - chunk.start)
+    if cut:  # the pipeline's encode_prompt truncates silently: the cut-off words never count
+        tqdm.write(
+            f"warning: {len(cut)} prompt(s) of {args.prompts or 'the captions'} fill all {kept} tokens the text "
+            f"encoder keeps and are cut there (line {', '.join(map(str, cut[:5]))}"
+            f"{', ...' if len(cut) > 5 else ''}): shorten them to keep all their words",
+            file=sys.stderr,
+        )
     return {**real_text_tensors(texts), **{k: torch.cat(v) for k, v in fields.items()}}
 
 

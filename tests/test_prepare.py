@@ -617,3 +617,20 @@ def test_disk_full_while_encoding_is_one_line_and_a_rerun_continues(
     assert prepare.main(args) == 0
     got = ConditionSet(tmp_path / "t" / "conditions").batch(range(len(PROMPTS))).text
     assert torch.equal(got, ConditionSet(reference / "conditions").batch(range(len(PROMPTS))).text)
+
+
+def test_a_prompt_longer_than_the_encoder_keeps_is_named(prepared, tmp_path, capsys):
+    """umT5 keeps 512 tokens and encode_prompt cuts a longer prompt there without a word; the
+    user learns which lines lost their end. Was: silent (a 2,000-token prompt exited 0)."""
+    pipeline, _ = prepared("wan22_t2v")
+    long = "a cinematic shot of " + ", ".join(f"detail {i} in soft light" for i in range(200))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(f"a red cat\n{long}\nphoto\n")
+    args = ["--pipeline", str(pipeline), "--prompts", str(prompts), "--out", str(tmp_path / "t")]
+    assert prepare.main([*args, "--no-progress", "--frames", "5", *SIZE]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == [
+        f"warning: 1 prompt(s) of {prompts} fill all 512 tokens the text encoder keeps and are "
+        "cut there (line 2): shorten them to keep all their words"
+    ]
+    assert ConditionSet(tmp_path / "t" / "conditions").batch([1]).text[0].abs().amax(-1).all()
