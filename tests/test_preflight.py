@@ -215,7 +215,7 @@ def test_cli_missing_teacher_points_to_the_architecture_keys(capsys):
 
 
 @pytest.mark.parametrize("recipe", ["wan2.1_t2v_14b", "wan2.2_t2v_a14b", "wan2.2_i2v_a14b",
-                                    "qwen_image"])  # fmt: skip
+                                    "wan2.2_ti2v_5b", "qwen_image"])  # fmt: skip
 def test_cli_answers_for_a_shipped_recipe_before_its_teacher_is_on_disk(capsys, recipe):
     """Each recipe names its architecture and latent shape: a verdict, not a config error,
     and the recipe's layout fits 8 GPUs of 80 GiB (with 1 TiB of host memory per node)."""
@@ -224,7 +224,7 @@ def test_cli_answers_for_a_shipped_recipe_before_its_teacher_is_on_disk(capsys, 
                                    "--host-memory", "1TiB")  # fmt: skip
     assert code == 0, out + err
     assert "(architecture " in out and "fits: peak" in out
-    if recipe.startswith("wan2.2"):
+    if recipe.startswith(("wan2.2_t2v", "wan2.2_i2v")):
         assert ", two experts;" in out
 
 
