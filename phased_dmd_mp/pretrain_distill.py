@@ -170,6 +170,11 @@ def _run(parser, args, config: DistillConfig) -> int:
                     f"generator updates; nothing left to train (generator in {args.out / 'export'})"
                 )
             return 0
+        if is_logger and not finished:
+            print(
+                f"--resume: continuing from {resume_from} (generator update "
+                f"{distiller.state.iteration} of {distiller.total_iterations})"
+            )
     try:
         last = distiller.train()
         if is_logger:

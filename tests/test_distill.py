@@ -75,7 +75,7 @@ def _kv(items):
     return {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in items)}
 
 
-def test_resume_continues_exactly(tmp_path, teacher, monkeypatch):
+def test_resume_continues_exactly(tmp_path, teacher, monkeypatch, capsys):
     args = ["num_steps=4", "num_phases=2", "checkpoint_every=1", "ema_decay=0.9"]
     assert run(tmp_path / "straight", teacher, *args) == 0
 
@@ -90,7 +90,11 @@ def test_resume_continues_exactly(tmp_path, teacher, monkeypatch):
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(tmp_path / "resumed", teacher, *args)
     monkeypatch.setattr(Distiller, "generator_update", original)
+    capsys.readouterr()
     assert run(tmp_path / "resumed", teacher, *args, extra=["--resume"]) == 0
+    # which checkpoint it continued from (was: no word, only a bar starting at 3)
+    resumed = tmp_path / "resumed" / "checkpoints" / "step-00000003"
+    assert f"--resume: continuing from {resumed} (generator update 3 of " in capsys.readouterr().out
     for name in ("expert_1", "expert_2"):
         _, _, a = read_diffusers_dir(tmp_path / "straight" / "export" / name)
         _, _, b = read_diffusers_dir(tmp_path / "resumed" / "export" / name)
