@@ -234,3 +234,19 @@ def test_check_finite_names_the_condition_of_a_set_written_elsewhere(tmp_path):
     save_file(tensors, shard)
     with pytest.raises(ConfigError, match=r"set: condition 4: NaN/Inf in text"):
         readers.check_finite(ConditionSet(tmp_path / "set"), rows_per_read=4)
+
+
+def test_every_bad_image_is_named_in_one_line(tmp_path):
+    """Three bad first frames among good ones: one error naming all three (the first with its
+    reason), so one rerun fixes them. Was: the first only, one rerun per bad file, each after
+    every image was decoded again."""
+    good = tmp_path / "good.png"
+    Image.new("RGB", (4, 4)).save(good)
+    bad = [tmp_path / f"bad{i}.png" for i in range(3)]
+    for path in bad:
+        path.write_text("<html><body>404</body></html>")
+    with pytest.raises(ConfigError) as error:
+        readers.check_images([good, *bad], progress=False)
+    message = str(error.value)
+    assert message.startswith(f"3 images cannot be read: {bad[0]} is an HTML/XML page"), message
+    assert message.endswith(f"; also {bad[1]}, {bad[2]}") and "\n" not in message, message

@@ -227,8 +227,9 @@ def read_image(path: str | Path):
 
 
 def check_images(paths: Sequence[Path], progress: bool = True) -> None:
-    """Decode every image (threads; Pillow decodes without the GIL) and raise the ConfigError
-    of the first, in order, that `read_image` refuses."""
+    """Decode every image (threads; Pillow decodes without the GIL) and raise, after all are
+    read, the ConfigError of the first, in order, that `read_image` refuses, naming the other
+    refused files too (one rerun fixes them all, not one rerun per bad file)."""
     from tqdm import tqdm
 
     if not paths:
@@ -236,11 +237,20 @@ def check_images(paths: Sequence[Path], progress: bool = True) -> None:
     workers = min(8, os.cpu_count() or 1, len(paths))
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         results = pool.map(_image_error, paths)
-        for error in tqdm(
-            results, total=len(paths), desc="checking images", unit="image", disable=not progress
-        ):
-            if error is not None:
-                raise error
+        bad = [
+            (path, error)
+            for path, error in zip(
+                paths,
+                tqdm(results, total=len(paths), desc="checking images", unit="image",
+                     disable=not progress),
+            )
+            if error is not None
+        ]  # fmt: skip
+    if len(bad) == 1:
+        raise bad[0][1]
+    if bad:
+        others = ", ".join(str(path) for path, _ in bad[1:6]) + (", ..." if len(bad) > 6 else "")
+        raise ConfigError(f"{len(bad)} images cannot be read: {bad[0][1]}; also {others}")
 
 
 def _image_error(path: Path) -> ConfigError | None:
