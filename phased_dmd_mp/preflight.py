@@ -12,14 +12,18 @@ what optimizer and activation offload keep in host memory per GPU and per node (
 --host-memory where given), and the bytes offload moves per iteration. It exits 1 naming the
 first phase and stage that does not fit, or the host memory per node that does not, and lists
 layouts that fit (tensor parallel with sequence parallelism, context parallel, pipeline
-parallel, micro batch, recompute, activation and optimizer offload); 2 for a config mistake.
+parallel, micro batch, recompute, activation and optimizer offload), or where none of these
+GPUs does, the layout needing the least memory and the fewest GPUs (2x, 4x, ...) that fit; 2
+for a config mistake.
 
 The architecture comes from the teacher directory (`teacher` key: transformer/config.json,
 teacher.yaml's latent shape and second expert, the condition set's text length); before the
 teacher is on disk, from the config's `architecture` and `latent_shape` (every shipped recipe
 names them; `moe_boundary` marks a two-expert teacher), or from `--model` (a
 configs/models/*.yaml architecture) with `--latent-shape`, `--text-tokens` and, for a
-two-expert teacher (Wan2.2), `--moe-boundary`.
+two-expert teacher (Wan2.2), `--moe-boundary`. A `student` (generator experts, and the fake
+with `fake_init: student`, of another size) comes from its folder, or before it is on disk from
+`student_architecture`. With `latent_shapes`, the largest is planned for.
 """
 
 from __future__ import annotations
@@ -27,17 +31,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import math
 import re
 import sys
 from pathlib import Path
 
 from phased_dmd_mp.config import ConfigError, add_config_arguments, load_config
 from phased_dmd_mp.data.conditions import read_manifest
-from phased_dmd_mp.data.teacher import CONDITIONS_DIR, read_spec, teacher_experts
+from phased_dmd_mp.data.teacher import (
+    CONDITIONS_DIR,
+    read_spec,
+    student_transformer,
+    teacher_experts,
+)
 from phased_dmd_mp.distill.config import DistillConfig
 from phased_dmd_mp.distill.validate import (
     check_latents,
     check_run_layout,
+    check_student,
     read_transformer_arch,
     validate_run,
 )
@@ -66,7 +77,7 @@ LINK_BYTES_PER_SECOND = 50e9  # host <-> GPU per GPU: PCIe 5.0 x16 (64 GB/s) as 
 
 
 def parse_bytes(text: str, flag: str = "--gpu-memory") -> int:
-    """'80GiB', '80 GB', '81920MiB' -> bytes."""
+    """'80GiB', '80 GB', '81920MiB' -> bytes (KiB/MiB/GiB/TiB binary, kB/MB/GB/TB decimal)."""
     match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", text)
     if not match or match.group(2).lower() not in UNITS:
         raise ConfigError(f"{flag} {text!r} is not a size such as 80GiB or 80GB")
@@ -127,14 +138,43 @@ def make_plan(args, config: DistillConfig) -> tuple[Plan, str]:
         latent = max((tuple(s) for s in config.latent_shapes), key=lambda s: s[1] * s[2] * s[3])
         if args.model is not None or named:
             check_latents(arch, latent, image_channels, "latent_shapes", arch_file)
+    student_arch = read_student(config, arch, source)
     kind = "wan" if isinstance(arch, WanConfig) else "qwen_image"
     plan = Plan(
         config=config, arch=arch, latent_shape=latent,
         text_tokens=text or DEFAULT_TEXT_TOKENS[kind], world_size=args.world_size, shift=shift,
         two_expert_teacher=boundary is not None, moe_boundary=boundary,
-        gpus_per_node=args.gpus_per_node,
+        gpus_per_node=args.gpus_per_node, student_arch=student_arch,
     )  # fmt: skip
     return plan, source
+
+
+def student_source(config: DistillConfig) -> str:
+    """Where the student's architecture comes from: its folder when on disk, else the
+    `student_architecture` key."""
+    folder = student_transformer(config.student)
+    return str(folder) if folder.is_dir() else f"student_architecture {config.student_architecture}"
+
+
+def read_student(config: DistillConfig, teacher_arch, teacher_source: str):
+    """The `student`'s architecture (None without one): from its folder when on disk, else
+    from `student_architecture`; checked against the teacher's (ConfigError)."""
+    if config.student is None:
+        return None
+    folder = student_transformer(config.student)
+    if folder.is_dir():
+        arch = read_transformer_arch(folder, "student")
+        check_student(teacher_arch, arch, Path(teacher_source), folder / "config.json")
+        return arch
+    if config.student_architecture is None:
+        raise ConfigError(
+            f"student: {config.student} does not exist; before it is on disk, set the "
+            "student_architecture key (a configs/models/ name such as wan2.1_t2v_1.3b)"
+        )
+    arch = read_architecture(config.student_architecture)
+    check_student(teacher_arch, arch, Path(teacher_source),
+                  architecture_file(config.student_architecture))  # fmt: skip
+    return arch
 
 
 def gpus_on_a_node(plan: Plan) -> int:
@@ -153,19 +193,14 @@ def fits(plan: Plan, budget: int, host_budget: int | None = None) -> tuple[bool,
     return on_gpu and on_host, memory
 
 
-SUGGESTED_KEYS = ("tensor_parallel", "context_parallel", "pipeline_parallel", "micro_batch_size",
-                  "recompute", "activation_offload", "optimizer_offload")  # fmt: skip
-
-
-def suggest(
-    plan: Plan, budget: int, host_budget: int | None = None, limit: int = 3
-) -> list[tuple[dict, int, int]]:
-    """Layouts that fit GPU (and host) memory: (config overrides, peak bytes per GPU, host bytes
-    per node). Tensor parallelism runs with sequence parallelism (on by default where TP > 1)
-    within a node; preferred: fewest offloads, then fewest model-parallel ranks, then fewest
-    pipeline stages, then the largest micro batch, then without recompute."""
+def _layouts(plan: Plan):
+    """Every layout of the plan's world that the layout rules allow, as lists of candidate
+    config overrides that differ only in micro batch, largest first. Tensor parallelism runs
+    with sequence parallelism (on by default where TP > 1) within a node."""
     config, arch, world = plan.config, plan.arch, plan.world_size
-    heads, found = arch.num_attention_heads, []
+    heads = arch.num_attention_heads
+    if plan.student_arch is not None:  # TP x CP must divide the student's heads too
+        heads = math.gcd(heads, plan.student_arch.num_attention_heads)
     has_cp = hasattr(config, "context_parallel")
     tps = [d for d in range(1, min(world, plan.gpus_per_node) + 1) if heads % d == 0]
     pps = [d for d in range(1, world + 1) if arch.num_layers % d == 0]
@@ -182,6 +217,7 @@ def suggest(
             for recompute, (act, opt) in itertools.product(sorted({config.recompute, True}), offloads):
                 if act and not recompute:
                     continue
+                candidates = []
                 for micro in micros:
                     values = dict(tensor_parallel=tp, context_parallel=cp, pipeline_parallel=pp,
                                   micro_batch_size=micro, recompute=recompute,
@@ -193,14 +229,38 @@ def suggest(
                     try:
                         candidate = dataclasses.replace(config, **values)
                         check_run_layout(arch, candidate, world)
+                        if plan.student_arch is not None:
+                            check_run_layout(plan.student_arch, candidate, world)
                     except (ConfigError, ValueError):
                         continue
-                    candidate_plan = dataclasses.replace(plan, config=candidate)
-                    ok, memory = fits(candidate_plan, budget, host_budget)
-                    if ok:
-                        found.append((values, max(m.total for m in memory),
-                                      host_per_node(candidate_plan, memory)))  # fmt: skip
-                        break  # the largest micro batch that fits
+                    candidates.append((values, dataclasses.replace(plan, config=candidate)))
+                if candidates:
+                    yield candidates
+
+
+TIGHT = 0.9  # a suggested peak above this share of the budget is ranked last and marked
+
+
+def suggest(
+    plan: Plan, budget: int, host_budget: int | None = None, limit: int = 3
+) -> list[tuple[dict, int, int]]:
+    """Layouts that fit GPU (and host) memory: (config overrides, peak bytes per GPU, host bytes
+    per node); preferred: a peak below TIGHT of the budget (what preflight does not count, the
+    CUDA context, NCCL's buffers and fragmentation, needs room), then fewest offloads, fewest
+    model-parallel ranks, fewest pipeline stages, the largest micro batch, without recompute."""
+    found = []
+    for candidates in _layouts(plan):
+        fitting = None  # the largest micro batch that fits, below TIGHT if one does
+        for values, candidate_plan in candidates:
+            ok, memory = fits(candidate_plan, budget, host_budget)
+            if ok:
+                peak = max(m.total for m in memory)
+                fitting = fitting or (values, peak, host_per_node(candidate_plan, memory))
+                if peak <= TIGHT * budget:
+                    fitting = values, peak, host_per_node(candidate_plan, memory)
+                    break
+        if fitting:
+            found.append(fitting)
 
     def preference(item):
         values = item[0]
@@ -208,10 +268,38 @@ def suggest(
         ranks *= values.get("context_parallel", 1)
         offloaded = values["activation_offload"] + values["optimizer_offload"]
         stages = values["pipeline_parallel"]  # of equal ranks, fewer pipeline bubbles
-        return offloaded, ranks, stages, -values["micro_batch_size"], values["recompute"]
+        tight = item[1] > TIGHT * budget
+        return tight, offloaded, ranks, stages, -values["micro_batch_size"], values["recompute"]
 
     found.sort(key=preference)
     return found[:limit]
+
+
+def least_memory(plan: Plan) -> tuple[dict, int] | None:
+    """The layout of the plan's world needing the least GPU memory (smallest micro batch, every
+    offload the config allows): (config overrides, peak bytes per GPU); None if none divides."""
+    best = None
+    for candidates in _layouts(plan):
+        values, candidate_plan = candidates[-1]
+        peak = max(m.total for m in estimate(candidate_plan))
+        if best is None or peak < best[1]:
+            best = values, peak
+    return best
+
+
+MAX_WORLD = 1024  # how far `more_gpus` looks
+
+
+def more_gpus(plan: Plan, budget: int, host_budget: int | None) -> tuple[int, list] | None:
+    """The smallest world of 2x, 4x, ... the plan's GPUs (up to MAX_WORLD) with a layout that
+    fits, and its suggestions; None if none does (batch_size limits data parallel)."""
+    world = 2 * plan.world_size
+    while world <= MAX_WORLD:
+        found = suggest(dataclasses.replace(plan, world_size=world), budget, host_budget, limit=1)
+        if found:
+            return world, found
+        world *= 2
+    return None
 
 
 def _gib(value: int) -> str:
@@ -237,6 +325,15 @@ def report(
         f"teacher: {type(plan.arch).__name__} ({source}), "
         f"{'two experts' if plan.two_expert_teacher else 'one expert'}; latents "
         f"{list(plan.latent_shape)} = {plan.tokens} tokens, {plan.text_tokens} text tokens",
+    ]
+    if plan.student_arch is not None:
+        fake = "and the fake model " if config.fake_init == "student" else ""
+        lines.append(
+            f"student: {type(plan.student_arch).__name__} ({student_source(config)}), "
+            f"{plan.student_arch.num_layers} layers x hidden {plan.student_arch.hidden_size}: "
+            f"the generator experts {fake}start from it"
+        )
+    lines += [
         f"layout: {plan.world_size} GPUs = TP {plan.tensor_parallel} x CP "
         f"{plan.context_parallel} x PP {plan.pipeline_parallel} x DP {plan.data_parallel}, "
         f"sequence parallel {_on(plan.sequence_parallel)}; batch {config.batch_size} = "
@@ -284,7 +381,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_config_arguments(parser, DistillConfig, "tensor_parallel=4")
     parser.add_argument("--world-size", type=int, required=True, help="number of GPUs")
-    parser.add_argument("--gpu-memory", default="80GiB", help="memory per GPU (80GiB, 80GB)")
+    parser.add_argument(
+        "--gpu-memory", default="80GiB",
+        help="memory per GPU, best nvidia-smi's memory.total in MiB: 81559MiB for an H100 80GB "
+        "(79.65 GiB), 81920MiB = 80GiB (the default) for an A100 80GB, 143771MiB for an H200; "
+        "GB and TB are decimal: 80GB is 74.51 GiB",
+    )  # fmt: skip
     parser.add_argument("--model", type=Path, help="architecture YAML (configs/models/)")
     parser.add_argument("--latent-shape", type=int, nargs=4, metavar=("C", "F", "H", "W"))
     parser.add_argument("--text-tokens", type=int, help="text tokens per sample")
@@ -305,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(DistillConfig, args.config, args.overrides)
         plan, source = make_plan(args, config)
         check_run_layout(plan.arch, config, args.world_size)
+        if plan.student_arch is not None:
+            check_run_layout(plan.student_arch, config, args.world_size)
     except ConfigError as error:
         print(f"preflight: {error}", file=sys.stderr)
         return 2
@@ -347,16 +451,59 @@ def _yaml(value) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def _sets(plan: Plan, values: dict) -> str:
+    """The --set items that change the plan's config into `values`."""
+    changed = {k: v for k, v in values.items() if getattr(plan.config, k) != v}
+    return " ".join(f"--set {k}={_yaml(v)}" for k, v in changed.items()) or "(as configured)"
+
+
 def _print_suggestions(plan: Plan, budget: int, host_budget: int | None) -> int:
     suggestions = suggest(plan, budget, host_budget)
-    if not suggestions:
-        print(f"no layout of {plan.world_size} GPUs fits; more GPUs or a smaller batch_size")
     for values, peak, host in suggestions:
-        changed = {k: v for k, v in values.items() if getattr(plan.config, k) != v}
-        sets = " ".join(f"--set {k}={_yaml(v)}" for k, v in changed.items())
         on_host = f", host {host / GIB:.0f} GiB per node" if host else ""
-        print(f"  fits at {peak / GIB:.2f} GiB{on_host}: {sets or '(as configured)'}")
+        tight = f" (tight: above {TIGHT:.0%} of the budget)" if peak > TIGHT * budget else ""
+        print(f"  fits at {peak / GIB:.2f} GiB{on_host}{tight}: {_sets(plan, values)}")
+    if not suggestions:
+        print(no_layout_advice(plan, budget, host_budget))
     return 1
+
+
+def no_layout_advice(plan: Plan, budget: int, host_budget: int | None) -> str:
+    """What to do when no layout of the plan's GPUs fits: what was tried, the layout closest to
+    fitting, and what does fit (more host memory, more GPUs)."""
+    offloads = "optimizer and activation offload" if plan.config.main_params_dtype == "float32" \
+        else "activation offload"  # fmt: skip
+    tried = ["micro batches down to 1", "recompute", offloads]
+    if plan.world_size > 1:
+        tried[:0] = [f"tensor parallel up to {gpus_on_a_node(plan)} with sequence parallelism",
+                     "context parallel", "pipeline stages"]  # fmt: skip
+    lines = [
+        f"no layout of {plan.world_size} GPU{'s' * (plan.world_size > 1)} fits in "
+        f"{budget / GIB:.2f} GiB: tried {', '.join(tried)}"
+    ]
+    closest = least_memory(plan)
+    if closest is not None:
+        values, peak = closest
+        lines.append(f"  least memory: {peak / GIB:.2f} GiB per GPU with {_sets(plan, values)}")
+    if host_budget is not None:  # would more host memory do?
+        found = suggest(plan, budget, None, limit=1)
+        if found:
+            values, _, host = found[0]
+            lines.append(f"  with {host / GIB:.0f} GiB of host memory per node (--host-memory): "
+                         f"{_sets(plan, values)}")  # fmt: skip
+    larger = more_gpus(plan, budget, host_budget)
+    if larger is None:
+        lines.append(
+            f"  no world of up to {MAX_WORLD} GPUs fits either (data parallel must divide "
+            f"batch_size {plan.config.batch_size}): a smaller model or larger GPUs"
+        )
+    else:
+        world, [(values, peak, host)] = larger
+        on_host = f", host {host / GIB:.0f} GiB per node" if host else ""
+        tight = f" (tight: above {TIGHT:.0%} of the budget)" if peak > TIGHT * budget else ""
+        lines.append(f"  more GPUs: {world} fit at {peak / GIB:.2f} GiB{on_host}{tight}: "
+                     f"--world-size {world} {_sets(plan, values)}")  # fmt: skip
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ YAML as it is and overrides only size keys:
                                 data-parallel one as DP=2); sequence_parallel stays the recipe's
     architecture, latent_shape  the tiny teacher's (its architecture.yaml: the recipe's named
                                 architecture shrunk), which the run checks against the teacher
+    student_architecture        the tiny student's (student_architecture.yaml), which the run
+                                checks against the student
 
 Everything else is the recipe's: algorithm, steps, phases, phase_t_ranges, shift, guidance,
 normalisation, adapter and LoRA rank/alpha, fake_updates, learning rates, betas, grad_clip,
@@ -163,6 +165,8 @@ def shrink(recipe: dict, teacher: Path, world_size: int = 1) -> list[str]:
         tiny = tiny_arch(read_architecture(recipe["architecture"]))
         overrides.append(f"architecture={teacher / ARCHITECTURE_FILE}")
         overrides.append(f"latent_shape={list(tiny_latent_shape(tiny))}")
+    if recipe.get("student_architecture") is not None:
+        overrides.append(f"student_architecture={teacher / STUDENT_ARCHITECTURE_FILE}")
     return overrides
 
 
@@ -185,8 +189,10 @@ SIZE_KEYS = {
     "teacher", "teacher_low_noise", "conditions", "student", "batch_size", "micro_batch_size",
     "iterations_per_phase", "log_every", "sample_every", "checkpoint_every",
     "tensor_parallel", "pipeline_parallel", "context_parallel", "architecture", "latent_shape",
+    "student_architecture",
 }  # fmt: skip
 ARCHITECTURE_FILE = "architecture.yaml"  # the tiny teacher's architecture, as configs/models/
+STUDENT_ARCHITECTURE_FILE = "student_architecture.yaml"  # the tiny student's
 
 
 def rehearsal_config(name: str, teacher: Path, world_size: int = 1) -> DistillConfig:
@@ -277,8 +283,7 @@ def write_teacher(
                 if p.dim() >= 2:
                     p.normal_(0.0, WEIGHT_STD)
         write_diffusers_dir(path / folder, arch, ours_to_diffusers(model.state_dict(), arch))
-    architecture = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(arch).items()}
-    (path / ARCHITECTURE_FILE).write_text(yaml.safe_dump(architecture))
+    write_architecture(path / ARCHITECTURE_FILE, arch)
     latent_shape = tiny_latent_shape(arch)
     items, uncond = tiny_conditions(arch, latent_shape, seed, first_frame)
     write_condition_set(path / "conditions", items, uncond)
@@ -295,6 +300,12 @@ def write_teacher(
     )
     write_spec(path, spec)
     return path
+
+
+def write_architecture(path: Path, arch: WanConfig | QwenImageConfig) -> None:
+    """`arch` as a configs/models/ file."""
+    keys = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(arch).items()}
+    path.write_text(yaml.safe_dump(keys))
 
 
 def rehearse_teacher_training(name: str, out: Path) -> Path:
@@ -322,6 +333,7 @@ def write_recipe_teacher(name: str, out: Path) -> Path:
                 if p.dim() >= 2:
                     p.normal_(0.0, WEIGHT_STD)
         write_diffusers_dir(out / STUDENT_DIR, arch, ours_to_diffusers(model.state_dict(), arch))
+        write_architecture(out / STUDENT_ARCHITECTURE_FILE, arch)
     return out
 
 

@@ -20,6 +20,7 @@ from phased_dmd_mp.memory.calibrate import measure_point
 from phased_dmd_mp.memory.measure import LiveTensorBytes
 from phased_dmd_mp.memory.parameters import stage_parameters
 from phased_dmd_mp.models import QwenImageConfig, WanConfig, build
+from phased_dmd_mp.models.config import read_architecture
 from phased_dmd_mp.models.convert import ours_to_diffusers, shard
 from phased_dmd_mp.models.convert import write_diffusers_dir
 from phased_dmd_mp.models.lora import add_lora, adapter_parameters
@@ -214,17 +215,27 @@ def test_cli_missing_teacher_points_to_the_architecture_keys(capsys):
     assert "architecture and latent_shape" in err and "--model" in err
 
 
-@pytest.mark.parametrize("recipe", ["wan2.1_t2v_14b", "wan2.2_t2v_a14b", "wan2.2_i2v_a14b",
-                                    "wan2.2_ti2v_5b", "qwen_image"])  # fmt: skip
+SHIPPED = ["wan2.1_t2v_14b", "wan2.2_t2v_a14b", "wan2.2_i2v_a14b", "qwen_image",
+           "wan2.1_t2v_1.3b_from_14b", "wan2.2_ti2v_5b"]  # fmt: skip
+
+
+def test_every_shipped_recipe_is_checked_here():
+    recipes = (ROOT / "configs").glob("*_phased_dmd.yaml")
+    shipped = {p.name.removesuffix("_phased_dmd.yaml") for p in recipes}
+    assert shipped - {"digits"} == set(SHIPPED)
+
+
+@pytest.mark.parametrize("recipe", SHIPPED)
 def test_cli_answers_for_a_shipped_recipe_before_its_teacher_is_on_disk(capsys, recipe):
-    """Each recipe names its architecture and latent shape: a verdict, not a config error,
-    and the recipe's layout fits 8 GPUs of 80 GiB (with 1 TiB of host memory per node)."""
+    """Each recipe names its architecture and latent shape (and a student's): a verdict, not a
+    config error, and the recipe's layout fits 8 GPUs of 80 GiB (with 1 TiB of host memory per
+    node; docs/recipes.md's table)."""
     code, out, err = run_preflight(capsys, "--config", str(ROOT / "configs" / f"{recipe}_phased_dmd.yaml"),
                                    "--world-size", "8", "--gpu-memory", "80GiB",
                                    "--host-memory", "1TiB")  # fmt: skip
     assert code == 0, out + err
     assert "(architecture " in out and "fits: peak" in out
-    if recipe.startswith(("wan2.2_t2v", "wan2.2_i2v")):
+    if recipe.endswith("a14b"):
         assert ", two experts;" in out
 
 
@@ -266,3 +277,44 @@ def test_cli_plans_with_the_largest_of_latent_shapes(capsys):
                                  "--set", "latent_shapes=[[16, 21, 60, 105]]")  # fmt: skip
     assert code == 2
     assert err.count("\n") == 1 and "latent width = 105" in err, err
+
+
+def test_cli_without_a_layout_that_fits_says_what_would(capsys):
+    """Wan2.1 14B on one GPU: nothing of one GPU fits, whatever the micro batch (already 1),
+    so the advice is what was tried, the closest layout and the GPUs that do fit, not a
+    smaller batch_size."""
+    code, out, _ = run_preflight(capsys, "--config", RECIPE, "--set", "tensor_parallel=1",
+                                 "--world-size", "1", "--gpu-memory", "80GiB",
+                                 "--host-memory", "1TiB")  # fmt: skip
+    assert code == 1
+    assert "fits at" not in out and "batch_size" not in out
+    advice = out[out.index("no layout of 1 GPU fits"):].splitlines()
+    assert "micro batches down to 1" in advice[0]
+    assert "optimizer and activation offload" in advice[0]
+    least = float(advice[1].split("least memory: ")[1].split(" GiB")[0])
+    assert 80 < least < 304, advice[1]  # below the recipe's 304 GiB at TP 1, above the budget
+    assert "--set activation_offload=true --set optimizer_offload=true" in advice[1]
+    assert advice[2].startswith("  more GPUs: 2 fit at ")
+    assert "--world-size 2 --set tensor_parallel=2" in advice[2]
+
+
+def test_cli_counts_a_smaller_student(capsys):
+    """The 1.3B-from-14B recipe: the frozen 14B teacher, and 1.3B student, expert copies and
+    fake (fake_init: student), each at its own per-rank size; before either is on disk."""
+    recipe = ROOT / "configs" / "wan2.1_t2v_1.3b_from_14b_phased_dmd.yaml"
+    code, out, _ = run_preflight(capsys, "--config", str(recipe), "--world-size", "8",
+                                 "--gpu-memory", "80GiB")  # fmt: skip
+    assert code == 0, out
+    teacher = stage_parameters(read_architecture("wan2.1_t2v_14b"), 2, 1, 0).weights
+    student = stage_parameters(read_architecture("wan2.1_t2v_1.3b"), 2, 1, 0).weights
+    assert "student: WanConfig (student_architecture wan2.1_t2v_1.3b)" in out
+    for phase, copies in ((1, 1), (2, 2)):  # student + expert copies + fake, in bf16
+        block = out.split(f"phase {phase}, every rank")[1]
+        gib = float(block.split("parameters")[1].split("GiB")[0])
+        assert gib == pytest.approx((teacher + (2 + copies) * student) * 2 / 2**30, abs=0.006)
+        gradients = float(block.split("gradients")[1].split("GiB")[0])  # fp32: expert and fake
+        assert gradients == pytest.approx(2 * student * 4 / 2**30, abs=0.006)
+    code, _, err = run_preflight(capsys, "--config", str(recipe), "--world-size", "8",
+                                 "--set", "student_architecture=null")  # fmt: skip
+    assert code == 2 and err.count("\n") == 1 and "set the student_architecture key" in err
+

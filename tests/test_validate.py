@@ -272,6 +272,28 @@ def test_a_student_of_another_size_validates_and_one_of_other_latents_is_one_lin
     assert len(err.strip().splitlines()) == 1
 
 
+def test_student_architecture_is_the_student_folders(tmp_path):
+    """`student_architecture` (what preflight plans the student with before it is on disk)
+    must be the student folder's: a differing field is one line naming both files."""
+    teacher = teacher_dir(tmp_path / "t", WAN, (4, 3, 8, 8), WAN_TEXT)
+    small = WanConfig(**dict(WAN.to_diffusers(), patch_size=(1, 2, 2), num_layers=1))
+    student = write_transformer(tmp_path / "small", small)
+    named = tmp_path / "small.yaml"
+    named.write_text(yaml.safe_dump({k: list(v) if isinstance(v, tuple) else v
+                                     for k, v in dataclasses.asdict(small).items()}))  # fmt: skip
+    validate_run(config(teacher, f"student={student}", f"student_architecture={named}"), 1)
+    with pytest.raises(ConfigError) as info:
+        named_1_3b = "student_architecture=wan2.1_t2v_1.3b"
+        validate_run(config(teacher, f"student={student}", named_1_3b), 1)
+    message = str(info.value)
+    assert message.startswith(
+        f"student_architecture: num_attention_heads = 12 in {MODELS_DIR}/wan2.1_t2v_1.3b.yaml, "
+        f"but 2 in the student's {student}/config.json"
+    ) and "\n" not in message, message
+    with pytest.raises(ValueError, match="student_architecture names the architecture of `stud"):
+        config(teacher, "student_architecture=wan2.1_t2v_1.3b")
+
+
 def test_latent_shapes_are_checked_like_teacher_yaml_and_image_grids_stay(tmp_path):
     """Each trained latent shape is checked against the model as teacher.yaml's is (a size not
     divisible by the patch is one line naming the entry); image conditions pin the grid."""

@@ -71,6 +71,10 @@ class DistillConfig:
     # What each phase's fake model starts from: the teacher (the paper's) or the student (a
     # fake of the student's size, as the official trainer's 1.3B-from-14B recipe).
     fake_init: Literal["teacher", "student"] = "teacher"
+    # What the student is, for preflight before the student is on disk (as `architecture` for
+    # the teacher); a run checks that the student folder agrees. A configs/models/ name
+    # (wan2.1_t2v_1.3b) or a YAML file's path.
+    student_architecture: str | None = None
     # Latent shapes [C, F, H, W] to train at, one per iteration (every sample of a batch the
     # same), drawn with latent_shape_weights (default: equal) from the iteration number, so
     # every rank and a resumed run draw alike. Image conditions keep the size they were
@@ -237,6 +241,10 @@ class DistillConfig:
             raise ValueError(
                 "fake_init: student needs `student` (the transformer folder the generator "
                 "starts from); without one the fake starts from the teacher"
+            )
+        if self.student_architecture is not None and self.student is None:
+            raise ValueError(
+                "student_architecture names the architecture of `student`, which is not set"
             )
         try:
             phase_step_boundaries(self.num_steps, self.num_phases)

@@ -23,7 +23,8 @@ both values, for what would otherwise fail after every rank loaded a 14B teacher
 - the config's `architecture` and `latent_shape` (preflight's facts before the teacher is on
   disk), where set, are the teacher's;
 - a `student` (its transformer folder) shares the teacher's latent space and conditioning
-  (latent channels, patch size, text width, image conditioning), whatever its size;
+  (latent channels, patch size, text width, image conditioning), whatever its size, and is
+  the `student_architecture` where that is set;
 - each of `latent_shapes` against the transformer as teacher.yaml's shape, and on the grid of
   the conditions' image latents when there are any;
 - the real latents (`real_data`, default <teacher>/real_data) where a lever needs them, against
@@ -292,6 +293,9 @@ def validate_run(config: DistillConfig, world_size: int) -> None:
                 "from the teacher (fake_init: teacher), another architecture: IDA blends one "
                 "into the other weight by weight; set fake_init: student"
             )
+        if config.student_architecture is not None:
+            check_named_architecture("student_architecture", config.student_architecture,
+                                     student_arch, student / "config.json", "student")  # fmt: skip
         try:  # the teacher passed: name the model that does not divide
             check_run_layout(student_arch, config, world_size)
         except ConfigError as error:
@@ -304,23 +308,29 @@ def validate_run(config: DistillConfig, world_size: int) -> None:
             raise ConfigError(f"{key}: {error}") from None
 
 
+def check_named_architecture(key: str, name: str, arch, arch_file: Path, whose: str) -> None:
+    """The architecture config key `key` names (`name`: a configs/models/ name or a YAML path)
+    is `arch`, read from `whose` model's `arch_file` (ConfigError naming a differing field)."""
+    named, file = read_architecture(name), architecture_file(name)
+    if type(named) is not type(arch):
+        raise ConfigError(
+            f"{key}: {file} is a {type(named).__name__}, the {whose}'s {arch_file} a "
+            f"{type(arch).__name__}; set {key} to the {whose}'s (or null)"
+        )
+    for field in dataclasses.fields(arch):
+        ours, theirs = getattr(named, field.name), getattr(arch, field.name)
+        if ours != theirs:
+            raise ConfigError(
+                f"{key}: {field.name} = {ours} in {file}, but {theirs} in the "
+                f"{whose}'s {arch_file}; set {key} to the {whose}'s (or null)"
+            )
+
+
 def check_named_teacher(config: DistillConfig, arch, arch_file: Path, latent_shape, spec_file):
     """The config's `architecture` and `latent_shape` (what preflight plans with before the
     teacher is on disk), where given, are the teacher directory's own (ConfigError)."""
     if config.architecture is not None:
-        named, file = read_architecture(config.architecture), architecture_file(config.architecture)
-        if type(named) is not type(arch):
-            raise ConfigError(
-                f"architecture: {file} is a {type(named).__name__}, the teacher's {arch_file} a "
-                f"{type(arch).__name__}; set architecture to the teacher's (or null)"
-            )
-        for field in dataclasses.fields(arch):
-            ours, theirs = getattr(named, field.name), getattr(arch, field.name)
-            if ours != theirs:
-                raise ConfigError(
-                    f"architecture: {field.name} = {ours} in {file}, but {theirs} in the "
-                    f"teacher's {arch_file}; set architecture to the teacher's (or null)"
-                )
+        check_named_architecture("architecture", config.architecture, arch, arch_file, "teacher")
     if config.latent_shape is not None and tuple(config.latent_shape) != tuple(latent_shape):
         raise ConfigError(
             f"latent_shape: {list(config.latent_shape)} in the config, but "

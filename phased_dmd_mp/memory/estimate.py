@@ -5,10 +5,12 @@ last), what that rank holds at the peak of an iteration (fake updates, then the 
 update):
 
   parameters        every model's weights on the stage: the teacher (one or two experts),
-                    the generator experts (full copies of phases 1..k in phase k, each made
-                    when its phase first trains; or with LoRA the adapters of every expert on
-                    the teacher's shared weights) and the phase's fake model (the teacher
-                    experts its noise injection reaches), in the run's dtype
+                    a `student` (frozen: the model the experts start from), the generator
+                    experts (full copies of phases 1..k in phase k, each made when its phase
+                    first trains; or with LoRA the adapters of every expert on the teacher's,
+                    or the student's, shared weights) and the phase's fake model (the teacher
+                    experts its noise injection reaches, or the student with `fake_init:
+                    student`), in the run's dtype
   gradients         fp32 DDP buffers (`main_grad`) of what the phase trains: the fake model
                     and the phase's expert (all its weights, or its adapter)
   main parameters   fp32 copies of the trained weights (bf16 runs), split over data-parallel
@@ -31,10 +33,13 @@ and in host memory (`RankMemory.host`), per GPU:
   activations       with activation_offload, every checkpointed layer input of the largest
                     training call (the device keeps the one layer being recomputed)
 
-Sequence parallelism divides the per-token rows outside attention and the MLP by TP, context
-parallelism every token feature by CP (activations.py). Bytes per trained parameter follow
-`phased_dmd_mp/distill/optim.py`'s table; parameter counts are exact (`parameters.py`). The
-result is in bytes; `Plan` says what is estimated; `offload_traffic` the bytes offload moves.
+A student of another size than the teacher (`Plan.student_arch`) sizes the generator's
+weights, states and training activations (and the fake's with `fake_init: student`); the
+teacher's forward keeps its own. Sequence parallelism divides the per-token rows outside
+attention and the MLP by TP, context parallelism every token feature by CP (activations.py).
+Bytes per trained parameter follow `phased_dmd_mp/distill/optim.py`'s table; parameter counts
+are exact (`parameters.py`). The result is in bytes; `Plan` says what is estimated;
+`offload_traffic` the bytes offload moves.
 """
 
 from __future__ import annotations
@@ -72,6 +77,18 @@ class Plan:
     two_expert_teacher: bool = False
     moe_boundary: float | None = None
     gpus_per_node: int = 8
+    student_arch: WanConfig | QwenImageConfig | None = None  # the `student`'s, when set
+
+    @property
+    def generator_arch(self) -> WanConfig | QwenImageConfig:
+        """What the generator experts are: the student, or the teacher."""
+        return self.student_arch or self.arch
+
+    @property
+    def fake_arch(self) -> WanConfig | QwenImageConfig:
+        """What the fake model is: the student with `fake_init: student`, else the teacher."""
+        student_fake = self.student_arch is not None and self.config.fake_init == "student"
+        return self.student_arch if student_fake else self.arch
 
     @property
     def tensor_parallel(self) -> int:
@@ -151,8 +168,9 @@ def _trained_bytes(config: DistillConfig, data_parallel: int) -> tuple[dict, dic
 
 def fake_experts(plan: Plan, phase: int) -> int:
     """How many teacher experts phase `phase`'s fake model copies: a two-expert teacher's
-    experts that the phase's noise injection reaches (the trainer's rule)."""
-    if not plan.two_expert_teacher:
+    experts that the phase's noise injection reaches (the trainer's rule); one student copy
+    with `fake_init: student`."""
+    if not plan.two_expert_teacher or plan.fake_arch is not plan.arch:
         return 1
     low, high = plan.config.injection_range(phase, plan.shift)
     return sum(experts_reached(low, high, plan.moe_boundary))
@@ -160,8 +178,8 @@ def fake_experts(plan: Plan, phase: int) -> int:
 
 def lora_bases(plan: Plan) -> int:
     """Teacher experts that carry LoRA adapters: those owning a phase's first step (each gets
-    num_phases adapters, as the trainer's `_generator_experts`)."""
-    if not plan.two_expert_teacher:
+    num_phases adapters, as the trainer's `_generator_experts`); the student when there is one."""
+    if not plan.two_expert_teacher or plan.student_arch is not None:
         return 1
     config = plan.config
     times = timestep_table(config.num_steps, plan.shift).tolist()
@@ -176,19 +194,24 @@ def _call_shape(plan: Plan) -> CallShape:
 
 def _training_calls(plan: Plan, pp_rank: int) -> dict[str, tuple[int, int]]:
     """{training call: (bytes one layer keeps for backward, layer inputs kept at once)}."""
-    config, arch = plan.config, plan.arch
+    config = plan.config
     shape, micro = _call_shape(plan), plan.micro_batch
-    layers = arch.num_layers // plan.pipeline_parallel
     microbatches = plan.rank_batch // micro
     in_flight = min(plan.pipeline_parallel - pp_rank, microbatches)  # 1F1B warm-up depth
     calls = {}
     for role, adapter in (("fake", "full"), ("generator", config.generator_adapter)):
+        arch = _role_arch(plan, role)
+        layers = arch.num_layers // plan.pipeline_parallel
         kept = activation_bytes(arch, shape, micro, "layer", dtype=config.dtype, adapter=adapter,
                                 recompute=config.recompute)  # fmt: skip
         steps = config.steps_with_gradient if role == "generator" else 1
         name = f"{role} training, {steps * in_flight} x {layers} layers x {micro} samples"
         calls[name] = kept, steps * in_flight * layers
     return calls
+
+
+def _role_arch(plan: Plan, role: str) -> WanConfig | QwenImageConfig:
+    return plan.fake_arch if role == "fake" else plan.generator_arch
 
 
 def activations(plan: Plan, pp_rank: int) -> tuple[int, int, str]:
@@ -200,8 +223,9 @@ def activations(plan: Plan, pp_rank: int) -> tuple[int, int, str]:
     candidates = {}
     adapters = {"fake": "full", "generator": config.generator_adapter}
     for name, (kept, inputs) in _training_calls(plan, pp_rank).items():
-        peak = activation_bytes(arch, shape, micro, "train", dtype=config.dtype,
-                                adapter=adapters[name.split()[0]], recompute=config.recompute)  # fmt: skip
+        role = name.split()[0]
+        peak = activation_bytes(_role_arch(plan, role), shape, micro, "train", dtype=config.dtype,
+                                adapter=adapters[role], recompute=config.recompute)  # fmt: skip
         # offloaded: the device holds the one input being recomputed, the host the others
         on_device = min(inputs, 1) if offload else inputs
         candidates[name] = (on_device * kept + peak, (inputs - on_device) * kept)
@@ -217,7 +241,7 @@ def offload_traffic(plan: Plan) -> dict[str, int]:
     (fake_updates fake updates, then a generator update) in the phase that moves most:
     optimizer offload's gradients down (fp32) and weights up (model dtype) per optimizer step,
     activation offload's layer inputs down and back up per training forward."""
-    config, arch = plan.config, plan.arch
+    config = plan.config
     traffic = {"optimizer": 0, "activations": 0}
     shard = plan.data_parallel if config.distributed_optimizer else 1
     if config.optimizer_offload:
@@ -228,9 +252,11 @@ def offload_traffic(plan: Plan) -> dict[str, int]:
             traffic["optimizer"] = max(traffic["optimizer"], round(moved))
     if config.activation_offload:
         shape, micro = _call_shape(plan), plan.micro_batch
-        forwards = (plan.rank_batch // micro) * arch.num_layers // plan.pipeline_parallel
-        for adapter, calls in (("full", config.fake_updates),
-                               (config.generator_adapter, config.steps_with_gradient)):  # fmt: skip
+        for role, adapter, calls in (("fake", "full", config.fake_updates),
+                                     ("generator", config.generator_adapter,
+                                      config.steps_with_gradient)):  # fmt: skip
+            arch = _role_arch(plan, role)
+            forwards = (plan.rank_batch // micro) * arch.num_layers // plan.pipeline_parallel
             kept = activation_bytes(arch, shape, micro, "layer", dtype=config.dtype,
                                     adapter=adapter, recompute=True)  # fmt: skip
             traffic["activations"] += 2 * calls * forwards * kept
@@ -241,9 +267,10 @@ def _trained_elements(plan: Plan, phase: int, pp_rank: int) -> tuple[int, int]:
     """Elements of the fake model and the expert phase `phase` trains on stage pp_rank."""
     config = plan.config
     lora = config.generator_adapter == "lora"
-    stage = stage_parameters(plan.arch, plan.tensor_parallel, plan.pipeline_parallel, pp_rank,
-                             config.lora_rank if lora else 0)  # fmt: skip
-    return fake_experts(plan, phase) * stage.weights, stage.adapter if lora else stage.weights
+    layout = (plan.tensor_parallel, plan.pipeline_parallel, pp_rank, config.lora_rank * lora)
+    expert = stage_parameters(plan.generator_arch, *layout)
+    fake = stage_parameters(plan.fake_arch, *layout)
+    return fake_experts(plan, phase) * fake.weights, expert.adapter if lora else expert.weights
 
 
 def _in_transit(config: DistillConfig, elements: int, shard: int) -> int:
@@ -271,9 +298,8 @@ def buffers(plan: Plan, pp_rank: int) -> int:
         if plan.sequence_parallel:
             tokens = math.ceil(tokens / plan.tensor_parallel)
         rows = tokens + plan.text_tokens + 8
-        pipeline = (
-            2 * rows * plan.micro_batch * plan.arch.hidden_size * DTYPE_BYTES[plan.config.dtype]
-        )
+        hidden = max(plan.arch.hidden_size, plan.generator_arch.hidden_size)
+        pipeline = 2 * rows * plan.micro_batch * hidden * DTYPE_BYTES[plan.config.dtype]
     return latents + conditions + pipeline
 
 
@@ -287,25 +313,31 @@ def estimate(plan: Plan) -> list[RankMemory]:
     lora = config.generator_adapter == "lora"
     teacher_experts = 2 if plan.two_expert_teacher else 1
     result = []
+    student = plan.student_arch is not None
     for pp_rank in distinct_stages(plan.pipeline_parallel):
-        stage = stage_parameters(arch, plan.tensor_parallel, plan.pipeline_parallel, pp_rank,
-                                 config.lora_rank if lora else 0)  # fmt: skip
+        # (one cached count per architecture: the adapter's rank does not change the weights)
+        layout = (plan.tensor_parallel, plan.pipeline_parallel, pp_rank, config.lora_rank * lora)
+        stage = stage_parameters(arch, *layout)  # the teacher's (each expert's)
+        generator = stage_parameters(plan.generator_arch, *layout)
+        fake_stage = stage_parameters(plan.fake_arch, *layout)
         act, act_host, act_note = activations(plan, pp_rank)
         phases = range(1, config.num_phases + 1)
         for phase in phases:
             fakes = fake_experts(plan, phase)
-            expert = stage.adapter if lora else stage.weights
+            expert = generator.adapter if lora else generator.weights
             experts_trained = 1
             if config.phase_order == "alternating":  # every phase's fake and expert at once
                 fakes, experts_trained = sum(fake_experts(plan, k) for k in phases), len(phases)
-            if lora:  # num_phases adapters on each teacher expert owning a phase
+            # the teacher, and the frozen student the experts start from
+            weights = teacher_experts * stage.weights + student * generator.weights
+            if lora:  # num_phases adapters on each base owning a phase (teacher expert, student)
                 adapters = lora_bases(plan) * config.num_phases
-                weights = teacher_experts * stage.weights + adapters * stage.adapter
+                weights += adapters * generator.adapter
             else:  # full copies, each made when its phase first trains (distill/trainer.py)
                 copies = len(phases) if config.phase_order == "alternating" else phase
-                weights = teacher_experts * stage.weights + copies * stage.weights
-            weights += fakes * stage.weights
-            trained = fakes * stage.weights + experts_trained * expert
+                weights += copies * generator.weights
+            weights += fakes * fake_stage.weights
+            trained = fakes * fake_stage.weights + experts_trained * expert
             parts = {"parameters": weights * dtype_bytes}
             for part in ("gradients", "main parameters", "optimizer states"):
                 parts[part] = round(trained * per_trained[part])
@@ -319,8 +351,8 @@ def estimate(plan: Plan) -> list[RankMemory]:
             if config.optimizer_offload:
                 for part in ("main parameters", "optimizer states"):
                     host[part] = round(trained * per_trained_host[part])
-                roles = [fakes * stage.weights] if config.phase_order != "alternating" else [
-                    fake_experts(plan, k) * stage.weights for k in phases]  # fmt: skip
+                roles = [fakes * fake_stage.weights] if config.phase_order != "alternating" else [
+                    fake_experts(plan, k) * fake_stage.weights for k in phases]  # fmt: skip
                 roles += [expert] * experts_trained
                 host["gradients in transit"] = sum(_in_transit(config, n, shard) for n in roles)
             parts["activations"] = act
@@ -328,11 +360,15 @@ def estimate(plan: Plan) -> list[RankMemory]:
             parts["buffers"] = buffers(plan, pp_rank)
             memory = RankMemory(phase, pp_rank, parts, host=host)
             memory.notes["activations"] = act_note
+            experts_held = (
+                f"{lora_bases(plan) * config.num_phases} adapters x {generator.adapter / 1e6:.3g}M"
+                if lora
+                else f"{copies} expert copies x {generator.weights / 1e9:.3g}B"
+            )
             memory.notes["parameters"] = (
-                f"teacher {teacher_experts} x {stage.weights / 1e9:.3g}B, "
-                + (f"{lora_bases(plan) * config.num_phases} adapters x {stage.adapter / 1e6:.3g}M" if lora
-                   else f"{copies} expert copies x {stage.weights / 1e9:.3g}B")
-                + f", fake {fakes} x {stage.weights / 1e9:.3g}B"
-            )  # fmt: skip
+                f"per rank: teacher {teacher_experts} x {stage.weights / 1e9:.3g}B, "
+                + (f"student {generator.weights / 1e9:.3g}B, " if student else "")
+                + f"{experts_held}, fake {fakes} x {fake_stage.weights / 1e9:.3g}B"
+            )
             result.append(memory)
     return result
