@@ -43,6 +43,11 @@ STANDINS = {
     "scontrol": (
         'if [ "$1" = show ]; then echo node-a; echo node-b; else echo "$@" >> "$LOG/scontrol"; fi\n'
     ),
+    # nvidia-smi: each GPU's memory.total in MiB when $NVIDIA_SMI_MIB is set, else it fails.
+    "nvidia-smi": (
+        '[ -n "${NVIDIA_SMI_MIB:-}" ] || exit 9\n'
+        'printf "%s\\n" "$NVIDIA_SMI_MIB" "$NVIDIA_SMI_MIB"\n'
+    ),
     # python: record a preflight call, run everything else for real.
     "python": (
         'case "$*" in "-m phased_dmd_mp.preflight"*) echo "$@" > "$LOG/preflight"; exit 0;; esac\n'
@@ -51,7 +56,7 @@ STANDINS = {
 }
 
 
-def sbatch(tmp_path, run_dir, srun_status=0, script="distill.sbatch", arguments=None):
+def sbatch(tmp_path, run_dir, srun_status=0, script="distill.sbatch", arguments=None, env=None):
     bin_dir, log = tmp_path / "bin", tmp_path / "log"
     bin_dir.mkdir(exist_ok=True)
     shutil.rmtree(log, ignore_errors=True)
@@ -69,6 +74,7 @@ def sbatch(tmp_path, run_dir, srun_status=0, script="distill.sbatch", arguments=
         "SLURM_JOB_NUM_NODES": "2",
         "SLURM_JOB_NODELIST": "node-[a-b]",
         "SLURM_GPUS_ON_NODE": "8",
+        **(env or {}),
     }
     if arguments is None:
         arguments = ["configs/wan2.1_t2v_14b_phased_dmd.yaml", str(run_dir), "teacher=/data/t"]
@@ -103,6 +109,9 @@ def test_distill_script_launches_resumes_and_requeues(tmp_path):
         assert "--world-size 16 --gpus-per-node 8 --gpu-memory 80GiB --host-memory " in call
         assert call.split("--host-memory ")[1].split()[0].endswith("KiB")
         assert call.rstrip().endswith("--set teacher=/data/t")
+        # the GPU's memory as nvidia-smi reports it (80GiB where it cannot tell)
+        sbatch(tmp_path, run, env={"NVIDIA_SMI_MIB": "81559"})
+        assert "--gpu-memory 81559MiB --host-memory " in (log / "preflight").read_text()
 
     (run / "checkpoints" / "step-00000050").mkdir(parents=True)
     result, srun, requeued, _ = sbatch(tmp_path, run)
