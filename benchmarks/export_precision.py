@@ -26,37 +26,14 @@ import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from phased_dmd_mp.data.digits import LATENT_SHAPE, write_digits_condition_set  # noqa: E402
-from phased_dmd_mp.data.teacher import TeacherSpec, write_spec  # noqa: E402
-from phased_dmd_mp.models import WanConfig, build  # noqa: E402
-from phased_dmd_mp.models.convert import (  # noqa: E402
-    ours_to_diffusers,
-    read_diffusers_dir,
-    write_diffusers_dir,
-)
+from phased_dmd_mp.models.convert import read_diffusers_dir  # noqa: E402
 
-TEACHER = WanConfig(
-    patch_size=(1, 2, 2),
-    num_attention_heads=2,
-    attention_head_dim=8,
-    in_channels=1,
-    out_channels=1,
-    text_dim=8,
-    freq_dim=16,
-    ffn_dim=32,
-    num_layers=2,
-)
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the tests' tiny teacher, so the numbers match theirs
+from distill_helpers import write_tiny_teacher  # noqa: E402
+
 RUN = ["algorithm=dmd", "num_steps=1", "num_phases=1", "log_every=50", "sample_every=100000",
        "checkpoint_every=100000"]  # fmt: skip
-
-
-def write_teacher(path: Path) -> Path:
-    torch.manual_seed(0)
-    model = build(TEACHER)  # megatron's initialisation (std 0.02), as tests/distill_helpers.py
-    write_diffusers_dir(path / "transformer", TEACHER, ours_to_diffusers(model.state_dict(), TEACHER))
-    write_digits_condition_set(path / "conditions", text_dim=TEACHER.text_dim, seed=0)
-    write_spec(path, TeacherSpec(latent_shape=LATENT_SHAPE, shift=3.0, guidance_scale=2.0))
-    return path
 
 
 def flat(state: dict[str, torch.Tensor], keys) -> torch.Tensor:
@@ -75,7 +52,7 @@ def main(argv=None) -> int:
     from phased_dmd_mp import pretrain_distill
 
     root = args.out or Path(tempfile.mkdtemp(prefix="export_precision_"))
-    teacher = write_teacher(root / "teacher")
+    teacher = write_tiny_teacher(root / "teacher")
     _, _, stored = read_diffusers_dir(teacher / "transformer")
     keys = sorted(stored)
     base = flat(stored, keys)

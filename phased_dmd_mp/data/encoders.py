@@ -114,27 +114,25 @@ class ConditionEncoder:
         for file in files:
             image = _still(file, height, width)
             pixels = pipe.video_processor.preprocess(image, height=height, width=width)
-            _, condition = pipe.prepare_latents(
-                pixels.to(self.device, dtype=torch.float32),
-                1,
-                pipe.vae.config.z_dim,
-                height,
-                width,
-                frames,
-                torch.float32,
-                self.device,
-            )
+            _, condition = self._prepare_latents(pipe, pixels)
             out["image_latents"].append(condition.cpu())
             if clip:
                 out["image_embeds"].append(pipe.encode_image(image, self.device).cpu())
         return {name: torch.cat(parts) for name, parts in out.items()}
 
-
     def _first_frame(self, file: Path) -> torch.Tensor:
         pipe = self.first_frame_pipe
-        height, width, frames = self.size
+        height, width, _ = self.size
         pixels = pipe.video_processor.preprocess(_still(file, height, width), height, width)
-        _, condition, _ = pipe.prepare_latents(
+        _, condition, _ = self._prepare_latents(pipe, pixels)
+        return condition.cpu()
+
+    def _prepare_latents(self, pipe, pixels: Tensor) -> tuple:
+        """`pipe.prepare_latents` (WanImageToVideoPipeline's) for one image at this encoder's
+        size, in float32: Wan2.1/2.2 I2V return (noise, condition), TI2V's expand_timesteps
+        (noise, first-frame latents, mask)."""
+        height, width, frames = self.size
+        return pipe.prepare_latents(
             pixels.to(self.device, dtype=torch.float32),
             1,
             pipe.vae.config.z_dim,
@@ -144,7 +142,6 @@ class ConditionEncoder:
             torch.float32,
             self.device,
         )
-        return condition.cpu()
 
 
 def _still(file: Path, height: int, width: int):

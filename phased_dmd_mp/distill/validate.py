@@ -87,13 +87,21 @@ def _check_experts_agree(high, low, high_file: Path, low_file: Path) -> None:
             f"teacher_low_noise: {low_file} is a {type(low).__name__}, {high_file} a "
             f"{type(high).__name__}"
         )
-    for field in dataclasses.fields(high):
-        a, b = getattr(high, field.name), getattr(low, field.name)
-        if a != b:
-            raise ConfigError(
-                f"teacher_low_noise: {field.name} = {b} in {low_file}, but {a} in the "
-                f"high-noise expert's {high_file}; the two experts must share an architecture"
-            )
+    if differing := first_differing_field(high, low):
+        name, a, b = differing
+        raise ConfigError(
+            f"teacher_low_noise: {name} = {b} in {low_file}, but {a} in the "
+            f"high-noise expert's {high_file}; the two experts must share an architecture"
+        )
+
+
+def first_differing_field(a, b) -> tuple[str, object, object] | None:
+    """(name, a's value, b's value) of the first field two architecture configs of one type
+    disagree on; None when they are equal."""
+    for field in dataclasses.fields(a):
+        if getattr(a, field.name) != getattr(b, field.name):
+            return field.name, getattr(a, field.name), getattr(b, field.name)
+    return None
 
 
 # What a student shares with its teacher: the latent space and the conditioning it reads.
@@ -317,13 +325,12 @@ def check_named_architecture(key: str, name: str, arch, arch_file: Path, whose: 
             f"{key}: {file} is a {type(named).__name__}, the {whose}'s {arch_file} a "
             f"{type(arch).__name__}; set {key} to the {whose}'s (or null)"
         )
-    for field in dataclasses.fields(arch):
-        ours, theirs = getattr(named, field.name), getattr(arch, field.name)
-        if ours != theirs:
-            raise ConfigError(
-                f"{key}: {field.name} = {ours} in {file}, but {theirs} in the "
-                f"{whose}'s {arch_file}; set {key} to the {whose}'s (or null)"
-            )
+    if differing := first_differing_field(named, arch):
+        name, ours, theirs = differing
+        raise ConfigError(
+            f"{key}: {name} = {ours} in {file}, but {theirs} in the "
+            f"{whose}'s {arch_file}; set {key} to the {whose}'s (or null)"
+        )
 
 
 def check_named_teacher(config: DistillConfig, arch, arch_file: Path, latent_shape, spec_file):
