@@ -100,3 +100,23 @@ def run_distill(out: Path, teacher: Path, *overrides: str, extra=()) -> int:
     from phased_dmd_mp import pretrain_distill
 
     return pretrain_distill.main([*distill_args(out, teacher, *overrides), *extra])
+
+
+def crash_at_iteration_3(monkeypatch, out: Path, teacher: Path, *overrides: str) -> None:
+    """A run of `overrides` that dies in its fourth generator update (a RuntimeError out of
+    the runner, after the checkpoints of iterations 1-3); the runner is restored after."""
+    import pytest
+
+    from phased_dmd_mp.distill.trainer import Distiller
+
+    original = Distiller.generator_update
+
+    def crash_on_fourth(self, k):
+        if self.state.iteration == 3:
+            raise RuntimeError("simulated crash")
+        return original(self, k)
+
+    monkeypatch.setattr(Distiller, "generator_update", crash_on_fourth)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_distill(out, teacher, *overrides)
+    monkeypatch.setattr(Distiller, "generator_update", original)

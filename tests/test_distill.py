@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import yaml
-from distill_helpers import ALGORITHMS, QUICK, run_distill
+from distill_helpers import ALGORITHMS, QUICK, crash_at_iteration_3, run_distill
 
 from phased_dmd_mp.conditioning import Conditions, dit_velocity
 from phased_dmd_mp.distill.trainer import Distiller
@@ -79,17 +79,7 @@ def test_resume_continues_exactly(tmp_path, teacher, monkeypatch, capsys):
     args = ["num_steps=4", "num_phases=2", "checkpoint_every=1", "ema_decay=0.9"]
     assert run(tmp_path / "straight", teacher, *args) == 0
 
-    original = Distiller.generator_update
-
-    def crash_on_fourth(self, k):
-        if self.state.iteration == 3:
-            raise RuntimeError("simulated crash")
-        return original(self, k)
-
-    monkeypatch.setattr(Distiller, "generator_update", crash_on_fourth)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run(tmp_path / "resumed", teacher, *args)
-    monkeypatch.setattr(Distiller, "generator_update", original)
+    crash_at_iteration_3(monkeypatch, tmp_path / "resumed", teacher, *args)
     capsys.readouterr()
     assert run(tmp_path / "resumed", teacher, *args, extra=["--resume"]) == 0
     # which checkpoint it continued from (was: no word, only a bar starting at 3)

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from distill_helpers import LEVERS, QUICK, run_distill
+from distill_helpers import LEVERS, QUICK, crash_at_iteration_3, run_distill
 
 from phased_dmd_mp.conditioning import dit_velocity
 from phased_dmd_mp.config import load_config
@@ -232,17 +232,7 @@ def test_every_lever_is_logged_and_resumes_exactly(tmp_path, teacher, monkeypatc
     } <= keys  # fmt: skip
     assert ["diversity_loss" in h for h in history] == [True, True, False, False]
 
-    original = Distiller.generator_update
-
-    def crash_on_fourth(self, k):
-        if self.state.iteration == 3:
-            raise RuntimeError("simulated crash")
-        return original(self, k)
-
-    monkeypatch.setattr(Distiller, "generator_update", crash_on_fourth)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_distill(tmp_path / "resumed", teacher, *args)
-    monkeypatch.setattr(Distiller, "generator_update", original)
+    crash_at_iteration_3(monkeypatch, tmp_path / "resumed", teacher, *args)
     assert run_distill(tmp_path / "resumed", teacher, *args, extra=["--resume"]) == 0
     for name in ("expert_1", "expert_2"):
         _, _, a = read_diffusers_dir(tmp_path / "straight" / "export" / name)
